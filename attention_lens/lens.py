@@ -1,0 +1,305 @@
+"""Lenses: per-head maps from a head's output z_h to vocabulary logits; config, save and load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ._version import __version__
+from .errors import AttentionLensError
+from .models import Model
+
+KINDS = ("logit", "dla", "affine", "full")
+TRAINABLE_KINDS = ("affine", "full")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "lens.safetensors"
+
+
+@dataclass
+class LensConfig:
+    """What a lens is and which model it belongs to; saved as config.json."""
+
+    kind: str
+    """logit | dla | affine | full."""
+    layers: list[int]
+    """Layers the lens covers, ascending."""
+    heads: list[int]
+    """Heads (in every covered layer) the lens covers, ascending."""
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    vocab: int
+    model: dict
+    """Fingerprint of the model: name, shapes, hashes of W_U and W_O."""
+    training: dict = field(default_factory=dict)
+    """How it was trained: data, settings, tokens seen (empty for untrained lenses)."""
+    version: str = __version__
+
+
+class Lens(nn.Module):
+    """One lens per (layer, head), all of one kind, acting on the heads' d_head-dim outputs z_h.
+
+    - logit:  final norm + W_U applied to o_h = z_h W_O_h alone (self-normalized).
+    - dla:    W_U (gamma * C o_h) / sigma_final(pos): direct logit attribution; needs the final residual.
+    - affine: final norm + W_U of o_h + z_h B_h + b_h; B_h, b_h zero-init, so untrained it is `logit`.
+    - full:   z_h W_h + c_h straight to the vocabulary (the paper's lens, on z_h); init W_O_h W_U^T, b_U.
+    """
+
+    def __init__(self, config: LensConfig):
+        super().__init__()
+        if config.kind not in KINDS:
+            raise AttentionLensError(f"unknown lens kind {config.kind!r}; choose one of {', '.join(KINDS)}")
+        self.config = config
+        shape = (len(config.layers), len(config.heads))
+        if config.kind == "affine":
+            self.delta = nn.Parameter(torch.zeros(*shape, config.d_head, config.d_model))
+            self.bias = nn.Parameter(torch.zeros(*shape, config.d_model))
+        elif config.kind == "full":
+            self.weight = nn.Parameter(torch.zeros(*shape, config.d_head, config.vocab))
+            self.bias = nn.Parameter(torch.zeros(*shape, config.vocab))
+        self._layer_index = {layer: i for i, layer in enumerate(config.layers)}
+        self._model: Model | None = None
+
+    # ----- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_model(
+        cls,
+        model: Model,
+        kind: str = "logit",
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> "Lens":
+        """A fresh (untrained) lens of `kind` for `model`, covering `layers` x `heads` (default: all)."""
+        layers = sorted(set(range(model.n_layers) if layers is None else layers))
+        heads = sorted(set(range(model.n_heads) if heads is None else heads))
+        _check_range("layer", layers, model.n_layers)
+        _check_range("head", heads, model.n_heads)
+        config = LensConfig(
+            kind=kind,
+            layers=layers,
+            heads=heads,
+            n_layers=model.n_layers,
+            n_heads=model.n_heads,
+            d_model=model.d_model,
+            d_head=model.d_head,
+            vocab=model.vocab,
+            model=model.fingerprint(),
+        )
+        if kind == "full":
+            check_memory(parameter_bytes(config), "the full lens's parameters")
+        lens = cls(config).to(model.device)
+        lens.bind(model)
+        if kind == "full":
+            lens._init_full(model)
+        return lens
+
+    @classmethod
+    def logit(cls, model: Model) -> "Lens":
+        return cls.from_model(model, "logit")
+
+    @classmethod
+    def dla(cls, model: Model) -> "Lens":
+        return cls.from_model(model, "dla")
+
+    @torch.no_grad()
+    def _init_full(self, model: Model) -> None:
+        unembed = model.unembed
+        for i, layer in enumerate(self.config.layers):
+            self.weight[i] = model.W_O[layer, self.config.heads] @ unembed.W_U.T  # (head, d_head, vocab)
+            if unembed.b_U is not None:
+                self.bias[i] = unembed.b_U
+
+    def bind(self, model: Model) -> "Lens":
+        """Attach the frozen model parts (W_O, final norm, W_U); refuses a model with another fingerprint."""
+        check_fingerprint(self.config.model, model.fingerprint())
+        self._model = model
+        return self
+
+    @property
+    def model(self) -> Model:
+        if self._model is None:
+            raise AttentionLensError("this lens is not bound to a model; call lens.bind(model) first")
+        return self._model
+
+    # ----- the maps -----------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.config.kind
+
+    def layer_index(self, layer: int) -> int:
+        try:
+            return self._layer_index[layer]
+        except KeyError:
+            raise AttentionLensError(
+                f"layer {layer} is not covered by this lens (it covers layers {self.config.layers})"
+            ) from None
+
+    def hidden(self, z: Tensor, layer: int) -> Tensor:
+        """The lens's pre-readout vector per head: (..., head, d_head) -> (..., lens head, d_model | vocab).
+
+        z holds all the layer's heads; the lens's heads are selected here. For `full` the result already
+        is the logits; for the others it lives in the residual stream.
+        """
+        z = z[..., self.config.heads, :]
+        W_O = self.model.W_O[layer, self.config.heads]  # (head, d_head, d_model)
+        if self.kind in ("logit", "dla"):
+            return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))
+        i = self.layer_index(layer)
+        if self.kind == "affine":
+            return torch.einsum("...hd,hdm->...hm", z, (W_O + self.delta[i]).to(z.dtype)) + self.bias[i]
+        return torch.einsum("...hd,hdv->...hv", z, self.weight[i].to(z.dtype)) + self.bias[i]
+
+    def readout(self, hidden: Tensor, final_scale: Tensor | None = None) -> Tensor:
+        """Logits (..., head, vocab) from `hidden`; `dla` needs the final norm's scale (...,) per position."""
+        unembed = self.model.unembed
+        if self.kind == "full":
+            return hidden
+        if self.kind == "dla":
+            if final_scale is None:
+                raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
+            attributed = unembed.center(hidden) * unembed.gamma / final_scale[..., None, None]
+            return attributed @ unembed.W_U.T
+        return unembed(hidden)
+
+    def logits(self, z: Tensor, layer: int, final_scale: Tensor | None = None) -> Tensor:
+        """Per-head logits: z (..., head, d_head) of all the layer's heads -> (..., lens head, vocab).
+
+        A plain function of tensors, so a TransformerLens `hook_z` or nnsight activation works too.
+        """
+        if z.shape[-2:] != (self.config.n_heads, self.config.d_head):
+            raise AttentionLensError(
+                f"z must end in (head={self.config.n_heads}, d_head={self.config.d_head}); got {tuple(z.shape)}"
+            )
+        return self.readout(self.hidden(z, layer), final_scale)
+
+    # ----- files --------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write config.json + lens.safetensors atomically (a crash never leaves a half-written file)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().contiguous().cpu() for name, p in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path))
+        config_text = json.dumps(dataclasses.asdict(self.config), indent=2)
+        _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: Model | None = None) -> "Lens":
+        """Read a lens directory; with `model`, also bind it (checking the fingerprint)."""
+        directory = Path(directory)
+        config = read_config(directory)
+        lens = cls(config)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise AttentionLensError(f"{directory} has no {WEIGHTS_FILE}; it is not a complete lens directory")
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise AttentionLensError(f"{weights} is corrupt ({error}); retrain or restore the lens") from None
+        expected = {name: tuple(p.shape) for name, p in lens.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if expected != found:
+            raise AttentionLensError(
+                f"{weights} does not match its config.json (expected tensors {expected}, found {found})"
+            )
+        lens.load_state_dict(state)
+        if model is not None:
+            lens.to(model.device).bind(model)
+        return lens
+
+
+def read_config(directory: Path) -> LensConfig:
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise AttentionLensError(f"lens directory {directory} does not exist; train one or use --lens logit")
+    if not path.is_file():
+        raise AttentionLensError(f"{directory} has no {CONFIG_FILE}; it is not a lens directory")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AttentionLensError(f"{path} is not valid JSON ({error})") from None
+    return _config_from_dict(raw, path)
+
+
+def _config_from_dict(raw: Any, path: Path) -> LensConfig:
+    types = {"kind": str, "layers": list, "heads": list, "n_layers": int, "n_heads": int, "d_model": int,
+             "d_head": int, "vocab": int, "model": dict, "training": dict, "version": str}
+    if not isinstance(raw, dict):
+        raise AttentionLensError(f"{path} must hold a JSON object")
+    for name, kind in types.items():
+        if name in ("training", "version") and name not in raw:
+            continue
+        value = raw.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AttentionLensError(f"{path}: field {name!r} is missing or not a {kind.__name__}")
+    for name in ("layers", "heads"):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw[name]):
+            raise AttentionLensError(f"{path}: field {name!r} must be a list of integers")
+    known = {f.name for f in dataclasses.fields(LensConfig)}
+    return LensConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def check_fingerprint(expected: dict, actual: dict) -> None:
+    """Same weights are what matter: the name or path a model was loaded from may differ."""
+    keys = [k for k in expected if k != "name"]
+    if any(expected.get(k) != actual.get(k) for k in keys):
+        raise AttentionLensError(
+            f"this lens was made for model {expected.get('name')!r} ({expected.get('model_type')}, "
+            f"{expected.get('n_layers')} layers x {expected.get('n_heads')} heads), not for "
+            f"{actual.get('name')!r}; use the model it was made for (--model {expected.get('name')})"
+        )
+
+
+def _check_range(what: str, values: Sequence[int], count: int) -> None:
+    bad = [v for v in values if not 0 <= v < count]
+    if bad:
+        raise AttentionLensError(f"{what} {bad[0]} is out of range: the model has {count} {what}s (0-{count - 1})")
+
+
+def parameter_bytes(config: LensConfig) -> int:
+    per_head = {"affine": (config.d_head + 1) * config.d_model, "full": (config.d_head + 1) * config.vocab}
+    return 4 * len(config.layers) * len(config.heads) * per_head.get(config.kind, 0)
+
+
+def check_memory(needed: int, what: str) -> None:
+    """Refuse up front, with the estimate, rather than die of an out-of-memory kill mid-run."""
+    available = _available_memory()
+    if available is not None and needed > 0.8 * available:
+        raise AttentionLensError(
+            f"{what} need ~{needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is "
+            "available; select fewer layers/heads (--layers, --heads) or use the affine kind"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

