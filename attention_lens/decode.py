@@ -1,0 +1,81 @@
+"""Prompt -> the top-k tokens each head's lens reads from its output, per position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import AttentionLensError
+from .heads import run_with_heads
+from .lens import Lens
+from .models import Model
+
+
+@dataclass
+class DecodeResult:
+    """Per-(layer, head, position) top-k of a lens on one prompt; `heads` is the --json document's list."""
+
+    text: str
+    tokens: list[str]
+    """The prompt's tokens as text."""
+    positions: list[int]
+    kind: str
+    heads: list[dict] = field(default_factory=list)
+    """Records {layer, head, position, top: [{token, id, logit, prob}]}."""
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "positions": self.positions, "lens": self.kind,
+                "heads": self.heads}
+
+    def top_token(self, layer: int, head: int, position: int) -> str:
+        for record in self.heads:
+            if (record["layer"], record["head"], record["position"]) == (layer, head, position):
+                return record["top"][0]["token"]
+        raise KeyError((layer, head, position))
+
+
+@torch.no_grad()
+def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str = -1) -> DecodeResult:
+    """Top-k tokens of every lens head at `position` (default: last; 'all' for every position)."""
+    if lens._model is not model:
+        lens.to(model.device).bind(model)
+    if k < 1:
+        raise AttentionLensError(f"k must be at least 1; got {k}")
+    input_ids = model.encode(text)
+    length = input_ids.shape[1]
+    positions = _positions(position, length)
+    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
+    final_scale = None
+    if capture.final_residual is not None:
+        final_scale = model.unembed.scale(capture.final_residual[0, positions])
+    result = DecodeResult(text=text, tokens=[model.token_text(int(i)) for i in input_ids[0]],
+                          positions=positions, kind=lens.kind)
+    k = min(k, model.vocab)
+    for layer in lens.config.layers:
+        z = capture.heads.pop(layer).z[0, positions]  # (position, head, d_head)
+        logits = lens.logits(z, layer, final_scale).float()  # (position, lens head, vocab)
+        top_logits, top_ids = logits.topk(k, dim=-1)
+        top_probs = (top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+        for p_index, pos in enumerate(positions):
+            for h_index, head in enumerate(lens.config.heads):
+                ids = top_ids[p_index, h_index].tolist()
+                result.heads.append({
+                    "layer": layer, "head": head, "position": pos,
+                    "top": [{"token": model.token_text(i), "id": i, "logit": round(float(lg), 4),
+                             "prob": round(float(pr), 6)}
+                            for i, lg, pr in zip(ids, top_logits[p_index, h_index], top_probs[p_index, h_index])],
+                })
+    return result
+
+
+def _positions(position: int | str, length: int) -> list[int]:
+    if position == "all":
+        return list(range(length))
+    try:
+        index = int(position)
+    except ValueError:
+        raise AttentionLensError(f"--position must be an integer or 'all'; got {position!r}") from None
+    if not -length <= index < length:
+        raise AttentionLensError(f"position {index} is outside the prompt's {length} tokens")
+    return [index % length]

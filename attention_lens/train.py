@@ -1,0 +1,140 @@
+"""KL training of every selected head's lens, all heads from one forward pass of the frozen model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import Progress, checkpoint_path, load_checkpoint, save_checkpoint
+from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .errors import AttentionLensError
+from .heads import run_with_heads
+from .lens import TRAINABLE_KINDS, Lens, check_memory, parameter_bytes
+from .objective import DEFAULT_BLOCK_ROWS, head_kl, target_distribution
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """How lenses are trained."""
+
+    tokens: int = 20_000
+    """Token budget (a tiny budget still runs one step)."""
+    batch_size: int = 4
+    """Windows per step."""
+    lr: float = 1e-3
+    """Learning rate."""
+    optimizer: str = "adam"
+    """adam | sgd."""
+    dtype: str = "float32"
+    """float32 | bfloat16 (autocast for the vocabulary-sized matmuls; optimizer state stays fp32)."""
+    seed: int = 0
+    """Seeds the data order."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (one is always written at the end)."""
+    block_rows: int = DEFAULT_BLOCK_ROWS
+    """Head-token rows per vocabulary-sized block (memory vs. speed)."""
+
+
+@dataclass
+class StepReport:
+    step: int
+    steps: int
+    tokens: int
+    loss: float
+    """Mean KL per head-token of this step, nats."""
+    seconds: float
+
+
+def train(
+    lens: Lens,
+    data: DataConfig,
+    config: TrainConfig,
+    out: Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> Progress:
+    """Train `lens` (bound to its model) in place; with `out`, checkpoint there and save the lens at the end."""
+    if lens.kind not in TRAINABLE_KINDS:
+        raise AttentionLensError(f"the {lens.kind} lens has no parameters to train; use --kind affine or full")
+    if config.optimizer not in ("adam", "sgd"):
+        raise AttentionLensError(f"unknown optimizer {config.optimizer!r}; use adam or sgd")
+    if config.dtype not in DTYPES:
+        raise AttentionLensError(f"unknown dtype {config.dtype!r}; use {' or '.join(DTYPES)}")
+    check_memory(4 * parameter_bytes(lens.config), "the lens parameters with their gradients and Adam state")
+    model = lens.model
+    documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
+    optimizer = _make_optimizer(lens, config)
+    run = {"data": dataclasses.asdict(data), "train": dataclasses.asdict(config), "kind": lens.kind,
+           "layers": lens.config.layers, "heads": lens.config.heads}
+    progress = load_checkpoint(out, lens, optimizer, run) if resume else Progress()
+
+    tokens_per_step = config.batch_size * data.seq_len
+    steps = max(1, math.ceil(config.tokens / tokens_per_step))
+    windows = token_windows(documents, model.tokenizer, data.seq_len, config.seed, start=progress.windows)
+    stream = batches(windows, config.batch_size)
+    dtype = DTYPES[config.dtype]
+    while progress.step < steps:
+        batch = next(stream, None)
+        if batch is None:
+            break  # data exhausted: progress.tokens says how much was used
+        started = time.perf_counter()
+        loss = _step(lens, optimizer, batch.to(model.device), dtype, config.block_rows, progress.step)
+        progress.step += 1
+        progress.windows += batch.shape[0]
+        progress.tokens += batch.numel()
+        progress.loss = loss
+        if on_step is not None:
+            on_step(StepReport(progress.step, steps, progress.tokens, loss, time.perf_counter() - started))
+        if out is not None and progress.step % config.checkpoint_every == 0:
+            save_checkpoint(out, lens, optimizer, progress, run)
+    if progress.tokens == 0:
+        raise AttentionLensError(
+            f"the training data is too small for one window of {data.seq_len} tokens; add text or lower --seq-len"
+        )
+    lens.config.training = {"data": dataclasses.asdict(data), **dataclasses.asdict(config),
+                            "tokens_seen": progress.tokens, "steps": progress.step, "final_loss": progress.loss}
+    if out is not None:
+        save_checkpoint(out, lens, optimizer, progress, run)
+        lens.save(out)
+    return progress
+
+
+def _make_optimizer(lens: Lens, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(lens.parameters(), lr=config.lr)
+    return torch.optim.Adam(lens.parameters(), lr=config.lr)
+
+
+def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int) -> float:
+    """One forward of the frozen model, then each layer's heads in vocabulary-sized blocks."""
+    logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
+    p, neg_entropy = target_distribution(logits.flatten(0, 1))  # (tokens, vocab)
+    tokens = p.shape[0]
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for layer in lens.config.layers:
+        z = capture.heads.pop(layer).z.flatten(0, 1)  # (tokens, head, d_head)
+        # Mean over positions, summed over heads: each head's lens gets its own gradient.
+        kl = head_kl(lens, z, layer, p, neg_entropy, backward_scale=1.0 / tokens, dtype=dtype, block_rows=block_rows)
+        per_head = kl.mean(0)
+        if not torch.isfinite(per_head).all():
+            head = lens.config.heads[int((~torch.isfinite(per_head)).nonzero()[0])]
+            raise AttentionLensError(
+                f"non-finite loss at step {step + 1}, layer {layer} head {head}; lower --lr "
+                "(the last good checkpoint is kept)"
+            )
+        total += per_head.sum().item()
+    optimizer.step()
+    return total / (len(lens.config.layers) * len(lens.config.heads))
+
+
+def existing_run(out: Path) -> bool:
+    return (out / "lens.safetensors").exists() or checkpoint_path(out).exists()
