@@ -68,7 +68,8 @@ def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
         raise AttentionLensError(f"checkpoint {path} is corrupt ({error}); delete it or use --overwrite") from None
     if saved_run != run:
-        changed = sorted(k for k in set(run) | set(saved_run) if run.get(k) != saved_run.get(k))
+        now, before = _flatten(run), _flatten(saved_run)
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         raise AttentionLensError(
             f"checkpoint {path} is from a different run (differs in: {', '.join(changed)}); "
             "resume with the same settings or use --overwrite"
@@ -82,3 +83,13 @@ def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     torch.set_rng_state(tensors["rng.torch"])
     return progress
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -36,16 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="attention-lens", standalone_mode=False)
     except AttentionLensError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+        print(f"error: {error}", file=sys.stderr)  # plain: one line, however wide the terminal
         return 2
-    except click.ClickException as error:
-        error.show(file=sys.stderr)
-        return error.exit_code
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         return exit_.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print("interrupted")
         return 130
+    except typer.TyperException as error:  # usage errors: typer's own (vendored) click exceptions
+        error.show(file=sys.stderr)
+        return error.exit_code
     return 0
 
 
@@ -128,14 +127,8 @@ def train(
     if overwrite and not resume:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     started = time.perf_counter()
-    with _progress_bar() as bar:
-        task = bar.add_task("train", total=None, loss=float("nan"), rate=0.0)
-
-        def on_step(report):
-            bar.update(task, total=report.steps, completed=report.step, loss=report.loss,
-                       rate=report.tokens / (time.perf_counter() - started))
-
-        progress = train_lens(lens, data_config, config, out=out, resume=resume, on_step=on_step)
+    with _StepBar(started) as bar:
+        progress = train_lens(lens, data_config, config, out=out, resume=resume, on_step=bar.update)
     seconds = time.perf_counter() - started
     result = {"out": str(out), "kind": kind, "layers": lens.config.layers, "heads": lens.config.heads,
               "tokens": progress.tokens, "steps": progress.step, "seconds": round(seconds, 2),
@@ -154,10 +147,29 @@ def train(
         print(f"{key:>20}: {value}")
 
 
-def _progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:.0f} tok/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+class _StepBar:
+    """A progress bar on stderr that appears with the first step, so set-up errors stay one line."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.bar: Progress | None = None
+
+    def update(self, report) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                                TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]:.0f} tok/s"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=err)
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=report.steps, loss=report.loss, rate=0.0)
+        rate = report.tokens / (time.perf_counter() - self.started)
+        self.bar.update(self.task, completed=report.step, loss=report.loss, rate=rate)
+
+    def __enter__(self) -> "_StepBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _lens_and_model(lens: str, model: str | None, device: str) -> tuple[Lens, Model]:
@@ -179,7 +191,7 @@ def decode(
     text: str = typer.Argument(..., help="The prompt."),
     lens: str = typer.Option("logit", help="logit, dla, or a lens directory."),
     model: Optional[str] = typer.Option(None, help="Model (default: the lens's own, or smollm2-135m)."),
-    k: int = typer.Option(10, help="Top-k tokens per head."),
+    k: int = typer.Option(10, "-k", "--k", help="Top-k tokens per head."),
     position: str = typer.Option("-1", help="Position to decode (0-based, negative from the end) or 'all'."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {heads: [...]}."),

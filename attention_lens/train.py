@@ -72,7 +72,9 @@ def train(
     model = lens.model
     documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
     optimizer = _make_optimizer(lens, config)
-    run = {"data": dataclasses.asdict(data), "train": dataclasses.asdict(config), "kind": lens.kind,
+    # What makes a checkpoint this run's; the budget and checkpoint interval may change on resume.
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("tokens", "checkpoint_every")}
+    run = {"data": dataclasses.asdict(data), "train": settings, "kind": lens.kind,
            "layers": lens.config.layers, "heads": lens.config.heads}
     progress = load_checkpoint(out, lens, optimizer, run) if resume else Progress()
 

@@ -87,3 +87,39 @@ def tiny_model(request) -> Model:
 def test_table_covers_required_architectures():
     required = {"gpt2", "llama", "gemma3", "gemma3_text", "qwen2", "qwen3", "mistral", "gpt_neox", "phi3"}
     assert required <= set(ARCHITECTURES)
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "Fortune favours the bold, and the bold write tests. Counting: one two three four five six. "
+)
+
+
+def make_corpus(directory, documents: int = 12, repeats: int = 6):
+    """A directory of small .txt documents, enough for a by-document split and many windows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        (directory / f"doc{i:02d}.txt").write_text(f"Document {i}. " + SAMPLE_TEXT * repeats)
+    return directory
+
+
+def make_model_dir(directory, model_type: str = "llama", seed: int = 0):
+    """A tiny model saved as a real local HF directory with a trained byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([SAMPLE_TEXT] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+    torch.manual_seed(seed)
+    config = _configs()[model_type]()
+    config.vocab_size = len(fast)
+    config.eos_token_id = config.bos_token_id = fast.eos_token_id
+    hf = AutoModelForCausalLM.from_config(config)
+    hf.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
