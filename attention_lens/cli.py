@@ -210,14 +210,19 @@ def decode(
 def _decode_table(result, position: int) -> Table:
     records = [r for r in result.heads if r["position"] == position]
     heads = sorted({r["head"] for r in records})
-    table = Table(title=f"{result.kind} lens at position {position} ({result.tokens[position]!r}): top token, prob",
+    table = Table(title=f"{result.kind} lens, position {position} ({_visible(result.tokens[position])}): top token and its probability",
                   show_lines=False)
     table.add_column("layer", justify="right")
     for head in heads:
-        table.add_column(f"H{head}")
+        table.add_column(f"H{head}", no_wrap=True, overflow="ellipsis", max_width=14)
     by_layer: dict[int, dict[int, dict]] = {}
     for r in records:
         by_layer.setdefault(r["layer"], {})[r["head"]] = r["top"][0]
     for layer, cells in sorted(by_layer.items()):
-        table.add_row(str(layer), *(f"{cells[h]['token']!r} {cells[h]['prob']:.2f}" for h in heads))
+        table.add_row(str(layer), *(f"{_visible(cells[h]['token'])} {cells[h]['prob']:.0%}" for h in heads))
     return table
+
+
+def _visible(token: str) -> str:
+    """Spaces and newlines shown, so ' the' and 'the' differ on screen."""
+    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"

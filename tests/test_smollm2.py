@@ -1,0 +1,42 @@
+"""End-to-end on the real embedded model (SmolLM2-135M, offline from its PyPI package)."""
+
+import pytest
+import torch
+
+import attention_lens as al
+from attention_lens.heads import head_contributions, run_with_heads
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return al.load_model("smollm2-135m")
+
+
+def test_logit_lens_decodes_every_head(smollm2):
+    result = al.decode(smollm2, al.Lens.logit(smollm2), "The capital of France is", k=5)
+    assert len(result.heads) == 30 * 9
+    assert {(r["layer"], r["head"]) for r in result.heads} == {(l, h) for l in range(30) for h in range(9)}
+    assert all(len(r["top"]) == 5 and r["position"] == len(result.tokens) - 1 for r in result.heads)
+
+
+def test_shapes_follow_the_config(smollm2):
+    assert (smollm2.n_layers, smollm2.n_heads, smollm2.d_head, smollm2.d_model) == (30, 9, 64, 576)
+    assert smollm2.config.num_key_value_heads == 3  # grouped-query attention
+
+
+def test_per_head_outputs_match_nnsight(smollm2):
+    """nnsight (a test-only extra) reads the o_proj input on its own; heads + b_O must match o_proj."""
+    import nnsight
+    ids = smollm2.encode("Four score and seven years ago our fathers")
+    language_model = nnsight.LanguageModel(smollm2.hf, tokenizer=smollm2.tokenizer)
+    saved = {}
+    with language_model.trace(ids):
+        for layer in (0, 14, 29):
+            attention = language_model.model.layers[layer].self_attn
+            saved[layer] = (attention.o_proj.input.save(), attention.o_proj.output.save())
+    _, capture = run_with_heads(smollm2, ids, saved)
+    for layer, (theirs_in, theirs_out) in saved.items():
+        ours = capture.heads[layer]
+        torch.testing.assert_close(ours.z.flatten(-2), theirs_in.float(), atol=0, rtol=0)
+        total = head_contributions(smollm2, layer, ours).sum(-2)
+        torch.testing.assert_close(total, theirs_out.float(), atol=1e-4, rtol=1e-4)
