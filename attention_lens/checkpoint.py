@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
+from ._version import __version__
 from .errors import AttentionLensError
-from .lens import Lens, _atomic_write
+from .lens import Lens, check_fingerprint
+from .storage import check_version, read_tensors, write_tensors
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.safetensors"
@@ -47,26 +47,35 @@ def save_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, pro
         "progress": json.dumps(progress.__dict__),
         "run": json.dumps(run, sort_keys=True),
         "param_groups": json.dumps(optimizer_state["param_groups"]),
+        "model": json.dumps(lens.config.model, sort_keys=True),
+        "version": __version__,
     }
     path = checkpoint_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda target: save_file(tensors, target, metadata=metadata))
+    write_tensors(path, tensors, metadata)
 
 
 def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run: dict) -> Progress:
-    """Restore what save_checkpoint wrote; refuses a checkpoint of a different run."""
+    """Restore what save_checkpoint wrote; refuses a checkpoint of a different run, model or version."""
     path = checkpoint_path(out)
     if not path.is_file():
         raise AttentionLensError(f"nothing to resume: {path} does not exist; start without --resume")
+    remedy = "delete it or use --overwrite"
+    tensors, metadata = read_tensors(path, remedy)
     try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path)
         saved_run = json.loads(metadata["run"])
         progress = Progress(**json.loads(metadata["progress"]))
         param_groups = json.loads(metadata["param_groups"])
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
-        raise AttentionLensError(f"checkpoint {path} is corrupt ({error}); delete it or use --overwrite") from None
+        saved_model = json.loads(metadata.get("model", "{}"))  # checkpoints of 0.1.0 lack it
+        if not (isinstance(saved_run, dict) and isinstance(saved_model, dict) and _counts(progress)):
+            raise ValueError("malformed metadata")
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
+        raise AttentionLensError(f"checkpoint {path} is corrupt ({error}); {remedy}") from None
+    check_version(metadata.get("version", __version__), saved_model.get("name"), path)
+    try:
+        check_fingerprint(saved_model, lens.config.model)
+    except AttentionLensError as error:
+        raise AttentionLensError(f"checkpoint {path} is from another model: {error}") from None
     if saved_run != run:
         now, before = _flatten(run), _flatten(saved_run)
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
@@ -74,6 +83,14 @@ def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run
             f"checkpoint {path} is from a different run (differs in: {', '.join(changed)}); "
             "resume with the same settings or use --overwrite"
         )
+    try:
+        _restore(tensors, param_groups, lens, optimizer)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+        raise AttentionLensError(f"checkpoint {path} does not fit this run ({error}); {remedy}") from None
+    return progress
+
+
+def _restore(tensors: dict, param_groups: list, lens: Lens, optimizer: torch.optim.Optimizer) -> None:
     lens.load_state_dict({k[len("lens."):]: v for k, v in tensors.items() if k.startswith("lens.")})
     state: dict = {}
     for key, value in tensors.items():
@@ -82,7 +99,10 @@ def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run
             state.setdefault(int(index), {})[name] = value  # load_state_dict moves it to the params
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     torch.set_rng_state(tensors["rng.torch"])
-    return progress
+
+
+def _counts(progress: Progress) -> bool:
+    return all(isinstance(n, int) and n >= 0 for n in (progress.step, progress.windows, progress.tokens))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except AttentionLensError as error:
         print(f"error: {error}", file=sys.stderr)  # plain: one line, however wide the terminal
         return 2
+    except OSError as error:  # disk full, permission denied, --out is a file: the user's to fix, in one line
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}; check the path, its permissions and free disk space",
+              file=sys.stderr)
+        return 2
     except typer.Exit as exit_:
         return exit_.exit_code
     except (typer.Abort, KeyboardInterrupt):

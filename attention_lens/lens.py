@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
 from .errors import AttentionLensError
 from .models import Model
+from .storage import atomic_write, check_version, read_tensors, write_tensors
 
 KINDS = ("logit", "dla", "affine", "full")
 TRAINABLE_KINDS = ("affine", "full")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "lens.safetensors"
+IDENTITY_KEY = "config_identity"
 
 
 @dataclass
@@ -185,13 +184,17 @@ class Lens(nn.Module):
 
     # ----- files --------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write config.json + lens.safetensors atomically (a crash never leaves a half-written file)."""
+        """Write config.json + lens.safetensors atomically (a crash never leaves a half-written file).
+
+        The weights carry a hash of what the config says the lens is, so a crash between the two writes
+        cannot pair new weights with an old config unnoticed.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path))
+        write_tensors(directory / WEIGHTS_FILE, tensors, {IDENTITY_KEY: _identity_hash(self.config)})
         config_text = json.dumps(dataclasses.asdict(self.config), indent=2)
-        _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
+        atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
         return directory
 
     @classmethod
@@ -199,20 +202,26 @@ class Lens(nn.Module):
         """Read a lens directory; with `model`, also bind it (checking the fingerprint)."""
         directory = Path(directory)
         config = read_config(directory)
-        lens = cls(config)
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise AttentionLensError(f"{directory} has no {WEIGHTS_FILE}; it is not a complete lens directory")
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as error:
-            raise AttentionLensError(f"{weights} is corrupt ({error}); retrain or restore the lens") from None
-        expected = {name: tuple(p.shape) for name, p in lens.state_dict().items()}
+        state, metadata = read_tensors(weights, "retrain or restore the lens")
+        for name, tensor in state.items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise AttentionLensError(f"{weights}: tensor {name!r} is not finite floating point; retrain the lens")
+        expected = _tensor_shapes(config, directory / CONFIG_FILE)
         found = {name: tuple(t.shape) for name, t in state.items()}
         if expected != found:
             raise AttentionLensError(
-                f"{weights} does not match its config.json (expected tensors {expected}, found {found})"
+                f"{weights} does not match its config.json ({config.kind} lens for model "
+                f"{config.model.get('name')!r}: expected tensors {expected}, found {found})"
             )
+        if metadata.get(IDENTITY_KEY, _identity_hash(config)) != _identity_hash(config):
+            raise AttentionLensError(
+                f"{weights} and its config.json come from different saves (an interrupted save?); "
+                "retrain, or finish the run with `attention-lens train --resume`"
+            )
+        lens = cls(config)
         lens.load_state_dict(state)
         if model is not None:
             lens.to(model.device).bind(model)
@@ -226,8 +235,10 @@ def read_config(directory: Path) -> LensConfig:
     if not path.is_file():
         raise AttentionLensError(f"{directory} has no {CONFIG_FILE}; it is not a lens directory")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise AttentionLensError(f"cannot read {path}: {error.strerror}") from None
+    except (ValueError, RecursionError) as error:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
         raise AttentionLensError(f"{path} is not valid JSON ({error})") from None
     return _config_from_dict(raw, path)
 
@@ -237,6 +248,9 @@ def _config_from_dict(raw: Any, path: Path) -> LensConfig:
              "d_head": int, "vocab": int, "model": dict, "training": dict, "version": str}
     if not isinstance(raw, dict):
         raise AttentionLensError(f"{path} must hold a JSON object")
+    # The version first: another major version may lay out its config differently.
+    model_name = raw["model"].get("name") if isinstance(raw.get("model"), dict) else None
+    check_version(raw.get("version", __version__), model_name, path)
     for name, kind in types.items():
         if name in ("training", "version") and name not in raw:
             continue
@@ -246,8 +260,32 @@ def _config_from_dict(raw: Any, path: Path) -> LensConfig:
     for name in ("layers", "heads"):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw[name]):
             raise AttentionLensError(f"{path}: field {name!r} must be a list of integers")
+    if raw["kind"] not in KINDS:
+        raise AttentionLensError(f"{path}: unknown lens kind {raw['kind']!r}; it should be one of {', '.join(KINDS)}")
+    for name in ("n_layers", "n_heads", "d_model", "d_head", "vocab"):
+        if raw[name] < 1:
+            raise AttentionLensError(f"{path}: field {name!r} must be >= 1, not {raw[name]}")
+    for name, count in (("layers", raw["n_layers"]), ("heads", raw["n_heads"])):
+        values = raw[name]
+        if not values or values != sorted(set(values)) or values[0] < 0 or values[-1] >= count:
+            raise AttentionLensError(f"{path}: field {name!r} must list distinct {name} in 0-{count - 1}, ascending")
     known = {f.name for f in dataclasses.fields(LensConfig)}
     return LensConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def _tensor_shapes(config: LensConfig, path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors a lens of `config` holds, built on the meta device so a garbled config allocates nothing."""
+    try:
+        with torch.device("meta"):
+            return {name: tuple(p.shape) for name, p in Lens(config).state_dict().items()}
+    except (RuntimeError, OverflowError, ValueError) as error:
+        raise AttentionLensError(f"{path} describes an impossible lens ({error})") from None
+
+
+def _identity_hash(config: LensConfig) -> str:
+    """What the lens is (kind, coverage, shapes, model), not how it was trained or by which version."""
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("training", "version")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def check_fingerprint(expected: dict, actual: dict) -> None:
@@ -290,16 +328,3 @@ def _available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
