@@ -159,6 +159,47 @@ class Lens(nn.Module):
             return torch.einsum("...hd,hdm->...hm", z, (W_O + self.delta[i]).to(z.dtype)) + self.bias[i]
         return torch.einsum("...hd,hdv->...hv", z, self.weight[i].to(z.dtype)) + self.bias[i]
 
+    def vocab_factors(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """The lens as one (head, vocab, d_head + 1) map of [z_h, 1], plus a per-vocab constant.
+
+        Every kind's logits factor as ([z_h, 1] @ F_h^T) / divisor + constant: for logit/dla/affine,
+        F_h = W_U diag(gamma) C [M_h; b_h] with M_h = W_O_h (+ B_h), because the final norm is linear up
+        to its per-position divisor. Building F_h costs vocab x d_model x d_head once per call; each
+        head-token then costs ~d_head x vocab instead of d_model x vocab.
+        """
+        heads = self.config.heads
+        if self.kind == "full":
+            i = self.layer_index(layer)
+            return torch.cat([self.weight[i].transpose(-1, -2), self.bias[i][..., None]], dim=-1), None
+        unembed = self.model.unembed
+        M = self.model.W_O[layer, heads]  # (head, d_head, d_model)
+        b = torch.zeros(len(heads), unembed.d_model, device=M.device)
+        if self.kind == "affine":
+            i = self.layer_index(layer)
+            M, b = M + self.delta[i], self.bias[i]
+        readout = unembed.W_U * unembed.gamma  # (vocab, d_model): W_U diag(gamma)
+        M_b = unembed.center(torch.cat([M, b[:, None, :]], dim=1))  # (head, d_head + 1, d_model)
+        factors = torch.einsum("vm,hdm->hvd", readout.to(M_b.dtype), M_b)
+        if self.kind == "dla":
+            return factors, None  # attribution adds neither beta nor b_U per head
+        constant = None
+        if unembed.beta is not None:
+            constant = unembed.W_U @ unembed.beta
+        if unembed.b_U is not None:
+            constant = unembed.b_U if constant is None else constant + unembed.b_U
+        return factors, constant
+
+    def divisor(self, z: Tensor, layer: int, final_scale: Tensor | None = None) -> Tensor:
+        """Per (..., lens head) divisor of the factored logits: the final norm's sigma of the lens vector."""
+        shape = (*z.shape[:-2], len(self.config.heads))
+        if self.kind == "full":
+            return torch.ones(shape, device=z.device)
+        if self.kind == "dla":
+            if final_scale is None:
+                raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
+            return final_scale[..., None].expand(shape)
+        return self.model.unembed.scale(self.hidden(z, layer))
+
     def readout(self, hidden: Tensor, final_scale: Tensor | None = None) -> Tensor:
         """Logits (..., head, vocab) from `hidden`; `dla` needs the final norm's scale (...,) per position."""
         unembed = self.model.unembed

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
@@ -34,27 +32,86 @@ def head_kl(
 ) -> Tensor:
     """KL(P_model || P_lens) of every lens head at every token: (tokens, lens head), detached.
 
-    z: (tokens, head, d_head); p: (tokens, vocab). With `backward_scale`, gradients of
-    backward_scale * sum(KL) flow into the lens block by block, so nothing vocab-sized is kept.
+    z: (tokens, head, d_head) of all the layer's heads; p: (tokens, vocab). With `backward_scale`,
+    gradients of backward_scale * sum(KL) flow into the lens. Logits come from the lens's factored form
+    ([z, 1] @ F^T / divisor + constant), block by block; the gradient of F is accumulated over blocks
+    and pushed into the lens parameters once, so F's vocab x d_model x d_head product is paid once.
     KL = sum p log p - sum p * logits + logsumexp(logits), using sum p = 1.
     """
+    train = backward_scale is not None
+    with torch.set_grad_enabled(train):
+        factors, constant = lens.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
+    factors_leaf = factors.detach().requires_grad_(train)
+    ones = torch.ones(*z.shape[:-2], len(lens.config.heads), 1, device=z.device)
+    z_aug = torch.cat([z[..., lens.config.heads, :], ones], dim=-1).to(dtype)  # (tokens, head, d_head + 1)
     tokens = z.shape[0]
     block = max(1, block_rows // len(lens.config.heads))
     out = []
-    for start in range(0, tokens, block):
-        rows = slice(start, start + block)
-        scale = None if final_scale is None else final_scale[rows]
-        with _autocast(z.device, dtype), torch.set_grad_enabled(backward_scale is not None):
-            logits = lens.logits(z[rows], layer, scale).float()  # (block, lens head, vocab)
-            kl = neg_entropy[rows, None] - torch.einsum("bhv,bv->bh", logits, p[rows])
-            kl = kl + torch.logsumexp(logits, dim=-1)
-        if backward_scale is not None:
-            (kl.sum() * backward_scale).backward()
-        out.append(kl.detach())
+    capped = lens.kind in ("logit", "affine") and lens.model.unembed.softcap is not None
+    with torch.set_grad_enabled(train):
+        factors_cast = factors_leaf.to(dtype)  # cast once per layer, not per block
+        for start in range(0, tokens, block):
+            rows = slice(start, start + block)
+            scale = None if final_scale is None else final_scale[rows]
+            divisor = lens.divisor(z[rows], layer, scale)  # (block, head)
+            if capped:
+                kl = _capped_block_kl(lens, z_aug[rows], factors_cast, divisor, constant, p[rows], neg_entropy[rows])
+            else:
+                kl = _BlockKL.apply(z_aug[rows], factors_cast, divisor, constant, p[rows], neg_entropy[rows])
+            if train:
+                (kl.sum() * backward_scale).backward()
+            out.append(kl.detach())
+    if train and factors.requires_grad:
+        factors.backward(factors_leaf.grad)
     return torch.cat(out)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+class _BlockKL(torch.autograd.Function):
+    """KL of one block of factored logits, with a hand-written backward that reuses the softmax.
+
+    Forward keeps only the lens's softmax q (one vocab-sized buffer, reused in place for the gradient);
+    backward needs no exp: dKL/dlogits = q - p. Autograd would hold several vocab-sized temporaries
+    and recompute the exponentials.
+    """
+
+    @staticmethod
+    def forward(ctx, z_aug, factors, divisor, constant, p, neg_entropy):
+        # z_aug (block, head, d_head + 1), factors (head, vocab, d_head + 1), divisor (block, head), p (block, vocab)
+        logits = torch.einsum("bhd,hvd->bhv", z_aug, factors).float()
+        logits.div_(divisor[..., None])
+        if constant is not None:
+            logits.add_(constant)
+        cross = torch.einsum("bhv,bv->bh", logits, p)  # sum p * logits
+        top, where = logits.max(dim=-1)
+        q = torch.softmax(logits, dim=-1)
+        log_sum_exp = top - torch.log(q.gather(-1, where[..., None]).squeeze(-1))
+        expected = torch.einsum("bhv,bhv->bh", q, logits)  # sum q * logits, for the divisor's gradient
+        constant_terms = None
+        if constant is not None:
+            constant_terms = torch.einsum("bhv,v->bh", q, constant) - (p @ constant)[:, None]
+        ctx.save_for_backward(z_aug, factors, divisor, q, p, expected - cross, constant_terms)
+        return neg_entropy[:, None] - cross + log_sum_exp
+
+    @staticmethod
+    def backward(ctx, grad):
+        z_aug, factors, divisor, q, p, spread, constant_terms = ctx.saved_tensors
+        # dKL/dlogits = (q - p); logits = raw / divisor + constant, so d raw = (q - p) / divisor and
+        # d divisor = -sum_v (q - p) (logits - constant) / divisor.
+        weight = grad / divisor  # (block, head)
+        d_raw = q.sub_(p[:, None, :]).mul_(weight[..., None])
+        d_factors = torch.einsum("bhv,bhd->hvd", d_raw.to(factors.dtype), z_aug)
+        d_divisor = None
+        if ctx.needs_input_grad[2]:
+            if constant_terms is not None:
+                spread = spread - constant_terms
+            d_divisor = -weight * spread
+        return None, d_factors, d_divisor, None, None, None
+
+
+def _capped_block_kl(lens, z_aug, factors, divisor, constant, p, neg_entropy) -> Tensor:
+    """Soft-capped models (Gemma-2): plain autograd through cap * tanh(logits / cap)."""
+    logits = torch.einsum("bhd,hvd->bhv", z_aug, factors).float() / divisor[..., None]
+    if constant is not None:
+        logits = logits + constant
+    logits = lens.model.unembed.cap(logits)
+    return neg_entropy[:, None] - torch.einsum("bhv,bv->bh", logits, p) + torch.logsumexp(logits, dim=-1)
