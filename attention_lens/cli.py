@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -20,6 +21,7 @@ from .data import DataConfig
 from .decode import decode as decode_prompt
 from .errors import AttentionLensError
 from .evaluate import heldout_kl
+from .fit import FitConfig, fit as fit_lens
 from .lens import KINDS, Lens, read_config
 from .models import DEFAULT_MODEL, Model, load_model
 from .train import TrainConfig, existing_run, train as train_lens
@@ -112,6 +114,7 @@ def train(
     holdout: float = typer.Option(0.1, help="Fraction of documents held out (never trained on)."),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
     eval_tokens: int = typer.Option(2048, help="Held-out tokens to score the lens on at the end (0: skip)."),
+    init: Optional[Path] = typer.Option(None, help="Start from this lens directory (e.g. made by `fit`) instead of the untrained lens."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out."),
     overwrite: bool = typer.Option(False, help="Replace a lens already in --out."),
     skip_bad_lines: bool = typer.Option(False, help="Skip malformed .jsonl lines instead of failing."),
@@ -124,8 +127,12 @@ def train(
     if checkpoint_every < 1 or tokens < 1 or seq_len < 2 or batch_size < 1:
         raise AttentionLensError("--checkpoint-every, --tokens and --batch-size must be >= 1, --seq-len >= 2")
     loaded = load_model(model, device=device)
-    lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
-                           parse_indices(heads, loaded.n_heads, "head"))
+    if init is not None:
+        lens = Lens.load(init, loaded)
+        kind = lens.kind
+    else:
+        lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
+                               parse_indices(heads, loaded.n_heads, "head"))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
                          seed=seed, checkpoint_every=checkpoint_every)
@@ -148,6 +155,55 @@ def train(
         _emit_json(result)
         return
     err.print(f"saved {kind} lens for {len(lens.config.layers)} layers x {len(lens.config.heads)} heads to {out}")
+    for key, value in result.items():
+        print(f"{key:>20}: {value}")
+
+
+@app.command()
+def fit(
+    out: Path = typer.Option(..., help="Lens directory to write (an affine lens: config.json, lens.safetensors)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Registered name (smollm2-135m, gemma3-270m) or local HF directory."),
+    data: str = typer.Option("sotu", help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files."),
+    layers: Optional[str] = typer.Option(None, help="Layers, e.g. 20-29 or 3,7 (default: all)."),
+    heads: Optional[str] = typer.Option(None, help="Heads in each layer, e.g. 0-3 (default: all)."),
+    tokens: int = typer.Option(65_536, help="Token budget for the statistics."),
+    ridge: float = typer.Option(1e-2, help="Ridge strength, relative to each head's mean z_h variance."),
+    seq_len: int = typer.Option(128, help="Tokens per window."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    seed: int = typer.Option(0, help="Seed of the data order."),
+    holdout: float = typer.Option(0.1, help="Fraction of documents held out (never fitted on)."),
+    eval_tokens: int = typer.Option(2048, help="Held-out tokens to score the lens on at the end (0: skip)."),
+    overwrite: bool = typer.Option(False, help="Replace a lens already in --out."),
+    skip_bad_lines: bool = typer.Option(False, help="Skip malformed .jsonl lines instead of failing."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the results."),
+) -> None:
+    """Fit affine lenses in closed form (ridge regression per head); a starting point for `train --init`."""
+    if existing_run(out) and not overwrite:
+        raise AttentionLensError(f"{out} already holds a lens; pass --overwrite to replace it")
+    if tokens < 1 or seq_len < 2 or batch_size < 1 or ridge < 0:
+        raise AttentionLensError("--tokens and --batch-size must be >= 1, --seq-len >= 2, --ridge >= 0")
+    loaded = load_model(model, device=device)
+    lens = Lens.from_model(loaded, "affine", parse_indices(layers, loaded.n_layers, "layer"),
+                           parse_indices(heads, loaded.n_heads, "head"))
+    data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
+    config = FitConfig(tokens=tokens, batch_size=batch_size, ridge=ridge, seed=seed)
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]fit"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task("fit", total=tokens)
+        report = fit_lens(lens, data_config, config, on_batch=lambda seen: bar.update(task, completed=seen))
+    lens.config.training = {"method": "fit", "data": dataclasses.asdict(data_config), **dataclasses.asdict(config),
+                            "tokens_seen": report.tokens, "constant_kl_train": report.constant_kl}
+    lens.save(out)
+    result = {"out": str(out), "layers": lens.config.layers, "heads": lens.config.heads, "tokens": report.tokens,
+              "seconds": round(time.perf_counter() - started, 2), "constant_kl_train": report.constant_kl}
+    if eval_tokens > 0:
+        result["heldout_kl"] = heldout_kl(lens, data_config, eval_tokens).mean
+    if as_json:
+        _emit_json(result)
+        return
+    err.print(f"saved fitted affine lens for {len(lens.config.layers)} layers x {len(lens.config.heads)} heads to {out}")
     for key, value in result.items():
         print(f"{key:>20}: {value}")
 
@@ -210,6 +266,66 @@ def decode(
     console = Console()
     for pos in result.positions:
         console.print(_decode_table(result, pos))
+
+
+REPORT_PROMPT = "The capital of France is Paris, and the capital of Italy is"
+
+
+@app.command()
+def report(
+    out: Path = typer.Option(..., help="HTML file to write (one self-contained file; opens offline)."),
+    lens: str = typer.Option("logit", help="logit, dla, or a lens directory."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the lens's own, or smollm2-135m)."),
+    eval_files: Optional[list[Path]] = typer.Option(None, "--eval", help="Per-head results JSON (eval, specialize); repeatable."),
+    prompt: str = typer.Option(REPORT_PROMPT, help="Prompt whose per-position token grid is shown ('' for none)."),
+    k: int = typer.Option(5, "-k", "--k", help="Top-k tokens per head kept for the prompt."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document describing the written file."),
+) -> None:
+    """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity."""
+    from .report import build_report, write_report
+
+    lens_obj, loaded = _lens_and_model(lens, model, device)
+    results = _read_results(eval_files, loaded)
+    path = write_report(out, build_report(loaded, lens_obj, prompt or None, results, k=k))
+    summary = {"out": str(path), "bytes": path.stat().st_size, "results": [str(p) for p in eval_files or []],
+               "prompt": prompt or None}
+    if as_json:
+        _emit_json(summary)
+        return
+    err.print(f"wrote {path} ({summary['bytes'] / 1024:.0f} KiB)")
+
+
+@app.command()
+def serve(
+    lens: str = typer.Option("logit", help="logit, dla, or a lens directory."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the lens's own, or smollm2-135m)."),
+    eval_files: Optional[list[Path]] = typer.Option(None, "--eval", help="Per-head results JSON (eval, specialize); repeatable."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but localhost exposes the model."),
+    port: int = typer.Option(8765, help="Port to listen on."),
+    max_tokens: int = typer.Option(128, help="Longest prompt (in tokens) a request may send."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+) -> None:
+    """Serve the web explorer: type a prompt, see every head's tokens, click a head for top-k and attention."""
+    try:
+        from .web import LOCAL_HOSTS, Limits, bind, create_app, run_server
+    except ImportError as error:
+        raise AttentionLensError(f"serve needs the web extra ({error.name} is missing): "
+                                 "pip install 'attention-lens[web]'") from None
+    sock = bind(host, port)  # before the model loads, so a busy port fails at once
+    with sock:
+        lens_obj, loaded = _lens_and_model(lens, model, device)
+        app_ = create_app(loaded, lens_obj, _read_results(eval_files, loaded), Limits(max_tokens=max_tokens))
+        if host not in LOCAL_HOSTS:
+            err.print(f"warning: listening on {host}: anyone who can reach this machine can run the model")
+        err.print(f"attention-lens explorer on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C to stop)")
+        run_server(app_, sock)
+
+
+def _read_results(eval_files: list[Path] | None, model: Model):
+    from .report import read_results
+
+    return read_results(eval_files, model.n_layers, model.n_heads) if eval_files else None
 
 
 def _decode_table(result, position: int) -> Table:

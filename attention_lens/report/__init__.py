@@ -1,0 +1,87 @@
+"""The HTML report: one self-contained file (no network) with heatmaps, a prompt's token grid and the lens's identity.
+
+Drawing code is shared with the web explorer (`attention_lens/web/static/`), inlined here so the
+file opens offline from anywhere. Data travels as one JSON block; the page draws it with small
+hand-written SVG/JS, which keeps a SmolLM2 report in the hundreds of kilobytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+from .._version import __version__
+from ..decode import DecodeResult, decode
+from ..lens import Lens
+from ..models import Model
+from .results import HeadResults, read_results
+
+__all__ = ["HeadResults", "build_report", "compact_decode", "read_results", "write_report"]
+
+SHARED_ASSETS = ("lens.css", "grid.js")
+
+
+def build_report(model: Model, lens: Lens, prompt: str | None = None, results: HeadResults | None = None,
+                 k: int = 5) -> str:
+    """The report's HTML text; `prompt` adds the per-position token grid, `results` the fidelity heatmaps."""
+    grid = None
+    if prompt:
+        grid = compact_decode(decode(model, lens, prompt, k=k, position="all"))
+    data = {
+        "version": __version__,
+        "lens": dataclasses.asdict(lens.config),
+        "model": model.fingerprint(),
+        "n_layers": model.n_layers,
+        "n_heads": model.n_heads,
+        "results": results.to_json() if results is not None else None,
+        "prompt": grid,
+    }
+    title = f"attention-lens report: {lens.kind} lens on {model.name or model.model_type}"
+    return _fill_template(title, data)
+
+
+def write_report(path: str | Path, html_text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html_text, encoding="utf-8")
+    return path
+
+
+def compact_decode(result: DecodeResult) -> dict:
+    """A decode result with each token string stored once: cells "pos,layer,head" -> [[id, prob], ...]."""
+    strings: dict[int, str] = {}
+    cells: dict[str, list] = {}
+    for record in result.heads:
+        top = []
+        for entry in record["top"]:
+            strings[entry["id"]] = entry["token"]
+            top.append([entry["id"], round(entry["prob"], 4)])
+        cells[f"{record['position']},{record['layer']},{record['head']}"] = top
+    return {
+        "text": result.text,
+        "tokens": result.tokens,
+        "positions": result.positions,
+        "layers": sorted({r["layer"] for r in result.heads}),
+        "heads": sorted({r["head"] for r in result.heads}),
+        "strings": {str(i): s for i, s in strings.items()},
+        "cells": cells,
+    }
+
+
+def _asset(package: str, name: str) -> str:
+    return resources.files(package).joinpath(name).read_text(encoding="utf-8")
+
+
+def _fill_template(title: str, data: dict) -> str:
+    shared = [_asset("attention_lens.web", f"static/{name}") for name in SHARED_ASSETS]
+    # "</script>" or "<!--" inside the data block would end it early, and a prompt is user text.
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    values = {"title": html.escape(title), "style": shared[0], "data": payload,
+              "script": shared[1] + "\n" + _asset(__name__, "report.js")}
+    # One pass, so a placeholder-like string inside the prompt or the scripts is never substituted.
+    return re.sub(r"\{\{(title|style|data|script)\}\}", lambda m: values[m.group(1)],
+                  _asset(__name__, "template.html"))

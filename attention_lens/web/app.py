@@ -1,0 +1,173 @@
+"""The local explorer: a starlette app around one model and one lens, a JSON API and a static page.
+
+API (all answers are JSON; errors are {"error": "what was wrong"} with a 4xx status):
+- GET  /api/info       lens config, model fingerprint, shape, per-head results (or null), limits;
+- POST /api/decode     {"text", "k"=10, "position"="all"} -> the `decode --json` document;
+- POST /api/attention  {"text", "layer", "head"} -> {"tokens", "layer", "head", "pattern": [query][key]}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..decode import decode
+from ..errors import AttentionLensError
+from ..lens import Lens
+from ..models import Model
+from ..patterns import attention_patterns
+from ..report.results import HeadResults
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    """What one request may ask for: the model is shared, so no request may hold it for long."""
+
+    max_chars: int = 2000
+    """Longest prompt, in characters."""
+    max_tokens: int = 128
+    """Longest prompt, in tokens (every position of every head is decoded)."""
+    max_k: int = 50
+    """Most top-k tokens per head."""
+    max_body_bytes: int = 64 * 1024
+    """Largest request body."""
+
+
+class RequestError(Exception):
+    """A client mistake: answered with `status` and a one-line message, never a traceback."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Explorer:
+    """The model, lens and results behind the API. The model runs one request at a time (a lock); the
+    others wait their turn in worker threads instead of being dropped."""
+
+    def __init__(self, model: Model, lens: Lens, results: HeadResults | None, limits: Limits):
+        self.model, self.lens, self.results, self.limits = model, lens, results, limits
+        self._lock = threading.Lock()
+        self._patterns: tuple[str, Any] | None = None  # the last prompt's attention, for clicks on its heads
+
+    def info(self) -> dict:
+        return {"lens": dataclasses.asdict(self.lens.config), "model": self.model.fingerprint(),
+                "n_layers": self.model.n_layers, "n_heads": self.model.n_heads,
+                "results": self.results.to_json() if self.results is not None else None,
+                "limits": dataclasses.asdict(self.limits)}
+
+    def decode(self, body: dict) -> dict:
+        text = self._text(body)
+        k = _integer(body, "k", 10, 1, self.limits.max_k)
+        position = body.get("position", "all")
+        if not (position == "all" or (isinstance(position, int) and not isinstance(position, bool))):
+            raise RequestError(422, "'position' must be an integer or \"all\"")
+        with self._lock:
+            self._check_tokens(text)
+            return decode(self.model, self.lens, text, k=k, position=position).to_json()
+
+    def attention(self, body: dict) -> dict:
+        text = self._text(body)
+        layer = _integer(body, "layer", None, 0, self.model.n_layers - 1)
+        head = _integer(body, "head", None, 0, self.model.n_heads - 1)
+        with self._lock:
+            input_ids = self._check_tokens(text)
+            if self._patterns is None or self._patterns[0] != text:
+                self._patterns = (text, attention_patterns(self.model, input_ids))
+            pattern = self._patterns[1][layer, head]  # (query pos, key pos)
+            tokens = [self.model.token_text(int(i)) for i in input_ids[0]]
+        return {"tokens": tokens, "layer": layer, "head": head,
+                "pattern": [[round(float(w), 4) for w in row] for row in pattern]}
+
+    def _text(self, body: dict) -> str:
+        text = body.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise RequestError(422, "'text' must be a non-empty string")
+        if len(text) > self.limits.max_chars:
+            raise RequestError(413, f"the prompt has {len(text)} characters; the limit is {self.limits.max_chars}")
+        return text
+
+    def _check_tokens(self, text: str):
+        input_ids = self.model.encode(text)
+        if input_ids.shape[1] > self.limits.max_tokens:
+            raise RequestError(413, f"the prompt has {input_ids.shape[1]} tokens; the limit is {self.limits.max_tokens}")
+        return input_ids
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(422, f"'{name}' must be an integer from {low} to {high}")
+    return value
+
+
+async def _json_body(request: Request, max_bytes: int) -> dict:
+    """The request's JSON object, read no further than `max_bytes` whatever Content-Length claims."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"the request body is over the {max_bytes}-byte limit")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw.extend(chunk)
+        if len(raw) > max_bytes:
+            raise RequestError(413, f"the request body is over the {max_bytes}-byte limit")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(400, "the request body must be JSON, e.g. {\"text\": \"The capital of France is\"}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    return body
+
+
+def _endpoint(explorer: Explorer, work: Callable[[dict], dict]):
+    """A POST handler: parse, run `work` in a worker thread (the model blocks), map mistakes to 4xx."""
+
+    async def handler(request: Request) -> JSONResponse:
+        try:
+            body = await _json_body(request, explorer.limits.max_body_bytes)
+            return JSONResponse(await anyio.to_thread.run_sync(work, body))
+        except RequestError as error:
+            return JSONResponse({"error": str(error)}, status_code=error.status)
+        except AttentionLensError as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+
+    return handler
+
+
+def create_app(model: Model, lens: Lens, results: HeadResults | None = None, limits: Limits | None = None) -> Starlette:
+    """The explorer app; serve it with `run_server` (or any ASGI server)."""
+    explorer = Explorer(model, lens, results, limits or Limits())
+
+    async def index(request: Request) -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse(explorer.info())
+
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+
+    routes = [
+        Route("/", index),
+        Route("/api/info", info),
+        Route("/api/decode", _endpoint(explorer, explorer.decode), methods=["POST"]),
+        Route("/api/attention", _endpoint(explorer, explorer.attention), methods=["POST"]),
+        # StaticFiles resolves each path and refuses any that leaves STATIC_DIR (404), symlinks included.
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

@@ -1,0 +1,219 @@
+/* Drawing shared by the HTML report and the web explorer: heatmaps, token grids, top-k bars, attention.
+   Plain DOM + SVG, no libraries, so the report stays one small offline file. */
+"use strict";
+
+const LensView = (() => {
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  /** Spaces and newlines shown, so " the" and "the" differ on screen (same marks as the CLI). */
+  function visible(token) {
+    if (token === "") return "∅";
+    return token.replace(/ /g, "·").replace(/\n/g, "⏎").replace(/\t/g, "⇥");
+  }
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (name === "text") node.textContent = value;
+      else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+      else node.setAttribute(name, value);
+    }
+    for (const child of children) if (child != null) node.append(child);
+    return node;
+  }
+
+  function svg(tag, attrs = {}) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+    return node;
+  }
+
+  // ----- colour ----------------------------------------------------------------------------------
+  const SEQUENTIAL = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];  // viridis stops
+
+  function mix(stops, t) {
+    const x = Math.min(Math.max(t, 0), 1) * (stops.length - 1);
+    const i = Math.min(Math.floor(x), stops.length - 2), f = x - i;
+    const c = stops[i].map((v, j) => Math.round(v + f * (stops[i + 1][j] - v)));
+    return `rgb(${c[0]},${c[1]},${c[2]})`;
+  }
+
+  /** A colour scale for a set of values: diverging around 0 when they have both signs. */
+  function scaleFor(values) {
+    const finite = values.filter(Number.isFinite);
+    const min = Math.min(...finite), max = Math.max(...finite);
+    if (min < 0 && max > 0) {
+      const bound = Math.max(-min, max);
+      const stops = [[33, 102, 172], [247, 247, 247], [178, 24, 43]];
+      return { min: -bound, max: bound, stops, color: (v) => mix(stops, (v + bound) / (2 * bound)) };
+    }
+    const span = max - min || 1;
+    return { min, max, stops: SEQUENTIAL, color: (v) => mix(SEQUENTIAL, (v - min) / span) };
+  }
+
+  /** Background for a lens probability: white (unsure) to blue (confident), text stays readable. */
+  function confidence(prob) {
+    const t = Math.sqrt(Math.min(Math.max(prob, 0), 1));
+    return `rgba(47,111,222,${(0.08 + 0.72 * t).toFixed(3)})`;
+  }
+
+  function format(value) {
+    if (!Number.isFinite(value)) return "–";
+    if (Number.isInteger(value)) return String(value);
+    const size = Math.abs(value);
+    return size >= 100 ? value.toFixed(0) : size >= 1 ? value.toFixed(2) : value.toPrecision(3);
+  }
+
+  // ----- tooltip ---------------------------------------------------------------------------------
+  let tip = null;
+  function showTip(event, text) {
+    if (!tip) { tip = el("div", { id: "lv-tooltip" }); document.body.append(tip); }
+    tip.textContent = text;
+    tip.style.display = "block";
+    tip.style.left = `${Math.min(event.clientX + 14, window.innerWidth - 330)}px`;
+    tip.style.top = `${event.clientY + 14}px`;
+  }
+  function hideTip() { if (tip) tip.style.display = "none"; }
+
+  // ----- heatmap of one number per (layer, head) -------------------------------------------------
+  /** opts: {nLayers, nHeads, values: {"l,h": number}, tooltip(l, h) -> text, onClick(l, h), selected: "l,h"} */
+  function heatmap(container, opts) {
+    container.replaceChildren();
+    const cellW = 26, cellH = Math.max(8, Math.min(16, Math.floor(480 / opts.nLayers)));
+    const left = 34, top = 16;
+    const width = left + opts.nHeads * cellW + 4, height = top + opts.nLayers * cellH + 4;
+    const root = svg("svg", { class: "heatmap", width, height, viewBox: `0 0 ${width} ${height}` });
+    const scale = scaleFor(Object.values(opts.values));
+    for (let h = 0; h < opts.nHeads; h++) {
+      const label = svg("text", { x: left + h * cellW + cellW / 2, y: 11, "text-anchor": "middle" });
+      label.textContent = `H${h}`;
+      root.append(label);
+    }
+    for (let l = 0; l < opts.nLayers; l++) {
+      if (opts.nLayers <= 32 || l % 2 === 0) {
+        const label = svg("text", { x: left - 4, y: top + l * cellH + cellH - 3, "text-anchor": "end" });
+        label.textContent = `L${l}`;
+        root.append(label);
+      }
+      for (let h = 0; h < opts.nHeads; h++) {
+        const key = `${l},${h}`, value = opts.values[key];
+        const rect = svg("rect", { class: "cell", x: left + h * cellW, y: top + l * cellH, width: cellW, height: cellH,
+          fill: Number.isFinite(value) ? scale.color(value) : "#eceff3", "data-layer": l, "data-head": h });
+        if (key === opts.selected) rect.classList.add("selected");
+        rect.addEventListener("mousemove", (e) => showTip(e, opts.tooltip(l, h)));
+        rect.addEventListener("mouseleave", hideTip);
+        if (opts.onClick) rect.addEventListener("click", () => opts.onClick(l, h));
+        root.append(rect);
+      }
+    }
+    container.append(root, legend(scale));
+  }
+
+  function legend(scale) {
+    const ramp = el("span", { class: "ramp" });
+    ramp.style.background = `linear-gradient(to right, ${scale.stops.map((c) => `rgb(${c})`).join(",")})`;
+    return el("div", { class: "legend" }, el("span", { text: format(scale.min) }), ramp, el("span", { text: format(scale.max) }));
+  }
+
+  // ----- decoded tokens --------------------------------------------------------------------------
+  /** A grid from the `decode --json` document (the explorer's API answer). */
+  function fromDecode(doc) {
+    const cells = {};
+    for (const r of doc.heads) cells[`${r.position},${r.layer},${r.head}`] = r.top;
+    return makeGrid(doc.text, doc.tokens, doc.positions, doc.heads, cells);
+  }
+
+  /** A grid from the report's compact form, where each token string is stored once. */
+  function fromCompact(c) {
+    const cells = {};
+    for (const [key, top] of Object.entries(c.cells)) {
+      cells[key] = top.map(([id, prob]) => ({ id, prob, token: c.strings[id] }));
+    }
+    const records = c.layers.flatMap((layer) => c.heads.map((head) => ({ layer, head })));
+    return makeGrid(c.text, c.tokens, c.positions, records, cells);
+  }
+
+  function makeGrid(text, tokens, positions, records, cells) {
+    const layers = [...new Set(records.map((r) => r.layer))].sort((a, b) => a - b);
+    const heads = [...new Set(records.map((r) => r.head))].sort((a, b) => a - b);
+    return { text, tokens, positions, layers, heads, top: (p, l, h) => cells[`${p},${l},${h}`] || [] };
+  }
+
+  /** Per head: its most promoted tokens over all decoded positions (summed probability), best first. */
+  function promoted(grid, l, h, count = 5) {
+    const mass = new Map();
+    for (const p of grid.positions) {
+      for (const e of grid.top(p, l, h)) mass.set(e.token, (mass.get(e.token) || 0) + e.prob);
+    }
+    return [...mass.entries()].sort((a, b) => b[1] - a[1]).slice(0, count).map(([token]) => token);
+  }
+
+  /** Layers x heads table of each head's top token at one position; colour = the lens's probability. */
+  function tokenGrid(container, grid, position, opts = {}) {
+    container.replaceChildren();
+    const head = el("tr", {}, el("th", { text: "layer" }), ...grid.heads.map((h) => el("th", { text: `H${h}` })));
+    const rows = grid.layers.map((l) => el("tr", {}, el("th", { text: `${l}` }), ...grid.heads.map((h) => {
+      const best = grid.top(position, l, h)[0];
+      const cell = el("td", { class: "cell", "data-layer": l, "data-head": h,
+        title: best ? `L${l} H${h}: ${visible(best.token)} ${(100 * best.prob).toFixed(1)}%` : "" });
+      if (best) {
+        cell.style.background = confidence(best.prob);
+        cell.append(el("span", { class: "tok", text: visible(best.token) }),
+          el("span", { class: "p", text: `${Math.round(100 * best.prob)}%` }));
+      }
+      if (opts.selected === `${l},${h}`) cell.classList.add("selected");
+      if (opts.onClick) cell.addEventListener("click", () => opts.onClick(l, h));
+      return cell;
+    })));
+    container.append(el("table", { class: "grid" }, el("thead", {}, head), el("tbody", {}, ...rows)));
+  }
+
+  /** Clickable prompt tokens; `weights` (one per token) tints them, e.g. by attention. */
+  function chips(container, tokens, selected, onClick, weights = null) {
+    container.replaceChildren(...tokens.map((token, i) => {
+      const chip = el("span", { class: "chip", "data-position": i, title: `position ${i}`, text: visible(token) });
+      if (i === selected) chip.classList.add("selected");
+      if (weights) chip.style.background = confidence(weights[i]);
+      if (onClick) chip.addEventListener("click", () => onClick(i));
+      return chip;
+    }));
+  }
+
+  function topk(container, entries) {
+    container.replaceChildren(el("div", { class: "topk" }, ...entries.flatMap((e) => {
+      const bar = el("div", { class: "bar" });
+      bar.style.width = `${Math.max(1, 140 * e.prob)}px`;
+      return [el("span", { class: "tok", text: visible(e.token) }), el("div", {}, bar),
+        el("span", { class: "pct", text: `${(100 * e.prob).toFixed(1)}%` })];
+    })));
+  }
+
+  /** The head's attention matrix (query rows x key columns) with the chosen query row outlined. */
+  function attention(container, tokens, pattern, query) {
+    container.replaceChildren();
+    const n = tokens.length, cell = Math.max(6, Math.min(18, Math.floor(360 / n)));
+    const size = n * cell + 2;
+    const root = svg("svg", { class: "attention", width: size, height: size, viewBox: `0 0 ${size} ${size}` });
+    for (let q = 0; q < n; q++) {
+      for (let k = 0; k <= q; k++) {
+        const rect = svg("rect", { x: 1 + k * cell, y: 1 + q * cell, width: cell, height: cell,
+          fill: mix([[255, 255, 255], [47, 111, 222], [20, 40, 110]], Math.sqrt(pattern[q][k])) });
+        rect.addEventListener("mousemove", (e) => showTip(e,
+          `${visible(tokens[q])} (pos ${q}) → ${visible(tokens[k])} (pos ${k}): ${(100 * pattern[q][k]).toFixed(1)}%`));
+        rect.addEventListener("mouseleave", hideTip);
+        root.append(rect);
+      }
+    }
+    root.append(svg("rect", { x: 1, y: 1 + query * cell, width: n * cell, height: cell, fill: "none",
+      stroke: "#e8590c", "stroke-width": 2 }));
+    container.append(root);
+  }
+
+  function keyValues(container, entries) {
+    container.replaceChildren(el("table", { class: "kv" }, el("tbody", {}, ...entries.map(([k, v]) =>
+      el("tr", {}, el("td", { text: k }), el("td", { text: typeof v === "number" ? format(v) : String(v) }))))));
+  }
+
+  return { attention, chips, confidence, el, format, fromCompact, fromDecode, heatmap, keyValues, promoted,
+    tokenGrid, topk, visible };
+})();

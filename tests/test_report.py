@@ -1,0 +1,94 @@
+"""The HTML report: one self-contained file with the data it claims; results files read defensively."""
+
+import json
+import re
+
+import pytest
+
+from attention_lens.cli import main
+from attention_lens.errors import AttentionLensError
+from attention_lens.report import read_results
+from conftest import make_model_dir
+from test_serve import write_eval
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    return make_model_dir(root / "model"), write_eval(root / "eval.json"), root
+
+
+def embedded_data(html: str) -> dict:
+    block = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', html, re.S).group(1)
+    return json.loads(block)
+
+
+def test_report_cli_writes_one_self_contained_file(paths, capsys):
+    model, eval_file, root = paths
+    out = root / "report.html"
+    prompt = "The quick </script><!-- fox"  # must not break out of the data block
+    code = main(["report", "--model", str(model), "--lens", "logit", "--eval", str(eval_file), "--prompt", prompt,
+                 "-k", "3", "--out", str(out), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    html = out.read_text()
+    assert summary["bytes"] == out.stat().st_size < 200_000
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', html)  # nothing fetched from a network
+    assert "<script src" not in html and "<link" not in html  # scripts and styles are inline
+    assert html.count("</script>") == 2  # the data block and the code block; none from the prompt
+    data = embedded_data(html)
+    assert data["prompt"]["text"] == prompt
+    grid = data["prompt"]
+    assert len(grid["cells"]) == len(grid["tokens"]) * 2 * 4 and all(len(top) == 3 for top in grid["cells"].values())
+    assert data["results"]["metrics"]["kl"]["1,3"] == pytest.approx(3.3)
+    assert data["model"]["model_type"] == "llama" and data["lens"]["kind"] == "logit"
+
+
+def test_report_without_results_or_prompt(paths, capsys):
+    model, _, root = paths
+    out = root / "bare.html"
+    assert main(["report", "--model", str(model), "--lens", "dla", "--prompt", "", "--out", str(out)]) == 0
+    data = embedded_data(out.read_text())
+    assert data["prompt"] is None and data["results"] is None and data["lens"]["kind"] == "dla"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON"),
+    ('{"summary": {}}', "'heads' list"),
+    ('{"heads": [{"layer": 0}]}', "integer 'layer' and 'head'"),
+    ('{"heads": [{"layer": 9, "head": 0}]}', "2 layers x 4 heads"),
+])
+def test_bad_results_file_is_one_line(paths, capsys, content, message):
+    model, _, root = paths
+    bad = root / "bad.json"
+    bad.write_text(content)
+    code = main(["report", "--model", str(model), "--eval", str(bad), "--out", str(root / "x.html")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_results_are_merged_and_read_defensively(tmp_path):
+    first = tmp_path / "eval.json"
+    first.write_text(json.dumps({"summary": {"kl_mean": 4.0, "nested": {"x": 1}}, "heads": [
+        {"layer": 0, "head": 1, "kl": {"mean": 2.0, "ci": [1.5, 2.5]}, "baselines": {"logit": {"mean": 5.0}},
+         "flag": True, "ci": [1, 2], "top_tokens": ["a", "b"]},
+    ]}))
+    second = tmp_path / "specialize.json"
+    second.write_text(json.dumps({"heads": [
+        {"layer": 0, "head": 1, "entropy": 1.25, "promoted": [{"token": "9"}, {"token": "7"}],
+         "description": "numbers"},
+    ]}))
+    results = read_results([first, second], n_layers=2, n_heads=4)
+    assert results.default_metric() == "kl.mean"
+    assert results.metrics["kl_gain_vs_logit"] == {"0,1": 3.0}
+    assert results.metrics["entropy"] == {"0,1": 1.25}
+    assert "flag" not in results.metrics and "ci" not in results.metrics
+    assert results.tokens["0,1"] == ["9", "7"]  # the later file's promoted tokens win
+    assert results.notes["0,1"] == {"description": "numbers"}
+    assert results.summary == {"kl_mean": 4.0}
+    assert results.sources == ["eval.json", "specialize.json"]
+
+
+def test_missing_results_file(tmp_path):
+    with pytest.raises(AttentionLensError, match="does not exist"):
+        read_results([tmp_path / "none.json"], 2, 4)
