@@ -1,0 +1,145 @@
+"""Closed-form affine lenses: per-head ridge regression of z_h onto the normalized final residual."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .errors import AttentionLensError
+from .heads import run_with_heads
+from .lens import Lens
+
+
+@dataclass
+class FitConfig:
+    """How the closed-form fit runs."""
+
+    tokens: int = 65_536
+    """Token budget for the statistics."""
+    batch_size: int = 8
+    """Windows per forward pass."""
+    ridge: float = 1e-2
+    """Ridge strength, relative to the mean variance of each head's z_h."""
+    seed: int = 0
+    """Seeds the data order."""
+    skip_positions: int = 1
+    """Leading positions of each window left out: position 0 is an attention sink with massive activations."""
+    constant_steps: int = 300
+    """Optimizer steps for the best constant lens b*."""
+
+
+@dataclass
+class FitReport:
+    tokens: int
+    constant_kl: float
+    """KL of the best constant predictor to the mean next-token distribution (its own fit), nats."""
+
+
+@dataclass
+class _Moments:
+    """Running float64 sums for one layer's heads: enough for centered least squares."""
+
+    count: int
+    sum_z: Tensor  # (head, d_head)
+    sum_t: Tensor  # (d_model,)
+    zz: Tensor  # (head, d_head, d_head)
+    zt: Tensor  # (head, d_head, d_model)
+
+
+@torch.no_grad()
+def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int], None] | None = None) -> FitReport:
+    """Set every head of an affine `lens` to its ridge solution, with the bias at the best constant lens.
+
+    Target: the final residual normalized as the final norm does (C r / sigma(r)), so the positions with
+    massive activations do not dominate, and a lens vector x ~ target decodes like the model. Then
+    x_h = z_h M_h + b_h with M_h = (Cov(z) + lambda I)^-1 Cov(z, t) and b_h = b* - mean(z_h) M_h: at its average
+    input every head predicts the best constant distribution, and deviations carry what the head knows.
+    """
+    if lens.kind != "affine":
+        raise AttentionLensError(f"fit makes affine lenses; got a {lens.kind} lens")
+    model = lens.model
+    documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
+    windows = token_windows(documents, model.tokenizer, data.seq_len, config.seed)
+    if data.seq_len <= config.skip_positions:
+        raise AttentionLensError(f"--seq-len must exceed the {config.skip_positions} skipped leading positions")
+    moments = {layer: _empty_moments(lens) for layer in lens.config.layers}
+    mean_p = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
+    seen = 0
+    for batch in batches(windows, config.batch_size):
+        if seen >= config.tokens:
+            break
+        logits, capture = run_with_heads(model, batch.to(model.device), lens.config.layers, final_residual=True)
+        keep = slice(config.skip_positions, None)
+        residual = capture.final_residual[:, keep].flatten(0, 1)  # (tokens, d_model)
+        target = model.unembed.center(residual) / model.unembed.scale(residual)[:, None]
+        mean_p += torch.softmax(logits[:, keep].flatten(0, 1).float(), dim=-1).sum(0).double()
+        for layer in lens.config.layers:
+            z = capture.heads.pop(layer).z[:, keep][..., lens.config.heads, :].flatten(0, 1)  # (tokens, head, d_head)
+            _accumulate(moments[layer], z.double(), target.double())
+        seen += residual.shape[0]
+        if on_batch is not None:
+            on_batch(seen)
+    if seen == 0:
+        raise AttentionLensError(f"the training data is too small for one window of {data.seq_len} tokens")
+    constant, constant_kl = best_constant(model, (mean_p / seen).float(), config.constant_steps)
+    for layer in lens.config.layers:
+        _solve_into(lens, layer, moments[layer], constant, config.ridge)
+    return FitReport(tokens=seen, constant_kl=constant_kl)
+
+
+def _empty_moments(lens: Lens) -> _Moments:
+    heads, d_head, d_model = len(lens.config.heads), lens.config.d_head, lens.config.d_model
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=lens.model.device)  # noqa: E731
+    return _Moments(0, zeros(heads, d_head), zeros(d_model), zeros(heads, d_head, d_head), zeros(heads, d_head, d_model))
+
+
+def _accumulate(moments: _Moments, z: Tensor, target: Tensor) -> None:
+    moments.count += z.shape[0]
+    moments.sum_z += z.sum(0)
+    moments.sum_t += target.sum(0)
+    moments.zz += torch.einsum("thd,the->hde", z, z)
+    moments.zt += torch.einsum("thd,tm->hdm", z, target)
+
+
+@torch.no_grad()
+def _solve_into(lens: Lens, layer: int, moments: _Moments, constant: Tensor, ridge: float) -> None:
+    n = moments.count
+    mean_z, mean_t = moments.sum_z / n, moments.sum_t / n
+    cov_zz = moments.zz / n - torch.einsum("hd,he->hde", mean_z, mean_z)
+    cov_zt = moments.zt / n - torch.einsum("hd,m->hdm", mean_z, mean_t)
+    d_head = cov_zz.shape[-1]
+    # Ridge relative to each head's own scale: heads differ in loudness by orders of magnitude.
+    strength = ridge * torch.diagonal(cov_zz, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(d_head, dtype=cov_zz.dtype, device=cov_zz.device)
+    M = torch.linalg.solve(cov_zz + strength[:, None, None] * eye, cov_zt)  # (head, d_head, d_model)
+    b = constant.double() - torch.einsum("hd,hdm->hm", mean_z, M)
+    i = lens.layer_index(layer)
+    W_O = lens.model.W_O[layer, lens.config.heads].double()
+    lens.delta[i] = (M - W_O).float()
+    lens.bias[i] = b.float()
+
+
+def best_constant(model, mean_p: Tensor, steps: int) -> tuple[Tensor, float]:
+    """The unit-rms vector b* whose logits W_U norm(b*) best match the mean distribution (min KL)."""
+    unembed = model.unembed
+    neg_entropy = (mean_p * torch.log(mean_p.clamp_min(1e-30))).sum()
+    # Start from the least-squares preimage of log mean_p: close to the optimum, so few steps are needed.
+    start = torch.linalg.lstsq(unembed.W_U * unembed.gamma, torch.log(mean_p.clamp_min(1e-12))[:, None]).solution[:, 0]
+    b = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([b], lr=0.05)
+    loss = torch.tensor(math.inf)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            logits = unembed(b)
+            loss = neg_entropy - (mean_p * torch.log_softmax(logits, dim=-1)).sum()
+            loss.backward()
+            optimizer.step()
+    loss = loss.detach()
+    b = b.detach()
+    return unembed.center(b) / unembed.scale(b), loss.item()
