@@ -126,6 +126,8 @@ def train(
         raise AttentionLensError(f"{out} already holds a lens or checkpoint; pass --resume or --overwrite")
     if checkpoint_every < 1 or tokens < 1 or seq_len < 2 or batch_size < 1:
         raise AttentionLensError("--checkpoint-every, --tokens and --batch-size must be >= 1, --seq-len >= 2")
+    if not 0 < lr <= 1e6:  # nan fails this too; torch would raise a traceback on nan or a float32 overflow
+        raise AttentionLensError(f"--lr must be a positive number no larger than 1e6; got {lr}")
     loaded = load_model(model, device=device)
     if init is not None:
         lens = Lens.load(init, loaded)

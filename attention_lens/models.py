@@ -181,6 +181,10 @@ class Model:
 
     def encode(self, text: str) -> Tensor:
         """Token ids (1, pos) of a prompt, without special tokens: the lens reads what the text says."""
+        try:
+            text.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates; tokenizers crash on them
+        except UnicodeEncodeError:
+            raise AttentionLensError("the prompt is not valid UTF-8 text; give it as UTF-8") from None
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise AttentionLensError("the prompt is empty after tokenization; give some text")
