@@ -1,17 +1,288 @@
-"""Held-out fidelity of a lens: per-head KL(P_model || P_lens), streamed over held-out windows."""
+"""Held-out fidelity of a lens per head, against the logit, DLA, uniform and constant baselines, streamed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import statistics
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .data import DataConfig, Document, batches, load_documents, split_by_document, token_windows
 from .errors import AttentionLensError
+from .fidelity import HEAD_SCORES, FidelityTotals, Targets, score_layer
 from .heads import run_with_heads
 from .lens import Lens
+from .models import Model
 from .objective import head_kl, target_distribution
+
+BASELINES = ("logit", "dla", "uniform", "constant")
+REPORTED_HEADS = 5
+"""Best and worst heads named in the summary."""
+
+
+@dataclass
+class EvalConfig:
+    """How a lens is scored."""
+
+    tokens: int = 2048
+    """Held-out tokens to score (whole windows)."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    seed: int = 0
+    """Seeds the document order and the bootstrap: the same seed gives the same numbers."""
+    margin: float = 0.05
+    """Nats by which a head must beat a baseline, with the whole 95% interval of its gain above it."""
+    bootstrap: int = 200
+    """Bootstrap replicates (Poisson weights per window) behind the 95% intervals."""
+    constant_data: str | None = None
+    """Corpus for the constant baseline (default: the lens's training data, else the scored corpus)."""
+    constant_tokens: int = 8192
+    """Tokens averaged into the constant baseline, from the training side of the split only."""
+    block_rows: int = 512
+    """Head-token rows per vocabulary-sized block (memory vs. speed)."""
+
+
+@dataclass
+class Evaluation:
+    """Per-head records and their summary; `to_json()` is the --json document."""
+
+    summary: dict
+    heads: list[dict]
+    setup: dict = field(default_factory=dict)
+    """What was scored: lens, model, data, split, tokens, constant baseline, seed."""
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary, "heads": self.heads, **self.setup}
+
+    def head(self, layer: int, head: int) -> dict:
+        for record in self.heads:
+            if (record["layer"], record["head"]) == (layer, head):
+                return record
+        raise KeyError((layer, head))
+
+
+@torch.no_grad()
+def evaluate(
+    lens: Lens,
+    data: DataConfig,
+    config: EvalConfig = EvalConfig(),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Score every lens head on the held-out split of `data` (fp32; memory flat in `config.tokens`).
+
+    `on_progress(tokens_done, tokens_planned)` is called after each batch.
+    """
+    _check(config, data)
+    model = lens.model
+    train_documents, held_documents = scored_split(lens, data)
+    log_constant, constant_setup = constant_distribution(lens, data, train_documents, config)
+    windows = islice(token_windows(held_documents, model.tokenizer, data.seq_len, config.seed),
+                     math.ceil(config.tokens / data.seq_len))
+    totals = FidelityTotals(len(lens.config.layers), len(lens.config.heads), model.vocab, config.bootstrap,
+                            config.seed)
+    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)  # its F_h serves dla too
+    planned, seen = math.ceil(config.tokens / data.seq_len) * data.seq_len, 0
+    for batch in batches(windows, config.batch_size):
+        _score_batch(lens, baseline, batch.to(model.device), log_constant, totals, config.block_rows)
+        seen += batch.numel()
+        if on_progress is not None:
+            on_progress(seen, planned)
+    if seen == 0:
+        raise AttentionLensError(f"the held-out split is smaller than one window of {data.seq_len} tokens; "
+                                 "lower --seq-len or use more text")
+    heads = head_records(lens, totals, config.margin)
+    setup = {"lens": lens.kind, "model": model.name, "data": data.data, "holdout": data.holdout,
+             "seq_len": data.seq_len, "tokens": seen, "seed": config.seed, "margin": config.margin,
+             "bootstrap": config.bootstrap, "constant": constant_setup,
+             "sink_positions": "position 0 of each window and end/begin-of-text tokens"}
+    return Evaluation(summary=summarize(heads, totals), heads=heads, setup=setup)
+
+
+def _check(config: EvalConfig, data: DataConfig) -> None:
+    if data.seq_len < 2:
+        raise AttentionLensError(f"--seq-len must be at least 2 (a position and its next token); got {data.seq_len}")
+    if config.tokens < 1 or config.batch_size < 1 or config.constant_tokens < 1 or config.block_rows < 1:
+        raise AttentionLensError("--tokens, --batch-size, --constant-tokens and block rows must be >= 1")
+    if config.bootstrap < 2:
+        raise AttentionLensError(f"--bootstrap must be at least 2 replicates; got {config.bootstrap}")
+    if not config.margin >= 0:
+        raise AttentionLensError(f"--margin must be >= 0 nats; got {config.margin}")
+
+
+def _score_batch(lens: Lens, baseline: Lens, input_ids: Tensor, log_constant: Tensor, totals: FidelityTotals,
+                 block_rows: int) -> None:
+    """One forward pass of the model, then every lens layer in blocks; adds the batch to `totals`."""
+    model = lens.model
+    logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
+    targets = Targets.build(model, input_ids, logits, capture.final_residual)
+    per_layer = [score_layer(lens, baseline, layer, capture.heads.pop(layer).z.flatten(0, 1), targets, block_rows)
+                 for layer in lens.config.layers]
+    head_scores = {name: torch.stack([scores[name] for scores in per_layer], dim=1).unflatten(0, input_ids.shape)
+                   for name in (*HEAD_SCORES, "top_id")}  # each (batch, pos, layer, head)
+    model_cross_entropy = torch.log_softmax(logits.float(), dim=-1).flatten(0, 1).gather(
+        -1, targets.next_token.clamp(min=0)[:, None]).squeeze(-1).neg()
+    token_scores = {
+        "uniform": targets.neg_entropy + math.log(model.vocab),
+        "constant": targets.neg_entropy - targets.p @ log_constant,
+        "model_cross_entropy": model_cross_entropy,
+        "model_entropy": -targets.neg_entropy,
+    }
+    token_scores = {name: value.view(input_ids.shape) for name, value in token_scores.items()}
+    has_next = targets.next_token.view(input_ids.shape) >= 0
+    totals.add(head_scores, token_scores, sink_mask(input_ids, model.tokenizer), has_next)
+
+
+def sink_mask(input_ids: Tensor, tokenizer) -> Tensor:
+    """(batch, pos) True at attention-sink positions, scored apart: each window's first position (no context
+    but itself) and end/begin-of-text tokens, where models park attention and predict a new document."""
+    sink = torch.zeros_like(input_ids, dtype=torch.bool)
+    sink[:, 0] = True
+    for special in {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)} - {None}:
+        sink |= input_ids == special
+    return sink
+
+
+# ----- which text -----------------------------------------------------------------------------------
+
+
+def scored_split(lens: Lens, data: DataConfig) -> tuple[list[Document], list[Document]]:
+    """(training side, held-out side) of `data`; refuses a split that would score text the lens trained on."""
+    trained = lens.config.training.get("data") or {}
+    if _same_source(trained.get("data"), data.data) and data.holdout > trained.get("holdout", data.holdout):
+        raise AttentionLensError(
+            f"--holdout {data.holdout} would score documents this lens was trained on (it held out "
+            f"{trained['holdout']}); use --holdout {trained['holdout']} or less"
+        )
+    train_documents, held_documents = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
+    if not held_documents:
+        raise AttentionLensError("no held-out documents to score; use --holdout > 0")
+    return train_documents, held_documents
+
+
+def constant_distribution(
+    lens: Lens, data: DataConfig, train_documents: list[Document], config: EvalConfig
+) -> tuple[Tensor, dict]:
+    """log of the model's mean next-token distribution (vocab,), never estimated on scored text.
+
+    Source: --constant-data, else the lens's training data, else the scored corpus; its training side
+    when it is a corpus that is also scored or trained on, all of it otherwise.
+    """
+    trained = lens.config.training.get("data") or {}
+    source = config.constant_data or trained.get("data") or data.data
+    if _same_source(source, data.data):
+        documents = train_documents
+    elif _same_source(source, trained.get("data")):
+        documents = split_by_document(load_documents(source, data.skip_bad_lines), trained.get("holdout", 0.0))[0]
+    else:
+        documents = load_documents(source, data.skip_bad_lines)
+    model = lens.model
+    windows = islice(token_windows(documents, model.tokenizer, data.seq_len, config.seed),
+                     math.ceil(config.constant_tokens / data.seq_len))
+    total = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
+    seen = 0
+    for batch in batches(windows, config.batch_size):
+        logits = model.hf(input_ids=batch.to(model.device), use_cache=False).logits
+        total += torch.softmax(logits.float(), dim=-1).flatten(0, 1).sum(0).double()
+        seen += batch.numel()
+    if seen == 0:
+        raise AttentionLensError(f"the constant baseline's text ({source}) is smaller than one window of "
+                                 f"{data.seq_len} tokens; pass --constant-data with more text")
+    return (total / seen).log().float(), {"data": source, "tokens": seen}
+
+
+def _same_source(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    if a == b:
+        return True
+    return Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+# ----- records and summary ----------------------------------------------------------------------------
+
+
+def head_records(lens: Lens, totals: FidelityTotals, margin: float) -> list[dict]:
+    """One record per (layer, head): the lens's scores, its interval, each baseline and whether it beats it."""
+    scores = ("kl", "top1", "top10", "cross_entropy", "entropy")
+    main = {name: totals.mean("main", name) for name in (*scores, *BASELINES)}  # (layer, head) or () per name
+    sink = {name: totals.mean("sink", name) for name in (*scores, *BASELINES)}
+    low, high = totals.interval("kl")
+    intervals = {name: (*totals.interval(name), *totals.interval(name, minus="kl")) for name in BASELINES}
+    records = []
+    for i, layer in enumerate(lens.config.layers):
+        for j, head in enumerate(lens.config.heads):
+            top_counts = totals.top_ids[i * len(lens.config.heads) + j]
+            top_id = int(top_counts.argmax())
+            record = {
+                "layer": layer, "head": head,
+                "kl": _round(main["kl"][i, j]), "kl_low": _round(low[i, j]), "kl_high": _round(high[i, j]),
+                **{name: _round(main[name][i, j]) for name in scores[1:]},
+                "top_token": {"id": top_id, "token": lens.model.token_text(top_id),
+                              "share": _round(top_counts[top_id] / max(1, int(top_counts.sum())))},
+                "baselines": {},
+                "sink": {name: _round(_at(sink[name], i, j)) for name in scores}
+                        | {f"{name}_kl": _round(_at(sink[name], i, j)) for name in BASELINES},
+            }
+            for name, (base_low, base_high, gain_low, gain_high) in intervals.items():
+                base = _at(main[name], i, j)
+                record["baselines"][name] = {
+                    "kl": _round(base), "kl_low": _round(base_low[i, j]), "kl_high": _round(base_high[i, j]),
+                    "gain": _round(base - main["kl"][i, j]), "gain_low": _round(gain_low[i, j]),
+                    "gain_high": _round(gain_high[i, j]), "beats": bool(gain_low[i, j] > margin),
+                }
+            records.append(record)
+    return records
+
+
+def _at(value: Tensor, i: int, j: int) -> Tensor:
+    """A per-head score at (i, j), or a head-free one (uniform, constant) as it is."""
+    return value if value.dim() == 0 else value[i, j]
+
+
+def summarize(heads: list[dict], totals: FidelityTotals) -> dict:
+    """Means and medians over heads, best and worst heads, and the fraction beating each baseline."""
+    kl = [h["kl"] for h in heads]
+    ranked = sorted(heads, key=lambda h: h["kl"])
+    named = [{"layer": h["layer"], "head": h["head"], "kl": h["kl"], "top_token": h["top_token"]["token"]}
+             for h in ranked]
+    summary = {
+        "heads": len(heads),
+        "tokens": int(totals.count["main"]),
+        "sink_tokens": int(totals.count["sink"]),
+        "kl_mean": _mean(kl), "kl_median": _round(statistics.median(kl)),
+        **{f"{name}_mean": _mean([h[name] for h in heads]) for name in ("top1", "top10", "cross_entropy", "entropy")},
+    }
+    for name in BASELINES:
+        summary[f"{name}_kl_mean"] = _mean([h["baselines"][name]["kl"] for h in heads])
+        summary[f"frac_beats_{name}"] = _round(sum(h["baselines"][name]["beats"] for h in heads) / len(heads))
+    summary.update({
+        "sink_kl_mean": _mean([h["sink"]["kl"] for h in heads]),
+        "sink_top1_mean": _mean([h["sink"]["top1"] for h in heads]),
+        "model_cross_entropy": _round(totals.mean("main", "model_cross_entropy")),
+        "model_entropy": _round(totals.mean("main", "model_entropy")),
+        "best": named[:REPORTED_HEADS],
+        "worst": named[::-1][:REPORTED_HEADS],
+    })
+    return summary
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None]
+    return _round(sum(finite) / len(finite)) if finite else None
+
+
+def _round(value) -> float | None:
+    """JSON-ready float (6 decimals); None for nan, e.g. a score over no tokens."""
+    value = float(value)
+    return None if math.isnan(value) else round(value, 6)
+
+
+# ----- the training loop's quick check ------------------------------------------------------------------
 
 
 @dataclass
@@ -27,8 +298,8 @@ class HeadKL:
 
 @torch.no_grad()
 def heldout_kl(lens: Lens, data: DataConfig, tokens: int = 2048, batch_size: int = 4, seed: int = 0) -> HeadKL:
-    """Mean per-head KL on the by-document held-out split of `data` (fp32; memory flat in `tokens`)."""
-    model = lens.model
+    """Mean per-head KL on the by-document held-out split of `data`, all positions: training's quick check."""
+    model: Model = lens.model
     _, held = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
     if not held:
         raise AttentionLensError("no held-out documents to evaluate on; use --holdout > 0")

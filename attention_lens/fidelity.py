@@ -1,0 +1,182 @@
+"""Per-head fidelity scores of a lens, block by block, and their streamed sums with a Poisson bootstrap."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .lens import Lens
+from .models import Model
+
+TOP_K = 10
+HEAD_SCORES = ("kl", "top1", "top10", "cross_entropy", "entropy", "logit", "dla")
+"""Scored per (token, head): the lens's KL and agreement scores, then the per-head baselines' KL."""
+TOKEN_SCORES = ("uniform", "constant", "model_cross_entropy", "model_entropy")
+"""Scored per token, the same for every head: the head-free baselines' KL and the model's own numbers."""
+BOOTSTRAPPED = ("kl", "logit", "dla", "uniform", "constant")
+GROUPS = ("main", "sink")
+
+
+@dataclass
+class Targets:
+    """What a batch of tokens (tokens = batch * pos) is scored against, all fp32."""
+
+    p: Tensor
+    """The model's next-token distribution (tokens, vocab)."""
+    neg_entropy: Tensor
+    """sum p log p (tokens,)."""
+    top: Tensor
+    """The model's top-k token ids (tokens, k), its top-1 first."""
+    next_token: Tensor
+    """The actual next token (tokens,); -1 at a window's last position, which has none."""
+    final_scale: Tensor
+    """sigma of the final residual (tokens,), for DLA."""
+
+    @classmethod
+    def build(cls, model: Model, input_ids: Tensor, logits: Tensor, final_residual: Tensor) -> "Targets":
+        log_p = torch.log_softmax(logits.flatten(0, 1).float(), dim=-1)  # (tokens, vocab)
+        p = log_p.exp()
+        next_token = torch.full_like(input_ids, -1)
+        next_token[:, :-1] = input_ids[:, 1:]
+        return cls(p=p, neg_entropy=(p * log_p).sum(-1), top=log_p.topk(min(TOP_K, model.vocab), dim=-1).indices,
+                   next_token=next_token.flatten(), final_scale=model.unembed.scale(final_residual.flatten(0, 1)))
+
+
+def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets, block_rows: int) -> dict[str, Tensor]:
+    """HEAD_SCORES (tokens, lens head) and the lens's top-1 ids for one layer, in vocabulary-sized blocks.
+
+    z: (tokens, head, d_head) of all the layer's heads; `baseline` is a logit lens over the same heads.
+    Logits come from the lenses' factored form ([z_h, 1] @ F_h^T / divisor + constant), which costs
+    d_head x vocab per head-token instead of d_model x vocab. The logit and DLA baselines share one
+    product (same F_h, another divisor); only one block of (rows, head, vocab) logits exists at a time.
+    """
+    heads = lens.config.heads
+    ones = torch.ones(*z.shape[:-2], len(heads), 1, device=z.device)
+    z_aug = torch.cat([z[:, heads], ones], dim=-1)  # (tokens, head, d_head + 1)
+    base_factors, base_constant = baseline.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
+    own_factors, own_constant = (None, None) if lens.kind in ("logit", "dla") else lens.vocab_factors(layer)
+    block = max(1, block_rows // len(heads))
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    for start in range(0, z.shape[0], block):
+        rows = slice(start, start + block)
+        shared = torch.einsum("rhd,hvd->rhv", z_aug[rows], base_factors)  # (rows, head, vocab)
+        logit = _finish(shared / baseline.divisor(z[rows], layer)[..., None], base_constant, lens.model, cap=True)
+        dla = shared.div_(targets.final_scale[rows, None, None])  # attribution: no constant, no cap
+        own = {"logit": logit, "dla": dla}.get(lens.kind)
+        if own is None:
+            own = torch.einsum("rhd,hvd->rhv", z_aug[rows], own_factors)
+            own = _finish(own.div_(lens.divisor(z[rows], layer)[..., None]), own_constant, lens.model,
+                          cap=lens.kind == "affine")
+        for name, value in _lens_scores(own, targets, rows).items():
+            parts[name].append(value)
+        parts["logit"].append(_kl(logit, targets, rows))
+        parts["dla"].append(_kl(dla, targets, rows))
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _finish(logits: Tensor, constant: Tensor | None, model: Model, cap: bool) -> Tensor:
+    """Add the per-vocab constant (norm bias and b_U through W_U) and soft-cap, as the model's readout does."""
+    if constant is not None:
+        logits = logits + constant
+    return model.unembed.cap(logits) if cap else logits
+
+
+def _kl(logits: Tensor, targets: Targets, rows: slice) -> Tensor:
+    """KL(P_model || softmax(logits)) = sum p log p - sum p * logits + logsumexp(logits), using sum p = 1."""
+    cross = torch.einsum("rhv,rv->rh", logits, targets.p[rows])
+    return targets.neg_entropy[rows, None] - cross + torch.logsumexp(logits, dim=-1)
+
+
+def _lens_scores(logits: Tensor, targets: Targets, rows: slice) -> dict[str, Tensor]:
+    log_q = torch.log_softmax(logits, dim=-1)  # (rows, head, vocab)
+    model_top = targets.top[rows]  # (rows, k)
+    lens_top = logits.topk(model_top.shape[-1], dim=-1).indices  # (rows, head, k)
+    next_token = targets.next_token[rows]
+    picked = next_token.clamp(min=0)[:, None, None].expand(-1, log_q.shape[1], 1)
+    cross_entropy = -log_q.gather(-1, picked).squeeze(-1)
+    return {
+        "kl": targets.neg_entropy[rows, None] - torch.einsum("rhv,rv->rh", log_q, targets.p[rows]),
+        "top1": (lens_top[..., 0] == model_top[:, None, 0]).float(),
+        "top10": (lens_top[..., :, None] == model_top[:, None, None, :]).any(-1).float().mean(-1),
+        "cross_entropy": torch.where(next_token[:, None] >= 0, cross_entropy, 0.0),
+        "entropy": -(log_q.exp() * log_q).sum(-1),
+        "top_id": lens_top[..., 0],
+    }
+
+
+class FidelityTotals:
+    """Running sums of every score per (layer, head), for ordinary and attention-sink positions.
+
+    The 95% intervals come from a Poisson bootstrap over windows: each replicate weighs each window by a
+    Poisson(1) draw, which resamples windows with replacement in the limit and needs no stored windows,
+    so memory stays flat however many tokens are scored.
+    """
+
+    def __init__(self, n_layers: int, n_heads: int, vocab: int, replicates: int, seed: int):
+        shape = (n_layers, n_heads)
+        self.sums = {group: {name: torch.zeros(shape, dtype=torch.float64) for name in HEAD_SCORES}
+                     for group in GROUPS}
+        for group in GROUPS:
+            self.sums[group].update({name: torch.zeros((), dtype=torch.float64) for name in TOKEN_SCORES})
+        self.count = {group: 0.0 for group in GROUPS}
+        self.next_count = {group: 0.0 for group in GROUPS}
+        self.top_ids = torch.zeros(n_layers * n_heads, vocab, dtype=torch.int64)
+        """How often each token is the lens's top-1, per head, at ordinary positions."""
+        self.replicates = {name: torch.zeros((replicates, *shape), dtype=torch.float64) for name in BOOTSTRAPPED}
+        self.replicate_count = torch.zeros(replicates, 1, 1, dtype=torch.float64)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, head_scores: dict[str, Tensor], token_scores: dict[str, Tensor], sink: Tensor, has_next: Tensor) -> None:
+        """head_scores (batch, pos, layer, head); token_scores and the masks sink, has_next (batch, pos)."""
+        for group, mask in (("main", ~sink), ("sink", sink)):
+            mask = mask.double()
+            with_next = mask * has_next.double()
+            windows = {}
+            for name, value in head_scores.items():
+                if name != "top_id":
+                    weights = with_next if name == "cross_entropy" else mask
+                    windows[name] = torch.einsum("bp,bplh->blh", weights, value.double())  # (batch, layer, head)
+            for name, value in token_scores.items():
+                weights = with_next if name == "model_cross_entropy" else mask
+                windows[name] = (weights * value.double()).sum(-1)  # (batch,)
+            for name, value in windows.items():
+                self.sums[group][name] += value.sum(0)
+            self.count[group] += mask.sum().item()
+            self.next_count[group] += with_next.sum().item()
+            if group == "main":
+                self._add_replicates(windows, mask.sum(-1))
+                top_id = head_scores["top_id"][~sink].flatten(1)  # (main tokens, layer * head)
+                self.top_ids.scatter_add_(1, top_id.T.cpu(), torch.ones_like(top_id.T.cpu()))
+
+    def _add_replicates(self, windows: dict[str, Tensor], count: Tensor) -> None:
+        replicates = self.replicate_count.shape[0]
+        weights = torch.poisson(torch.ones(replicates, count.shape[0], dtype=torch.float64), generator=self.generator)
+        self.replicate_count += (weights @ count.cpu())[:, None, None]
+        for name in BOOTSTRAPPED:
+            window = windows[name].cpu()
+            if window.dim() == 1:
+                self.replicates[name] += (weights @ window)[:, None, None]
+            else:
+                self.replicates[name] += torch.einsum("rb,blh->rlh", weights, window)
+
+    def mean(self, group: str, name: str) -> Tensor:
+        """Mean of a score over the group's tokens (nan where it has none): (layer, head) or ()."""
+        count = self.next_count[group] if "cross_entropy" in name else self.count[group]
+        return self.sums[group][name] / count if count else self.sums[group][name] * math.nan
+
+    def interval(self, name: str, minus: str | None = None) -> tuple[Tensor, Tensor]:
+        """95% bootstrap interval of the mean of `name` (minus the mean of `minus`): two (layer, head)."""
+        keep = self.replicate_count[:, 0, 0] > 0  # a replicate that drew no window has no mean
+        values = self.replicates[name][keep]
+        if minus is not None:
+            values = values - self.replicates[minus][keep]
+        means = values / self.replicate_count[keep]
+        if means.shape[0] == 0:
+            nan = torch.full(means.shape[1:], math.nan, dtype=torch.float64)
+            return nan, nan
+        bounds = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0)
+        return bounds[0], bounds[1]

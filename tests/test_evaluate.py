@@ -1,0 +1,187 @@
+"""Evaluation against a direct, non-streamed computation; the token-writer head; seeds; refusals."""
+
+import math
+from itertools import islice
+
+import pytest
+import torch
+
+from attention_lens import AttentionLensError, DataConfig, Lens
+from attention_lens.data import load_documents, split_by_document, token_windows
+from attention_lens.evaluate import EvalConfig, evaluate, sink_mask
+from attention_lens.heads import run_with_heads
+from conftest import make_corpus, make_tiny_model
+from test_lens import TARGET_TOKEN, WRITER_HEAD, WRITER_LAYER, make_token_writer
+
+SEQ_LEN, TOKENS, CONSTANT_TOKENS = 16, 96, 160
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle-spinning OpenMP threads make each
+    forward pass hundreds of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("evaluate") / "corpus")
+
+
+def small_config(**overrides) -> EvalConfig:
+    settings = dict(tokens=TOKENS, constant_tokens=CONSTANT_TOKENS, bootstrap=50, block_rows=64)
+    return EvalConfig(**{**settings, **overrides})
+
+
+def direct_scores(lens: Lens, data: DataConfig, config: EvalConfig) -> dict[str, torch.Tensor]:
+    """Every score with everything materialized at once: (tokens, head, vocab) logits, no blocks, no streams."""
+    model = lens.model
+    train, held = split_by_document(load_documents(data.data), data.holdout)
+
+    def windows(documents, tokens):
+        return torch.stack(list(islice(token_windows(documents, model.tokenizer, data.seq_len, config.seed),
+                                       math.ceil(tokens / data.seq_len))))
+
+    with torch.no_grad():
+        constant = torch.softmax(model.hf(input_ids=windows(train, config.constant_tokens)).logits, -1).mean((0, 1))
+        input_ids = windows(held, config.tokens)
+        logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
+        log_p = torch.log_softmax(logits, -1)  # (batch, pos, vocab)
+        final_scale = model.unembed.scale(capture.final_residual)
+        keep = ~sink_mask(input_ids, model.tokenizer)  # (batch, pos)
+        has_next = torch.zeros_like(keep)
+        has_next[:, :-1] = True
+
+        def kl(log_q):  # log_q (batch, pos, ..., vocab) -> mean over kept positions (...)
+            target = log_p.view(*log_p.shape[:2], *[1] * (log_q.dim() - 3), -1)  # broadcast over layer, head
+            per_token = (target.exp() * (target - log_q)).sum(-1)
+            return per_token[keep].mean(0)
+
+        def per_head(of_lens):
+            out = [torch.log_softmax(of_lens.logits(capture.heads[layer].z, layer, final_scale), -1)
+                   for layer in lens.config.layers]
+            return torch.stack(out, dim=2)  # (batch, pos, layer, head, vocab)
+
+        log_q = per_head(lens)
+        model_top = logits.topk(10, -1).indices
+        lens_top = log_q.topk(10, -1).indices
+        next_token = input_ids[:, 1:, None, None, None].expand(-1, -1, *log_q.shape[2:4], 1)
+        cross_entropy = -log_q[:, :-1].gather(-1, next_token).squeeze(-1)  # (batch, pos - 1, layer, head)
+        both = (keep & has_next)[:, :-1]
+        return {
+            "kl": kl(log_q),
+            "logit": kl(per_head(Lens.from_model(model, "logit", lens.config.layers, lens.config.heads))),
+            "dla": kl(per_head(Lens.from_model(model, "dla", lens.config.layers, lens.config.heads))),
+            "uniform": kl(torch.full_like(log_p, -math.log(model.vocab))),
+            "constant": kl(constant.log().expand_as(log_p)),
+            "top1": (lens_top[..., 0] == model_top[:, :, None, None, 0]).float()[keep].mean(0),
+            "top10": (lens_top[..., None] == model_top[:, :, None, None, None, :]).any(-1).float().mean(-1)[keep].mean(0),
+            "cross_entropy": cross_entropy[both].mean(0),
+            "entropy": -(log_q.exp() * log_q).sum(-1)[keep].mean(0),
+        }
+
+
+def streamed(result, name: str) -> torch.Tensor:
+    """A score of every head from the evaluation's records, as (layer, head)."""
+    layers = sorted({h["layer"] for h in result.heads})
+    values = [h["baselines"][name]["kl"] if name in ("logit", "dla", "uniform", "constant") else h[name]
+              for h in result.heads]
+    return torch.tensor(values, dtype=torch.float32).view(len(layers), -1)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("kind", ["logit", "affine"])
+def test_every_score_matches_a_direct_computation(corpus, model_type, kind):
+    """llama: RMSNorm; gpt2: LayerNorm with bias and value biases; gemma2: post-attention norm and soft-cap."""
+    model = make_tiny_model(model_type)
+    lens = Lens.from_model(model, kind, layers=[0, 1], heads=[1, 3])
+    if kind == "affine":
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for parameter in lens.parameters():
+                parameter.normal_(std=0.2)
+    data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
+    config = small_config()
+    result = evaluate(lens, data, config)
+    expected = direct_scores(lens, data, config)
+    for name, value in expected.items():
+        torch.testing.assert_close(streamed(result, name), value.float().expand(2, 2), atol=2e-5, rtol=2e-4,
+                                   msg=lambda m: f"{name}: {m}")
+    assert result.setup["constant"]["tokens"] == math.ceil(CONSTANT_TOKENS / SEQ_LEN) * SEQ_LEN
+
+
+def test_token_writer_head_reads_its_token(corpus):
+    model = make_token_writer()
+    data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
+    result = evaluate(Lens.logit(model), data, small_config())
+    record = result.head(WRITER_LAYER, WRITER_HEAD)
+    assert record["top_token"]["id"] == TARGET_TOKEN and record["top_token"]["share"] == 1.0
+    assert record["entropy"] < min(h["entropy"] for h in result.heads if h["layer"] != WRITER_LAYER)
+    assert isinstance(record["layer"], int) and isinstance(record["head"], int)
+
+
+def test_a_head_beats_a_baseline_only_when_its_whole_interval_clears_the_margin(corpus):
+    model = make_tiny_model("llama")
+    data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
+    result = evaluate(Lens.logit(model), data, small_config(margin=0.0))
+    for record in result.heads:
+        for name, baseline in record["baselines"].items():
+            assert baseline["beats"] == (baseline["gain_low"] > 0.0)
+            assert baseline["gain_low"] <= baseline["gain"] + 1e-6 <= baseline["gain_high"] + 2e-6
+        assert not record["baselines"]["logit"]["beats"]  # the logit lens ties with itself
+    wide = evaluate(Lens.logit(model), data, small_config(margin=1e6))
+    assert all(wide.summary[f"frac_beats_{name}"] == 0 for name in ("logit", "dla", "uniform", "constant"))
+
+
+def test_same_seed_same_numbers_other_seed_other_resamples(corpus):
+    model = make_tiny_model("qwen2")
+    data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
+    first = evaluate(Lens.logit(model), data, small_config(seed=3)).to_json()
+    assert evaluate(Lens.logit(model), data, small_config(seed=3)).to_json() == first
+    other = evaluate(Lens.logit(model), data, small_config(seed=4)).to_json()
+    assert [h["kl_low"] for h in other["heads"]] != [h["kl_low"] for h in first["heads"]]
+
+
+def test_bootstrap_state_does_not_grow_with_tokens(corpus):
+    """Streaming: what the evaluation keeps between batches has the same size for 2 or 12 windows."""
+    from attention_lens import fidelity
+
+    sizes = []
+    original = fidelity.FidelityTotals.add
+
+    def spy(self, *args):
+        original(self, *args)
+        kept = [t for group in self.sums.values() for t in group.values()] + list(self.replicates.values())
+        sizes.append(sum(t.numel() for t in kept) + self.top_ids.numel())
+
+    model = make_tiny_model("llama")
+    data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
+    fidelity.FidelityTotals.add = spy
+    try:
+        evaluate(Lens.logit(model), data, small_config(tokens=2 * SEQ_LEN, batch_size=1))
+        evaluate(Lens.logit(model), data, small_config(tokens=12 * SEQ_LEN, batch_size=1))
+    finally:
+        fidelity.FidelityTotals.add = original
+    assert len(sizes) == 14 and len(set(sizes)) == 1
+
+
+def test_scoring_text_the_lens_trained_on_is_refused(corpus):
+    model = make_tiny_model("llama")
+    lens = Lens.from_model(model, "affine")
+    lens.config.training = {"data": {"data": str(corpus), "holdout": 0.1}}
+    with pytest.raises(AttentionLensError, match="trained on"):
+        evaluate(lens, DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.5), small_config())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(tokens=0), ">= 1"), (dict(bootstrap=1), "bootstrap"), (dict(margin=-1.0), "margin"),
+    (dict(constant_data="/nonexistent/text.txt"), "no data"),
+])
+def test_bad_settings_are_refused(corpus, overrides, message):
+    model = make_tiny_model("llama")
+    data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
+    with pytest.raises(AttentionLensError, match=message):
+        evaluate(Lens.logit(model), data, small_config(**overrides))
