@@ -304,8 +304,8 @@ def _config_from_dict(raw: Any, path: Path) -> LensConfig:
     if raw["kind"] not in KINDS:
         raise AttentionLensError(f"{path}: unknown lens kind {raw['kind']!r}; it should be one of {', '.join(KINDS)}")
     for name in ("n_layers", "n_heads", "d_model", "d_head", "vocab"):
-        if raw[name] < 1:
-            raise AttentionLensError(f"{path}: field {name!r} must be >= 1, not {raw[name]}")
+        if not 1 <= raw[name] < 2**31:
+            raise AttentionLensError(f"{path}: field {name!r} must be a count from 1 to 2**31 - 1, not {raw[name]}")
     for name, count in (("layers", raw["n_layers"]), ("heads", raw["n_heads"])):
         values = raw[name]
         if not values or values != sorted(set(values)) or values[0] < 0 or values[-1] >= count:
@@ -319,8 +319,8 @@ def _tensor_shapes(config: LensConfig, path: Path) -> dict[str, tuple[int, ...]]
     try:
         with torch.device("meta"):
             return {name: tuple(p.shape) for name, p in Lens(config).state_dict().items()}
-    except (RuntimeError, OverflowError, ValueError) as error:
-        raise AttentionLensError(f"{path} describes an impossible lens ({error})") from None
+    except (RuntimeError, OverflowError, ValueError, TypeError) as error:
+        raise AttentionLensError(f"{path} describes an impossible lens ({str(error).splitlines()[0]})") from None
 
 
 def _identity_hash(config: LensConfig) -> str:
