@@ -1,0 +1,181 @@
+"""Concepts: a set of words -> token ids, and a search for the heads whose lenses promote them over a corpus."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .errors import AttentionLensError
+from .heads import run_with_heads
+from .lens import Lens
+from .objective import DEFAULT_BLOCK_ROWS
+
+
+@dataclass
+class Concept:
+    """A concept as the token ids that stand for it, with a record of how the words became tokens."""
+
+    words: list[str]
+    ids: list[int]
+    """Token ids, unique, in the order the words gave them."""
+    truncated: list[str] = field(default_factory=list)
+    """Words with no single-token form, kept as their first token ('Kalashnikov -> ·Kal')."""
+    dropped: list[str] = field(default_factory=list)
+    """Words that gave no usable token (empty, or only whitespace/punctuation)."""
+
+    def to_json(self, tokenizer) -> dict:
+        return {"words": self.words, "ids": self.ids, "tokens": [tokenizer.decode([i]) for i in self.ids],
+                "truncated": self.truncated, "dropped": self.dropped}
+
+
+def read_concept_words(text: str) -> list[str]:
+    """Words of `text`, a comma list ('war, battle') or the path of a file of words (commas or lines, # comments)."""
+    path = Path(text).expanduser()
+    if "," not in text and path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        text = ",".join(line.split("#", 1)[0] for line in lines)
+    words = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+    if not words:
+        raise AttentionLensError("the concept has no words; give a comma list like 'war, battle' or a file of words")
+    return words
+
+
+def make_concept(tokenizer, words: Sequence[str]) -> Concept:
+    """Token ids for `words`: the single-token forms of each word as it appears in running text.
+
+    In running text a word follows a space, so ' war' and ' War' are its forms; the bare 'war' is as often a
+    piece of another word ('s|war|m'), so it is used only when no spaced form is a single token. A word with
+    no single-token form at all is represented by the first token of ' word' and listed in `truncated`.
+    """
+    concept = Concept(words=list(words), ids=[])
+    for word in words:
+        ids, note = _word_ids(tokenizer, word)
+        if not ids:
+            concept.dropped.append(word)
+        if note:
+            concept.truncated.append(note)
+        concept.ids.extend(i for i in ids if i not in concept.ids)
+    if not concept.ids:
+        raise AttentionLensError(f"no word of the concept ({', '.join(words)}) gives a usable token; use other words")
+    return concept
+
+
+def _word_ids(tokenizer, word: str) -> tuple[list[int], str | None]:
+    capital = word[:1].upper() + word[1:]
+    spaced = list(dict.fromkeys([" " + word, " " + capital]))
+    bare = list(dict.fromkeys([word, capital]))
+    for forms in (spaced, bare):
+        singles = [ids[0] for ids in (_encode(tokenizer, f) for f in forms) if len(ids) == 1]
+        if singles:
+            return singles, None
+    first = _encode(tokenizer, " " + word)[:1]
+    text = tokenizer.decode(first) if first else ""
+    if not any(c.isalnum() for c in text):
+        return [], None
+    return first, f"{word} -> {text}"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class SearchResult:
+    """How much every lens head promotes a concept, averaged over the corpus positions seen."""
+
+    concept: Concept
+    kind: str
+    layers: list[int]
+    heads: list[int]
+    token_lift: Tensor
+    """Mean lift per (lens layer, lens head, concept token), nats: log p(token) minus the head's mean log p."""
+    tokens: int
+
+    @property
+    def scores(self) -> Tensor:
+        """(lens layer, lens head): the lift averaged over the concept's tokens."""
+        return self.token_lift.mean(-1)
+
+    def ranked(self) -> list[tuple[int, int]]:
+        """(layer, head) pairs, best score first."""
+        order = self.scores.flatten().argsort(descending=True, stable=True).tolist()
+        return [(self.layers[i // len(self.heads)], self.heads[i % len(self.heads)]) for i in order]
+
+    def records(self, top: int, tokenizer, tokens_per_head: int = 5) -> list[dict]:
+        """The best `top` heads as {layer, head, score, top_tokens: [{token, id, lift}]}."""
+        out = []
+        for layer, head in self.ranked()[:top]:
+            lift = self.token_lift[self.layers.index(layer), self.heads.index(head)]
+            best = lift.argsort(descending=True)[:tokens_per_head].tolist()
+            out.append({"layer": layer, "head": head, "score": round(float(lift.mean()), 4),
+                        "top_tokens": [{"token": tokenizer.decode([self.concept.ids[i]]), "id": self.concept.ids[i],
+                                        "lift": round(float(lift[i]), 4)} for i in best]})
+        return out
+
+
+@torch.no_grad()
+def search(lens: Lens, concept: Concept, data: DataConfig, tokens: int = 2048, batch_size: int = 4,
+           seed: int = 0, block_rows: int = DEFAULT_BLOCK_ROWS) -> SearchResult:
+    """Score every lens head by how much it promotes `concept` on the training side of `data`.
+
+    A head's lift for a concept token at a position is its lens log-probability of the token minus the mean
+    log-probability the same lens gives a vocabulary token there: the log-sum-exp cancels, so only the concept
+    columns and the vocabulary mean of the lens logits are needed, never (tokens x heads x vocab).
+    """
+    model = lens.model
+    train_documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
+    windows = token_windows(train_documents, model.tokenizer, data.seq_len, seed)
+    ids = torch.tensor(concept.ids, device=model.device)
+    total = torch.zeros(len(lens.config.layers), len(lens.config.heads), len(ids), device=model.device)
+    seen = 0
+    for batch in batches(windows, batch_size):
+        if seen >= tokens:
+            break
+        _, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
+                                    final_residual=lens.kind == "dla")
+        final_scale = None
+        if capture.final_residual is not None:
+            final_scale = model.unembed.scale(capture.final_residual.flatten(0, 1))  # (token,)
+        for i, layer in enumerate(lens.config.layers):
+            z = capture.heads.pop(layer).z.flatten(0, 1)  # (token, head, d_head)
+            logits = concept_logits(lens, z, layer, ids, final_scale, block_rows)  # (token, head, concept + 1)
+            total[i] += (logits[..., :-1] - logits[..., -1:]).sum(0)
+        seen += batch.numel()
+    if seen == 0:
+        raise AttentionLensError(f"the data is smaller than one window of {data.seq_len} tokens; lower --seq-len")
+    return SearchResult(concept=concept, kind=lens.kind, layers=list(lens.config.layers),
+                        heads=list(lens.config.heads), token_lift=(total / seen).cpu(), tokens=seen)
+
+
+def concept_logits(lens: Lens, z: Tensor, layer: int, ids: Tensor, final_scale: Tensor | None = None,
+                   block_rows: int = DEFAULT_BLOCK_ROWS) -> Tensor:
+    """Lens logits of the tokens `ids`, then the mean lens logit over the vocabulary: (token, head, len(ids) + 1).
+
+    z: (token, head, d_head). Where the lens ends in the model's unembedding (logit, dla, affine) both are
+    linear in W_U's rows, so the vocabulary mean is one extra row (the mean row of W_U) and nothing
+    vocabulary-sized is made. The full lens and soft-capped models need every logit: made in token blocks.
+    """
+    unembed = lens.model.unembed
+    if lens.kind == "full" or unembed.softcap is not None:
+        block = max(1, block_rows // len(lens.config.heads))
+        out = []
+        for start in range(0, z.shape[0], block):
+            scale = None if final_scale is None else final_scale[start:start + block]
+            logits = lens.logits(z[start:start + block], layer, scale).float()  # (block, head, vocab)
+            out.append(torch.cat([logits[..., ids], logits.mean(-1, keepdim=True)], dim=-1))
+        return torch.cat(out)
+    W_U = torch.cat([unembed.W_U[ids], unembed.W_U.mean(0, keepdim=True)])  # (concept + 1, d_model)
+    hidden = lens.hidden(z, layer).float()  # (token, head, d_model)
+    if lens.kind == "dla":
+        if final_scale is None:
+            raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
+        # As Lens.readout: attribution through the final norm at the model's own per-position scale.: attribution through the final norm at the model's own scale
+        return (unembed.center(hidden) * unembed.gamma / final_scale[:, None, None]) @ W_U.T
+    b_U = None if unembed.b_U is None else torch.cat([unembed.b_U[ids], unembed.b_U.mean(0, keepdim=True)])
+    return dataclasses.replace(unembed, W_U=W_U, b_U=b_U)(hidden)

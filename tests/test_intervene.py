@@ -1,0 +1,142 @@
+"""Interventions: exact no-ops and exact zeroing for every architecture; ablating the only path for a token
+removes its probability mass and random heads do not; ablate / generate end to end."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from attention_lens import AttentionLensError
+from attention_lens.cli import main
+from attention_lens.heads import HeadCapture
+from attention_lens.intervene import (Edit, HeadIntervention, HeadMeans, ablate, generate, measure,
+                                      parse_heads)
+from conftest import make_corpus, make_model_dir, make_tiny_model
+from test_concepts import TOKEN, WRITER, make_only_path
+
+
+def _logits(model, input_ids):
+    with torch.no_grad():
+        return model.hf(input_ids=input_ids, use_cache=False).logits
+
+
+def test_scale_one_leaves_logits_unchanged_exactly(tiny_model):
+    input_ids = torch.randint(2, 90, (2, 7))
+    every_head = [(layer, head) for layer in range(tiny_model.n_layers) for head in range(tiny_model.n_heads)]
+    with HeadIntervention(tiny_model, every_head, Edit("scale", 1.0)):
+        edited = _logits(tiny_model, input_ids)
+    assert torch.equal(edited, _logits(tiny_model, input_ids))
+
+
+def test_zero_ablation_equals_zeroing_the_heads_W_O_slice(tiny_model):
+    model, (layer, head) = tiny_model, (1, 2)
+    input_ids = torch.randint(2, 90, (2, 7))
+    with HeadIntervention(model, [(layer, head)], Edit("zero")):
+        ablated = _logits(model, input_ids)
+    weight = model.out_proj(layer).weight
+    columns = slice(head * model.d_head, (head + 1) * model.d_head)
+    with torch.no_grad():
+        if model.spec.out_proj_is_conv1d:  # GPT-2's Conv1D: (in, out), the head is a row slice
+            weight[columns] = 0
+        else:
+            weight[:, columns] = 0
+    torch.testing.assert_close(ablated, _logits(model, input_ids), atol=1e-6, rtol=0)
+    assert not torch.equal(ablated, _logits(make_tiny_model(model.model_type), input_ids))
+
+
+def test_mean_ablation_writes_the_mean_where_the_lens_reads():
+    model = make_tiny_model("llama")
+    windows = torch.randint(2, 90, (3, 9))
+    with HeadMeans(model) as recorder:
+        _logits(model, windows)
+    with HeadIntervention(model, [(0, 1)], Edit("mean"), recorder.means), HeadCapture(model, [0]) as capture:
+        _logits(model, torch.randint(2, 90, (1, 5)))
+    z = capture.heads[0].z[0, :, 1]  # (pos, d_head)
+    torch.testing.assert_close(z, recorder.means[0, 1].expand_as(z))
+    with pytest.raises(AttentionLensError, match="mean"):
+        HeadIntervention(model, [(0, 1)], Edit("mean"))
+
+
+def test_ablating_the_only_path_removes_the_tokens_mass_and_random_heads_do_not():
+    model = make_only_path()
+    windows = torch.randint(2, 90, (4, 12))
+    windows[windows == TOKEN] = TOKEN + 1
+    windows[:, 5] = TOKEN  # a true next token once per window
+    result = ablate(model, [WRITER], [TOKEN], windows, Edit("zero"), repeats=5)
+    assert result.clean.concept_mass > 0.9 and result.clean.concept_targets == 4
+    assert result.found.metrics.concept_mass < 0.05 and result.found.mass_change < -0.9
+    assert result.found.concept_drop > 3 and result.found.specific_drop > 3
+    assert len(result.random) == 5
+    for effect in result.random:
+        assert WRITER not in effect.heads and abs(effect.mass_change) < 0.05
+        assert abs(effect.concept_drop) < 0.01
+    record = result.verify_record()
+    assert record["specificity"] > 3 and record["random_drop_std"] < 0.01
+    assert record["z_score"] is None or record["z_score"] > 100  # None: random heads change nothing at all
+
+
+def test_steering_with_scale_above_one_raises_the_tokens_mass():
+    model = make_only_path(strength=0.01)
+    windows = torch.randint(2, 90, (2, 10))
+    masses = []
+    for factor in (0.0, 1.0, 3.0):
+        with HeadIntervention(model, [WRITER], Edit("scale", factor)):
+            masses.append(measure(model, windows, [TOKEN]).concept_mass)
+    assert masses[0] + 0.05 < masses[1] < masses[2] - 0.05, masses
+
+
+def test_generation_with_and_without_the_head():
+    model = make_only_path()
+    plain, edited = generate(model, "abc", [WRITER], Edit("zero"), max_new_tokens=4)
+    assert plain == model.tokenizer.decode([TOKEN] * 4) and plain != edited
+
+
+@pytest.mark.parametrize("text, message", [("12", "LAYER.HEAD"), ("1.9", "out of range"), ("a.b", "LAYER.HEAD")])
+def test_bad_heads_are_refused(text, message):
+    with pytest.raises(AttentionLensError, match=message):
+        parse_heads(text, make_tiny_model("llama"))
+
+
+def test_modes_parse():
+    assert Edit.parse("scale=-1") == Edit("scale", -1.0) and str(Edit.parse("zero")) == "zero"
+    with pytest.raises(AttentionLensError, match="scale=X"):
+        Edit.parse("scale=big")
+
+
+def run(argv, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("intervene")
+    return make_model_dir(root / "model"), make_corpus(root / "corpus")
+
+
+def test_cli_ablate(paths, capsys):
+    model, corpus = paths
+    base = ["ablate", "--model", str(model), "--heads", "1.0,0.3", "--concept", "fox, dog", "--data", str(corpus),
+            "--tokens", "64", "--seq-len", "16"]
+    code, stdout, _ = run(base + ["--mode", "mean", "--baseline", "random", "--repeats", "3", "--json"], capsys)
+    assert code == 0
+    document = json.loads(stdout)
+    assert document["found"]["heads"] == ["1.0", "0.3"] and len(document["random"]) == 3
+    assert document["verify"]["repeats"] == 3 and document["mode"] == "mean"
+    code, stdout, _ = run(base + ["--scale", "2"], capsys)
+    assert code == 0 and "scale=2" in stdout
+    code, _, err = run(base[:4] + ["9.9"] + base[5:], capsys)
+    assert code == 2 and "out of range" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_generate(paths, capsys):
+    model, _ = paths
+    code, stdout, _ = run(["generate", "--model", str(model), "--heads", "1.1", "--scale", "5",
+                           "--max-new-tokens", "3", "--json", "The quick"], capsys)
+    assert code == 0
+    document = json.loads(stdout)
+    assert {"prompt", "plain", "intervened", "heads", "mode"} <= set(document)
