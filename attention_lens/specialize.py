@@ -1,0 +1,263 @@
+"""What each head writes over a corpus: its promoted tokens, how concentrated they are, which heads agree."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from .data import DataConfig, batches, token_windows
+from .errors import AttentionLensError
+from .evaluate import scored_split, sink_mask
+from .heads import run_with_heads
+from .lens import Lens
+from .token_classes import describe, token_class
+
+MOST_SPECIALIZED = 10
+"""Heads named in the summary, lowest promoted-token entropy first."""
+
+
+@dataclass
+class SpecializeConfig:
+    """How head specialization is measured."""
+
+    tokens: int = 2048
+    """Held-out tokens to read the heads on (whole windows)."""
+    batch_size: int = 4
+    """Windows per forward pass."""
+    seed: int = 0
+    """Seeds the document order."""
+    top: int = 20
+    """Promoted tokens per head that form its set (for the mass in its top and for similarity)."""
+    group_similarity: float = 0.25
+    """Average Jaccard of promoted sets at which heads join one group."""
+    block_rows: int = 512
+    """Head-token rows per vocabulary-sized block (memory vs. speed)."""
+
+
+@dataclass
+class Specialization:
+    """Per-head records, groups of similar heads, per-layer trends; `to_json()` is the --json document."""
+
+    summary: dict
+    heads: list[dict]
+    groups: list[dict]
+    layers: list[dict]
+    setup: dict = field(default_factory=dict)
+
+    def to_json(self, layers: bool = True) -> dict:
+        document = {"summary": self.summary, "heads": self.heads, "groups": self.groups, **self.setup}
+        if layers:
+            document["layers"] = self.layers
+        return document
+
+    def head(self, layer: int, head: int) -> dict:
+        for record in self.heads:
+            if (record["layer"], record["head"]) == (layer, head):
+                return record
+        raise KeyError((layer, head))
+
+
+@torch.no_grad()
+def specialize(
+    lens: Lens,
+    data: DataConfig,
+    config: SpecializeConfig = SpecializeConfig(),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Specialization:
+    """Count, per head, the token it promotes most at each held-out position, relative to the lens's average.
+
+    Two passes over the same windows: the first estimates the lens's average prediction over all heads
+    and positions, the second counts argmax_v (q_head(v) - q_average(v)), so tokens that every head
+    predicts (' the', ',') do not dominate every head. Memory is flat in `config.tokens`.
+    """
+    if config.tokens < 1 or config.batch_size < 1 or config.top < 1 or config.block_rows < 1:
+        raise AttentionLensError("--tokens, --batch-size, --top and block rows must be >= 1")
+    model = lens.model
+    _, held = scored_split(lens, data)
+    n_windows = math.ceil(config.tokens / data.seq_len)
+    planned = 2 * n_windows * data.seq_len
+
+    def passes(done: int) -> Iterator[tuple[int, Tensor]]:
+        """One pass over the same windows; progress counts both passes."""
+        def report(seen: int) -> None:
+            if on_progress is not None:
+                on_progress(done + seen, planned)
+
+        windows = islice(token_windows(held, model.tokenizer, data.seq_len, config.seed), n_windows)
+        return _lens_distributions(lens, windows, config, report)
+
+    average = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
+    predictions = 0
+    for _, q in passes(0):
+        average += q.sum((0, 1)).double()
+        predictions += q.shape[0] * q.shape[1]
+    if predictions == 0:
+        raise AttentionLensError(f"the held-out split has no scorable position in windows of {data.seq_len} tokens; "
+                                 "lower --seq-len or use more text")
+    average = (average / predictions).float()
+    counts = torch.zeros(len(lens.config.layers), len(lens.config.heads), model.vocab, dtype=torch.int64)
+    for i, q in passes(planned // 2):
+        promoted = (q - average).argmax(-1).cpu()  # (rows, head)
+        counts[i].scatter_add_(1, promoted.T, torch.ones_like(promoted.T))
+    heads = _head_records(lens, counts, config.top)
+    similarity = jaccard([set(h["set"]) for h in heads])
+    groups = _groups(heads, similarity, config.group_similarity)
+    layers = _layer_trends(heads, similarity)
+    for record in heads:
+        del record["set"]
+    setup = {"lens": lens.kind, "model": model.name, "data": data.data, "holdout": data.holdout,
+             "seq_len": data.seq_len, "tokens": planned // 2, "seed": config.seed, "top": config.top}
+    return Specialization(summary=_summary(heads, groups), heads=heads, groups=groups, layers=layers, setup=setup)
+
+
+def _lens_distributions(
+    lens: Lens, windows: Iterator[Tensor], config: SpecializeConfig, on_tokens: Callable[[int], None]
+) -> Iterator[tuple[int, Tensor]]:
+    """(lens layer index, q (rows, lens head, vocab)) for every non-sink position, one block at a time."""
+    model = lens.model
+    block = max(1, config.block_rows // len(lens.config.heads))
+    seen = 0
+    for batch in batches(windows, config.batch_size):
+        input_ids = batch.to(model.device)
+        _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
+        keep = ~sink_mask(input_ids, model.tokenizer).flatten()  # attention sinks are not what a head writes
+        scale = None
+        if capture.final_residual is not None:
+            scale = model.unembed.scale(capture.final_residual.flatten(0, 1)[keep])
+        for i, layer in enumerate(lens.config.layers):
+            z = capture.heads.pop(layer).z.flatten(0, 1)[keep]  # (rows, head, d_head)
+            for start in range(0, z.shape[0], block):
+                rows = slice(start, start + block)
+                logits = lens.logits(z[rows], layer, None if scale is None else scale[rows]).float()
+                yield i, torch.softmax(logits, dim=-1)
+        seen += batch.numel()
+        on_tokens(seen)
+
+
+def _head_records(lens: Lens, counts: Tensor, top: int) -> list[dict]:
+    """Per head: promoted tokens with counts, entropy of that histogram (bits), mass in its top, description."""
+    model = lens.model
+    classes: dict[int, str] = {}
+    records = []
+    for i, layer in enumerate(lens.config.layers):
+        for j, head in enumerate(lens.config.heads):
+            histogram = counts[i, j]
+            total = int(histogram.sum())
+            ids = histogram.nonzero().flatten()
+            shares = histogram[ids].double() / total
+            entropy = float(-(shares * shares.log2()).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+            order = ids[histogram[ids].argsort(descending=True, stable=True)].tolist()
+            for token_id in ids.tolist():
+                if token_id not in classes:
+                    classes[token_id] = token_class(model.token_text(token_id))
+            class_shares: dict[str, float] = {}
+            for token_id in ids.tolist():
+                class_shares[classes[token_id]] = class_shares.get(classes[token_id], 0.0) + int(histogram[token_id]) / total
+            promoted = [{"id": t, "token": model.token_text(t), "count": int(histogram[t]),
+                         "share": round(int(histogram[t]) / total, 6), "class": classes[t]} for t in order[:top]]
+            records.append({
+                "layer": layer, "head": head, "positions": total,
+                "entropy_bits": round(entropy, 6),
+                "top_mass": round(sum(p["count"] for p in promoted) / max(1, total), 6),
+                "promoted": promoted,
+                "classes": {name: round(share, 6) for name, share in sorted(class_shares.items(), key=lambda x: -x[1])},
+                "description": describe(class_shares, promoted[0]["token"], promoted[0]["share"]) if promoted else "nothing",
+                "group": None,
+                "set": order[:top],
+            })
+    return records
+
+
+def jaccard(sets: list[set]) -> Tensor:
+    """Pairwise |A & B| / |A | B| of the heads' promoted sets: (n, n), 1 on the diagonal."""
+    n = len(sets)
+    similarity = torch.eye(n, dtype=torch.float64)
+    for a in range(n):
+        for b in range(a + 1, n):
+            union = len(sets[a] | sets[b])
+            similarity[a, b] = similarity[b, a] = len(sets[a] & sets[b]) / union if union else 0.0
+    return similarity
+
+
+def average_linkage(similarity: Tensor, threshold: float) -> list[list[int]]:
+    """Agglomerative clustering: merge the two most similar groups (mean pairwise similarity) while >= threshold.
+
+    Average linkage, unlike single linkage, does not chain dissimilar heads together through intermediaries.
+    """
+    n = similarity.shape[0]
+    between = similarity.clone().fill_diagonal_(-math.inf)
+    members = [[i] for i in range(n)]
+    while n > 1:
+        best = int(between.argmax())
+        a, b = divmod(best, n)
+        if between[a, b] < threshold:
+            break
+        size_a, size_b = len(members[a]), len(members[b])
+        merged = (size_a * between[a] + size_b * between[b]) / (size_a + size_b)
+        between[a], between[:, a] = merged, merged
+        between[b], between[:, b] = -math.inf, -math.inf
+        between[a, a] = -math.inf
+        members[a] += members[b]
+        members[b] = []
+    return [sorted(group) for group in members if group]
+
+
+def _groups(heads: list[dict], similarity: Tensor, threshold: float) -> list[dict]:
+    """Groups of two or more heads with similar promoted sets, largest first; marks each head's group."""
+    clusters = sorted((c for c in average_linkage(similarity, threshold) if len(c) > 1), key=lambda c: (-len(c), c))
+    groups = []
+    for number, members in enumerate(clusters):
+        votes: dict[int, int] = {}
+        for index in members:
+            heads[index]["group"] = number
+            for token_id in heads[index]["set"]:
+                votes[token_id] = votes.get(token_id, 0) + 1
+        shared = sorted((t for t, v in votes.items() if 2 * v > len(members)), key=lambda t: -votes[t])
+        names = {p["id"]: p["token"] for index in members for p in heads[index]["promoted"]}
+        pairs = similarity[members][:, members]
+        groups.append({
+            "id": number,
+            "heads": [{"layer": heads[i]["layer"], "head": heads[i]["head"]} for i in members],
+            "similarity": round(float((pairs.sum() - len(members)) / (len(members) * (len(members) - 1))), 6),
+            "shared_tokens": [names[t] for t in shared[:10]],
+        })
+    return groups
+
+
+def _layer_trends(heads: list[dict], similarity: Tensor) -> list[dict]:
+    """Specialization against depth: per layer, mean concentration, share of described heads, agreement."""
+    trends = []
+    for layer in sorted({h["layer"] for h in heads}):
+        index = [i for i, h in enumerate(heads) if h["layer"] == layer]
+        members = [heads[i] for i in index]
+        pairs = similarity[index][:, index]
+        within = float((pairs.sum() - len(index)) / (len(index) * (len(index) - 1))) if len(index) > 1 else None
+        trends.append({
+            "layer": layer,
+            "heads": len(members),
+            "entropy_bits_mean": round(sum(h["entropy_bits"] for h in members) / len(members), 6),
+            "top_mass_mean": round(sum(h["top_mass"] for h in members) / len(members), 6),
+            "described": round(sum(not h["description"].startswith("mixed") for h in members) / len(members), 6),
+            "jaccard_within": None if within is None else round(within, 6),
+        })
+    return trends
+
+
+def _summary(heads: list[dict], groups: list[dict]) -> dict:
+    ranked = sorted(heads, key=lambda h: (h["entropy_bits"], -h["top_mass"]))
+    return {
+        "heads": len(heads),
+        "positions": heads[0]["positions"] if heads else 0,
+        "entropy_bits_mean": round(sum(h["entropy_bits"] for h in heads) / len(heads), 6),
+        "top_mass_mean": round(sum(h["top_mass"] for h in heads) / len(heads), 6),
+        "groups": len(groups),
+        "grouped_heads": sum(len(g["heads"]) for g in groups),
+        "most_specialized": [{"layer": h["layer"], "head": h["head"], "entropy_bits": h["entropy_bits"],
+                              "top_mass": h["top_mass"], "description": h["description"],
+                              "tokens": [p["token"] for p in h["promoted"][:5]]} for h in ranked[:MOST_SPECIALIZED]],
+    }
