@@ -57,7 +57,7 @@ def head_kl(
             if capped:
                 kl = _capped_block_kl(lens, z_aug[rows], factors_cast, divisor, constant, p[rows], neg_entropy[rows])
             else:
-                kl = _BlockKL.apply(z_aug[rows], factors_cast, divisor, constant, p[rows], neg_entropy[rows])
+                kl = _BlockKL.apply(z_aug[rows], divisor, factors_cast, constant, p[rows], neg_entropy[rows])
             if train:
                 (kl.sum() * backward_scale).backward()
             out.append(kl.detach())
@@ -69,43 +69,43 @@ def head_kl(
 class _BlockKL(torch.autograd.Function):
     """KL of one block of factored logits, with a hand-written backward that reuses the softmax.
 
-    Forward keeps only the lens's softmax q (one vocab-sized buffer, reused in place for the gradient);
-    backward needs no exp: dKL/dlogits = q - p. Autograd would hold several vocab-sized temporaries
-    and recompute the exponentials.
+    Logits are laid out (head, block, vocab) so each head is one plain matmul, and the divisor is applied
+    to the d_head-sized input rather than to the vocab-sized output. Forward keeps only the lens's softmax
+    q (reused in place for the gradient); backward needs no exp: dKL/dlogits = q - p.
     """
 
     @staticmethod
-    def forward(ctx, z_aug, factors, divisor, constant, p, neg_entropy):
-        # z_aug (block, head, d_head + 1), factors (head, vocab, d_head + 1), divisor (block, head), p (block, vocab)
-        logits = torch.einsum("bhd,hvd->bhv", z_aug, factors).float()
-        logits.div_(divisor[..., None])
+    def forward(ctx, z_aug, divisor, factors, constant, p, neg_entropy):
+        # z_aug (block, head, d_head + 1), divisor (block, head), factors (head, vocab, d_head + 1), p (block, vocab)
+        z_scaled = (z_aug / divisor[..., None]).transpose(0, 1).to(factors.dtype)  # (head, block, d_head + 1)
+        logits = torch.bmm(z_scaled, factors.transpose(1, 2)).float()  # (head, block, vocab)
         if constant is not None:
             logits.add_(constant)
-        cross = torch.einsum("bhv,bv->bh", logits, p)  # sum p * logits
+        cross = torch.einsum("hbv,bv->bh", logits, p)  # sum_v p * logits
+        if not any(ctx.needs_input_grad):  # evaluation: no softmax to keep
+            return neg_entropy[:, None] - cross + torch.logsumexp(logits, dim=-1).T
         top, where = logits.max(dim=-1)
         q = torch.softmax(logits, dim=-1)
-        log_sum_exp = top - torch.log(q.gather(-1, where[..., None]).squeeze(-1))
-        expected = torch.einsum("bhv,bhv->bh", q, logits)  # sum q * logits, for the divisor's gradient
-        constant_terms = None
-        if constant is not None:
-            constant_terms = torch.einsum("bhv,v->bh", q, constant) - (p @ constant)[:, None]
-        ctx.save_for_backward(z_aug, factors, divisor, q, p, expected - cross, constant_terms)
+        # logsumexp from the softmax at the arg-max (q there is >= 1/vocab, so the log is accurate).
+        log_sum_exp = (top - torch.log(q.gather(-1, where[..., None]).squeeze(-1))).T  # (block, head)
+        spread = None  # sum_v (q - p) * (logits - constant): only the divisor's gradient needs it
+        if ctx.needs_input_grad[1]:
+            spread = torch.einsum("hbv,hbv->bh", q, logits) - cross
+            if constant is not None:
+                spread = spread - (torch.einsum("hbv,v->bh", q, constant) - (p @ constant)[:, None])
+        ctx.save_for_backward(z_scaled, divisor, q, p, spread)
         return neg_entropy[:, None] - cross + log_sum_exp
 
     @staticmethod
     def backward(ctx, grad):
-        z_aug, factors, divisor, q, p, spread, constant_terms = ctx.saved_tensors
-        # dKL/dlogits = (q - p); logits = raw / divisor + constant, so d raw = (q - p) / divisor and
-        # d divisor = -sum_v (q - p) (logits - constant) / divisor.
-        weight = grad / divisor  # (block, head)
-        d_raw = q.sub_(p[:, None, :]).mul_(weight[..., None])
-        d_factors = torch.einsum("bhv,bhd->hvd", d_raw.to(factors.dtype), z_aug)
-        d_divisor = None
-        if ctx.needs_input_grad[2]:
-            if constant_terms is not None:
-                spread = spread - constant_terms
-            d_divisor = -weight * spread
-        return None, d_factors, d_divisor, None, None, None
+        z_scaled, divisor, q, p, spread = ctx.saved_tensors
+        # logits = (z / divisor) F^T + constant and dKL/dlogits = q - p, so
+        #   dF = sum_b (q - p) grad (z / divisor),  d divisor = -grad sum_v (q - p)(logits - constant) / divisor.
+        d_logits = q.sub_(p).to(z_scaled.dtype)  # (head, block, vocab); p broadcasts over heads
+        weighted = z_scaled * grad.T[..., None].to(z_scaled.dtype)
+        d_factors = torch.bmm(d_logits.transpose(1, 2), weighted)  # (head, vocab, d_head + 1)
+        d_divisor = -grad * spread / divisor if ctx.needs_input_grad[1] else None
+        return None, d_divisor, d_factors, None, None, None
 
 
 def _capped_block_kl(lens, z_aug, factors, divisor, constant, p, neg_entropy) -> Tensor:
