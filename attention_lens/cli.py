@@ -368,6 +368,90 @@ def _print_record(title: str, record: dict) -> None:
         print(f"{key:>26}: {shown}")
 
 
+@app.command("eval")
+def eval_(
+    lens: str = typer.Option("logit", help="logit, dla, or a lens directory."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the lens's own, or smollm2-135m)."),
+    data: str = typer.Option("sotu", help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files."),
+    tokens: int = typer.Option(2048, help="Held-out tokens to score (whole windows)."),
+    seq_len: int = typer.Option(128, help="Tokens per window."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1)."),
+    margin: float = typer.Option(0.05, help="Nats a head must beat a baseline by, its whole 95% interval above it."),
+    seed: int = typer.Option(0, help="Seed of the document order and the bootstrap."),
+    bootstrap: int = typer.Option(200, help="Bootstrap replicates behind the 95% intervals."),
+    constant_data: Optional[str] = typer.Option(None, help="Corpus for the constant baseline (default: the lens's training data)."),
+    constant_tokens: int = typer.Option(8192, help="Tokens averaged into the constant baseline (training side only)."),
+    skip_bad_lines: bool = typer.Option(False, help="Skip malformed .jsonl lines instead of failing."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    out: Optional[Path] = typer.Option(None, help="Also write the JSON results to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
+) -> None:
+    """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
+    from .evaluate import EvalConfig, default_holdout, evaluate
+    from .render import TokenBar, eval_tables
+
+    lens_obj, _ = _lens_and_model(lens, model, device)
+    data_config = DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
+                             holdout=default_holdout(lens_obj) if holdout is None else holdout)
+    config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
+                        constant_data=constant_data, constant_tokens=constant_tokens)
+    with TokenBar(err, "eval") as bar:
+        result = evaluate(lens_obj, data_config, config, on_progress=bar.update)
+    _finish_results(result.to_json(), out, as_json)
+    if not as_json:
+        console = Console()
+        for table in eval_tables(result):
+            console.print(table)
+
+
+@app.command()
+def specialize(
+    lens: str = typer.Option("logit", help="logit, dla, or a lens directory."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the lens's own, or smollm2-135m)."),
+    data: str = typer.Option("sotu", help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files."),
+    tokens: int = typer.Option(2048, help="Held-out tokens to read the heads on (whole windows)."),
+    seq_len: int = typer.Option(128, help="Tokens per window."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1)."),
+    seed: int = typer.Option(0, help="Seed of the document order."),
+    top: int = typer.Option(20, help="Promoted tokens per head kept for its concentration and similarity."),
+    group_similarity: float = typer.Option(0.25, help="Average Jaccard of promoted sets at which heads are grouped."),
+    compare_layers: bool = typer.Option(False, help="Show how specialization changes with depth."),
+    skip_bad_lines: bool = typer.Option(False, help="Skip malformed .jsonl lines instead of failing."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    out: Optional[Path] = typer.Option(None, help="Also write the JSON results to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads, groups}."),
+) -> None:
+    """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads."""
+    from .evaluate import default_holdout
+    from .render import TokenBar, specialize_tables
+    from .specialize import SpecializeConfig, specialize as specialize_heads
+
+    lens_obj, _ = _lens_and_model(lens, model, device)
+    data_config = DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
+                             holdout=default_holdout(lens_obj) if holdout is None else holdout)
+    config = SpecializeConfig(tokens=tokens, batch_size=batch_size, seed=seed, top=top,
+                              group_similarity=group_similarity)
+    with TokenBar(err, "specialize") as bar:
+        result = specialize_heads(lens_obj, data_config, config, on_progress=bar.update)
+    _finish_results(result.to_json(layers=compare_layers), out, as_json)
+    if not as_json:
+        console = Console()
+        for table in specialize_tables(result, compare_layers):
+            console.print(table)
+
+
+def _finish_results(document: dict, out: Path | None, as_json: bool) -> None:
+    """--out gets the JSON document whatever the output mode; --json puts it on stdout."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(document, indent=1) + "\n")
+        err.print(f"wrote {out}")
+    if as_json:
+        _emit_json(document)
+
+
 class _StepBar:
     """A progress bar on stderr that appears with the first step, so set-up errors stay one line."""
 

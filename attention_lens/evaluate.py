@@ -106,8 +106,8 @@ def evaluate(
 def _check(config: EvalConfig, data: DataConfig) -> None:
     if data.seq_len < 2:
         raise AttentionLensError(f"--seq-len must be at least 2 (a position and its next token); got {data.seq_len}")
-    if config.tokens < 1 or config.batch_size < 1 or config.constant_tokens < 1 or config.block_rows < 1:
-        raise AttentionLensError("--tokens, --batch-size, --constant-tokens and block rows must be >= 1")
+    if min(config.tokens, config.batch_size, config.constant_tokens, config.block_rows) < 1:
+        raise AttentionLensError("--tokens, --batch-size and --constant-tokens must be at least 1")
     if config.bootstrap < 2:
         raise AttentionLensError(f"--bootstrap must be at least 2 replicates; got {config.bootstrap}")
     if not config.margin >= 0:
@@ -162,6 +162,11 @@ def scored_split(lens: Lens, data: DataConfig) -> tuple[list[Document], list[Doc
     if not held_documents:
         raise AttentionLensError("no held-out documents to score; use --holdout > 0")
     return train_documents, held_documents
+
+
+def default_holdout(lens: Lens) -> float:
+    """The fraction the lens was trained with held out (so scoring sees exactly the text it never saw), else 0.1."""
+    return (lens.config.training.get("data") or {}).get("holdout", DataConfig.holdout)
 
 
 def constant_distribution(

@@ -75,8 +75,12 @@ def specialize(
     and positions, the second counts argmax_v (q_head(v) - q_average(v)), so tokens that every head
     predicts (' the', ',') do not dominate every head. Memory is flat in `config.tokens`.
     """
-    if config.tokens < 1 or config.batch_size < 1 or config.top < 1 or config.block_rows < 1:
-        raise AttentionLensError("--tokens, --batch-size, --top and block rows must be >= 1")
+    if min(config.tokens, config.batch_size, config.top, config.block_rows) < 1:
+        raise AttentionLensError("--tokens, --batch-size and --top must be at least 1")
+    if data.seq_len < 2:
+        raise AttentionLensError(f"--seq-len must be at least 2; got {data.seq_len}")
+    if not 0 <= config.group_similarity <= 1:
+        raise AttentionLensError(f"--group-similarity is a Jaccard index in [0, 1]; got {config.group_similarity}")
     model = lens.model
     _, held = scored_split(lens, data)
     n_windows = math.ceil(config.tokens / data.seq_len)

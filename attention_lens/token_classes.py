@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 
 CLASSES = ("whitespace", "number", "date", "punctuation", "function word", "capitalized", "word", "fragment",
-           "other")
+           "byte", "other")
 MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov",
           "dec", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
@@ -21,7 +21,7 @@ DOMINANT_TOKEN = 0.5
 DOMINANT_CLASS = 0.6
 """A head whose top class holds this share is described by that class."""
 PLURAL = {"number": "numbers", "date": "dates", "function word": "function words", "capitalized": "capitalized words",
-          "word": "lowercase words", "fragment": "subword fragments"}
+          "word": "lowercase words", "fragment": "subword fragments", "byte": "partial characters"}
 
 
 def token_class(text: str) -> str:
@@ -29,6 +29,8 @@ def token_class(text: str) -> str:
     stripped = text.strip()
     if not stripped:
         return "whitespace"
+    if "\ufffd" in stripped:
+        return "byte"  # part of a multi-byte character: decodes to the replacement character on its own
     starts_word = text[0].isspace()
     if stripped.isdigit() and len(stripped) == 4 and 1000 <= int(stripped) <= 2199:
         return "date"  # a year

@@ -177,7 +177,7 @@ def test_scoring_text_the_lens_trained_on_is_refused(corpus):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(tokens=0), ">= 1"), (dict(bootstrap=1), "bootstrap"), (dict(margin=-1.0), "margin"),
+    (dict(tokens=0), "at least 1"), (dict(bootstrap=1), "bootstrap"), (dict(margin=-1.0), "margin"),
     (dict(constant_data="/nonexistent/text.txt"), "no data"),
 ])
 def test_bad_settings_are_refused(corpus, overrides, message):

@@ -80,7 +80,7 @@ def test_same_seed_same_result(data):
 @pytest.mark.parametrize("text, expected", [
     (" the", "function word"), ("The", "function word"), (" 42", "number"), ("3,000", "number"),
     (" 1865", "date"), (" January", "date"), (".", "punctuation"), (" --", "punctuation"), ("\n\n", "whitespace"),
-    (" Lincoln", "capitalized"), (" freedom", "word"), ("ing", "fragment"), (" x2", "other"),
+    (" Lincoln", "capitalized"), (" freedom", "word"), ("ing", "fragment"), (" x2", "other"), ("\ufffd", "byte"),
 ])
 def test_token_classes(text, expected):
     assert token_class(text) == expected

@@ -1,0 +1,124 @@
+"""Human output of `eval` and `specialize` for the CLI: rich tables of the results and a token progress bar."""
+
+from __future__ import annotations
+
+import time
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .evaluate import BASELINES, Evaluation
+from .specialize import Specialization
+
+HEADS_SHOWN = 10
+"""Best and worst heads listed in the eval table; --json and --out hold every head."""
+
+
+class TokenBar:
+    """A progress bar on stderr, in tokens, that appears with the first report so set-up errors stay one line."""
+
+    def __init__(self, console: Console, label: str):
+        self.console = console
+        self.label = label
+        self.started = time.perf_counter()
+        self.bar: Progress | None = None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(),
+                                TextColumn("{task.completed}/{task.total} tokens"),
+                                TextColumn("{task.fields[rate]:.0f} tok/s"), TimeElapsedColumn(),
+                                TimeRemainingColumn(), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total, rate=0.0)
+        rate = done / max(1e-9, time.perf_counter() - self.started)
+        self.bar.update(self.task, completed=done, total=total, rate=rate)
+
+    def __enter__(self) -> "TokenBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def eval_tables(result: Evaluation) -> list[Table]:
+    """The summary (lens vs each baseline), then the best and worst heads by KL."""
+    s = result.summary
+    summary = Table(title=f"{result.setup['lens']} lens on {result.setup['data']} (held-out): {s['tokens']} tokens "
+                          f"scored, {s['sink_tokens']} sink positions apart; {s['heads']} heads")
+    summary.add_column("scored by")
+    summary.add_column("KL mean", justify="right")
+    summary.add_column(f"heads it beats by > {result.setup['margin']} nats", justify="right")
+    summary.add_row("this lens", _number(s["kl_mean"]), "")
+    for name in BASELINES:
+        summary.add_row(name, _number(s[f"{name}_kl_mean"]), f"{s[f'frac_beats_{name}']:.0%}")
+    summary.caption = (f"median KL {_number(s['kl_median'])}; top-1 agreement {s['top1_mean']:.1%}, top-10 overlap "
+                       f"{s['top10_mean']:.1%}; cross-entropy {_number(s['cross_entropy_mean'])} (model "
+                       f"{_number(s['model_cross_entropy'])}); lens entropy {_number(s['entropy_mean'])}; "
+                       f"sink positions: KL {_number(s['sink_kl_mean'])}, top-1 {_percent(s['sink_top1_mean'])}")
+    ranked = sorted(result.heads, key=lambda h: h["kl"])
+    tables = [summary, _heads_table("best heads", ranked[:HEADS_SHOWN])]
+    if len(ranked) > HEADS_SHOWN:
+        tables.append(_heads_table("worst heads", ranked[::-1][:min(HEADS_SHOWN, len(ranked) - HEADS_SHOWN)]))
+    return tables
+
+
+def _heads_table(title: str, heads: list[dict]) -> Table:
+    table = Table(title=f"{title}: KL ± half its 95% interval, each baseline's KL (* beaten by the margin)",
+                  box=box.SIMPLE_HEAD)
+    for name in ("layer", "head", "KL", "logit", "dla", "constant", "top-1", "top token"):
+        table.add_column(name, justify="left" if name == "top token" else "right", no_wrap=True)
+    for h in heads:
+        spread = "" if h["kl_low"] is None else f"±{(h['kl_high'] - h['kl_low']) / 2:.3f}"
+        baselines = [_number(h["baselines"][n]["kl"]) + ("*" if h["baselines"][n]["beats"] else "")
+                     for n in ("logit", "dla", "constant")]
+        table.add_row(str(h["layer"]), str(h["head"]), f"{_number(h['kl'])}{spread}", *baselines,
+                      _percent(h["top1"]), f"{visible(h['top_token']['token'])} {h['top_token']['share']:.0%}")
+    return table
+
+
+def specialize_tables(result: Specialization, compare_layers: bool) -> list[Table]:
+    """The most specialized heads, the groups of similar heads, and (optionally) specialization by layer."""
+    s = result.summary
+    heads = Table(title=f"most specialized heads of {s['heads']} ({result.setup['lens']} lens, {s['positions']} "
+                        f"positions): entropy of the promoted-token histogram (bits; 0 = one token)")
+    for name in ("layer", "head", "entropy", f"top-{result.setup['top']} mass", "promoted tokens", "description"):
+        heads.add_column(name, justify="right" if name in ("layer", "head", "entropy") else "left")
+    for h in s["most_specialized"]:
+        heads.add_row(str(h["layer"]), str(h["head"]), f"{h['entropy_bits']:.2f}", f"{h['top_mass']:.0%}",
+                      " ".join(visible(t) for t in h["tokens"]), h["description"])
+    tables = [heads]
+    if result.groups:
+        groups = Table(title=f"{s['groups']} groups of heads with similar promoted tokens (average Jaccard)")
+        for name in ("group", "heads", "similarity", "shared tokens"):
+            groups.add_column(name)
+        for g in result.groups:
+            groups.add_row(str(g["id"]), " ".join(f"{m['layer']}.{m['head']}" for m in g["heads"]),
+                           f"{g['similarity']:.2f}", " ".join(visible(t) for t in g["shared_tokens"]))
+        tables.append(groups)
+    if compare_layers:
+        layers = Table(title="specialization by depth")
+        for name in ("layer", "heads", "entropy (bits)", "top mass", "described", "Jaccard within layer"):
+            layers.add_column(name, justify="right")
+        for row in result.layers:
+            within = "" if row["jaccard_within"] is None else f"{row['jaccard_within']:.2f}"
+            layers.add_row(str(row["layer"]), str(row["heads"]), f"{row['entropy_bits_mean']:.2f}",
+                           f"{row['top_mass_mean']:.0%}", f"{row['described']:.0%}", within)
+        tables.append(layers)
+    return tables
+
+
+def visible(token: str) -> str:
+    """Spaces and newlines shown, so ' the' and 'the' differ on screen."""
+    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
