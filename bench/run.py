@@ -1,0 +1,273 @@
+"""Benchmark: our trainer and fit against the original-style reference, on the same tokens, same process.
+
+python bench/run.py [--quick] [--json]
+
+Denominators are measured here (GEMM peak at 4096^2 and at the trainer's shapes, exp rate over
+vocab-sized rows); speed is reported as ratios against the reference run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import attention_lens as al
+from attention_lens.data import DataConfig, batches, load_documents, split_by_document, token_windows
+from attention_lens.fit import FitConfig, fit
+from attention_lens.heads import head_contributions, run_with_heads
+from attention_lens.objective import head_kl, target_distribution
+from attention_lens.train import _step
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_LAYER = 15
+BATCH, SEQ = 4, 128
+DATA = DataConfig(data="sotu", seq_len=SEQ, holdout=0.1)
+
+
+def seconds(fn, repeats: int = 1) -> float:
+    fn()  # warm-up: first calls pay allocation and thread start-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+# ----- denominators --------------------------------------------------------------------------------
+def gemm_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    return 2 * m * k * n / seconds(lambda: a @ b, repeats)
+
+
+def exp_rate(vocab: int, rows: int = 64, repeats: int = 20) -> float:
+    """exp elements/s over vocab-sized rows, in a cache-sized block (the best a fused kernel could do)."""
+    x = torch.randn(rows, vocab)
+    out = torch.empty_like(x)
+    return rows * vocab / seconds(lambda: torch.exp(x, out=out), repeats)
+
+
+# ----- the reference: the original Attention Lens training, one layer, loop over heads -------------
+class Reference:
+    """9 x Linear(d_model, vocab) lenses on o_h, initialised from W_U, fp32, full logits, Adam."""
+
+    def __init__(self, model: al.Model, layer: int):
+        self.model, self.layer = model, layer
+        self.lenses = torch.nn.ModuleList()
+        for _ in range(model.n_heads):
+            linear = torch.nn.Linear(model.d_model, model.vocab)
+            with torch.no_grad():
+                linear.weight.copy_(model.unembed.W_U)
+                linear.bias.zero_()
+            self.lenses.append(linear)
+        self.optimizer = torch.optim.Adam(self.lenses.parameters(), lr=1e-3)
+
+    def head_outputs(self, batch):
+        logits, capture = run_with_heads(self.model, batch, [self.layer])
+        o = head_contributions(self.model, self.layer, capture.heads[self.layer]).flatten(0, 1)
+        return torch.log_softmax(logits.float().flatten(0, 1), dim=-1), o  # (tokens, vocab), (tokens, head, d_model)
+
+    def step(self, batch) -> float:
+        log_p, o = self.head_outputs(batch)
+        self.optimizer.zero_grad()
+        total = 0.0
+        for head, lens in enumerate(self.lenses):
+            log_q = torch.log_softmax(lens(o[:, head]), dim=-1)
+            loss = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            loss.backward()
+            total += loss.item()
+        self.optimizer.step()
+        return total / len(self.lenses)
+
+    @torch.no_grad()
+    def heldout_kl(self, held_batches) -> float:
+        total, count = 0.0, 0
+        for batch in held_batches:
+            log_p, o = self.head_outputs(batch)
+            for head, lens in enumerate(self.lenses):
+                log_q = torch.log_softmax(lens(o[:, head]), dim=-1)
+                total += F.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+                count += log_p.shape[0]
+        return total / count
+
+
+def train_batches(model, count: int, seed: int = 0):
+    documents, _ = split_by_document(load_documents("sotu"), DATA.holdout)
+    stream = batches(token_windows(documents, model.tokenizer, SEQ, seed), BATCH)
+    return [next(stream) for _ in range(count)]
+
+
+def held_batches(model, count: int):
+    _, held = split_by_document(load_documents("sotu"), DATA.holdout)
+    stream = batches(token_windows(held, model.tokenizer, SEQ, 0), BATCH)
+    return [next(stream) for _ in range(count)]
+
+
+# ----- ours ------------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    forward: float
+    factors: float
+    blocks: float
+    optimizer: float
+
+
+def step_split(lens: al.Lens, batch, dtype) -> Split:
+    """Time the pieces of one training step separately (the same work _step does)."""
+    started = time.perf_counter()
+    logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
+    p, neg_entropy = target_distribution(logits.flatten(0, 1))
+    forward = time.perf_counter() - started
+    factors_time, blocks_time = 0.0, 0.0
+    for layer in lens.config.layers:
+        z = capture.heads.pop(layer).z.flatten(0, 1)
+        t0 = time.perf_counter()
+        factors, _ = lens.vocab_factors(layer)
+        factors.sum().backward()  # the same product forward and backward, as in a step
+        t1 = time.perf_counter()
+        head_kl(lens, z, layer, p, neg_entropy, backward_scale=1.0 / z.shape[0], dtype=dtype)
+        blocks_time += time.perf_counter() - t1
+        factors_time += t1 - t0
+    optimizer = torch.optim.Adam(lens.parameters(), lr=1e-3)
+    optimizer_time = seconds(optimizer.step)
+    # head_kl builds (and back-propagates) the factors itself: count that time once, under `factors`.
+    return Split(forward, factors_time, blocks_time - factors_time, optimizer_time)
+
+
+def step_flops(model: al.Model, heads: int, layers: int, tokens: int) -> dict:
+    vocab, d_model, width = model.vocab, model.d_model, model.d_head + 1
+    factors = 2 * 2 * vocab * d_model * width * heads * layers  # F = W_U diag(g) C M, forward + backward
+    blocks = 2 * 2 * tokens * heads * layers * width * vocab  # logits forward + dF backward
+    forward = 2 * sum(p.numel() for p in model.hf.parameters()) * tokens
+    return {"factors": factors, "blocks": blocks, "forward": forward, "exps": 2 * vocab * tokens * heads * layers}
+
+
+def measure_ours(model, batch, dtype, layers) -> dict:
+    lens = al.Lens.from_model(model, "affine", layers=layers)
+    optimizer = torch.optim.Adam(lens.parameters(), lr=1e-3)
+    _step(lens, optimizer, batch, dtype, 1024, 0)  # warm-up
+    started = time.perf_counter()
+    _step(lens, optimizer, batch, dtype, 1024, 1)
+    elapsed = time.perf_counter() - started
+    head_tokens = batch.numel() * len(layers) * model.n_heads
+    return {"seconds": elapsed, "head_tokens_per_s": head_tokens / elapsed, "lens": lens}
+
+
+def time_to_kl(model, target_kl: float, budgets) -> dict:
+    """Smallest fit budget whose layer-15 lens reaches the reference's held-out KL; wall time incl. forwards."""
+    for tokens in budgets:
+        lens = al.Lens.from_model(model, "affine", layers=[REFERENCE_LAYER])
+        started = time.perf_counter()
+        fit(lens, DATA, FitConfig(tokens=tokens, batch_size=BATCH))
+        elapsed = time.perf_counter() - started
+        kl = al.heldout_kl(lens, DATA, tokens=2 * BATCH * SEQ, batch_size=BATCH).mean
+        if kl <= target_kl:
+            return {"fit_tokens": tokens, "seconds": elapsed, "heldout_kl": kl}
+    return {"fit_tokens": tokens, "seconds": elapsed, "heldout_kl": kl, "gap": kl - target_kl}
+
+
+def rss_child(dtype_name: str) -> float:
+    """Peak RSS (GB) of an all-heads training step, alone in its own process."""
+    code = ("import torch, attention_lens as al; from attention_lens.train import _step; "
+            "from bench.run import train_batches; m = al.load_model('smollm2-135m'); "
+            "lens = al.Lens.from_model(m, 'affine'); opt = torch.optim.Adam(lens.parameters()); "
+            f"_step(lens, opt, train_batches(m, 1)[0], getattr(torch, '{dtype_name}'), 1024, 0)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 10 minutes on 2 cores)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = al.load_model("smollm2-135m")
+    vocab, d_model, width = model.vocab, model.d_model, model.d_head + 1
+    ref_steps = 2 if args.quick else 5
+
+    log("measuring GEMM peaks and the exp rate ...")
+    peaks = {
+        "gemm_4096_fp32": gemm_rate(4096, 4096, 4096, torch.float32, 1 if args.quick else 3),
+        "gemm_4096_bf16": gemm_rate(4096, 4096, 4096, torch.bfloat16, 1 if args.quick else 3),
+        "gemm_logits": gemm_rate(1024, width, vocab, dtype),  # (block, d_head+1) x (d_head+1, vocab)
+        "gemm_dfactors": gemm_rate(vocab, 1024, width, dtype),  # (vocab, block) x (block, d_head+1)
+        "gemm_factors": gemm_rate(vocab, d_model, width, dtype),  # W_U diag(g) x M_h
+        "exp_per_s": exp_rate(vocab),
+    }
+    batches_ = train_batches(model, ref_steps + 2)
+    held = held_batches(model, 2)
+
+    log(f"reference: layer {REFERENCE_LAYER}, {model.n_heads} x Linear({d_model}, {vocab}), fp32, {ref_steps} steps ...")
+    reference = Reference(model, REFERENCE_LAYER)
+    reference.step(batches_[0])  # warm-up
+    started = time.perf_counter()
+    for batch in batches_[1:ref_steps + 1]:
+        reference.step(batch)
+    ref_seconds = time.perf_counter() - started
+    ref_rate = ref_steps * BATCH * SEQ * model.n_heads / ref_seconds
+    ref_kl = reference.heldout_kl(held)
+    ref_wall = ref_seconds * (ref_steps + 1) / ref_steps  # its whole budget, warm-up step included
+    del reference
+
+    log("ours: one layer, then all heads ...")
+    batch = batches_[-1]
+    one_layer = measure_ours(model, batch, dtype, [REFERENCE_LAYER])
+    all_heads = measure_ours(model, batch, dtype, list(range(model.n_layers)))
+    split = step_split(all_heads.pop("lens"), batch, dtype)
+    flops = step_flops(model, model.n_heads, model.n_layers, batch.numel())
+    ideal = (flops["factors"] / peaks["gemm_factors"] + flops["blocks"] / peaks["gemm_logits"]
+             + flops["forward"] / peaks["gemm_4096_fp32"] + flops["exps"] / peaks["exp_per_s"])
+    matmul_flops = flops["factors"] + flops["blocks"] + flops["forward"]
+    peak = peaks["gemm_4096_bf16" if dtype == torch.bfloat16 else "gemm_4096_fp32"]
+
+    log("time to the reference's held-out KL (fit) ...")
+    reach = time_to_kl(model, ref_kl, [512, 1024, 2048, 4096] if args.quick else [512, 1024, 2048, 4096, 8192])
+
+    log("decode and peak RSS ...")
+    logit = al.Lens.logit(model)
+    prompt = "The quick brown fox jumps over the lazy dog while the president speaks to the Congress of"
+    decode_seconds = seconds(lambda: al.decode(model, logit, prompt, k=10, position="all"))
+    decode_last = seconds(lambda: al.decode(model, logit, prompt, k=10))
+    peak_rss = rss_child(args.dtype)
+
+    result = {
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__, "dtype": args.dtype, "quick": args.quick,
+        "peaks": {k: round(v / 1e9, 1) for k, v in peaks.items()},  # GFLOP/s; exp_per_s in G elements/s
+        "reference_head_tokens_per_s": round(ref_rate, 1),
+        "reference_heldout_kl": round(ref_kl, 3),
+        "one_layer_head_tokens_per_s": round(one_layer["head_tokens_per_s"], 1),
+        "all_heads_head_tokens_per_s": round(all_heads["head_tokens_per_s"], 1),
+        "all_heads_tokens_per_s": round(all_heads["head_tokens_per_s"] / (model.n_layers * model.n_heads), 2),
+        "speedup_vs_reference": round(all_heads["head_tokens_per_s"] / ref_rate, 2),
+        "roofline_fraction": round(ideal / all_heads["seconds"], 3),
+        "mfu": round(matmul_flops / all_heads["seconds"] / peak, 3),
+        "time_split_s": {k: round(v, 2) for k, v in split.__dict__.items()},
+        "time_to_reference_kl_ratio": round(reach["seconds"] / ref_wall, 4),
+        "time_to_reference_kl": reach,
+        "decode_seconds": round(decode_seconds, 3),
+        "decode_last_position_seconds": round(decode_last, 3),
+        "peak_rss_gb": round(peak_rss, 2),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    width_ = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:>{width_}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
