@@ -103,7 +103,7 @@ def _jsonl_documents(path: Path, skip_bad_lines: bool) -> list[Document]:
             continue
         try:
             record = json.loads(line)
-            text = record["text"] if isinstance(record, dict) else None
+            text = record.get("text") if isinstance(record, dict) else None
             if isinstance(text, str):
                 text.encode("utf-8")  # a lone surrogate escape ("\ud800") would crash the tokenizer later
         except (ValueError, RecursionError):  # ValueError covers bad JSON and the encode check

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,9 @@ from ._version import __version__
 from .errors import AttentionLensError
 
 DIGEST_KEY = "tensors_sha256"
+# All metadata goes under one key, as sorted JSON: safetensors writes several keys in a random order,
+# and equal tensors should make equal files.
+METADATA_KEY = "attention_lens"
 
 
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
@@ -43,8 +47,8 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
 
 def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Atomically write a safetensors file whose metadata holds a checksum of the tensors."""
-    metadata = {**metadata, DIGEST_KEY: tensor_digest(tensors)}
-    atomic_write(path, lambda target: save_file(tensors, target, metadata=metadata))
+    packed = {METADATA_KEY: json.dumps({**metadata, DIGEST_KEY: tensor_digest(tensors)}, sort_keys=True)}
+    atomic_write(path, lambda target: save_file(tensors, target, metadata=packed))
 
 
 def read_tensors(path: Path, remedy: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -57,7 +61,11 @@ def read_tensors(path: Path, remedy: str) -> tuple[dict[str, Tensor], dict[str, 
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as error:
+        if METADATA_KEY in metadata:  # files of 0.1.0 have their keys unpacked and no checksum
+            metadata = json.loads(metadata[METADATA_KEY])
+        if not isinstance(metadata, dict):
+            raise ValueError("the metadata is not a JSON object")
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, RecursionError) as error:
         raise AttentionLensError(f"{path} is corrupt ({error}); {remedy}") from None
     if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != tensor_digest(tensors):
         raise AttentionLensError(f"{path} is corrupt (its tensors do not match their checksum); {remedy}")

@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-
 from attention_lens import AttentionLensError, Lens
 from attention_lens.cli import main
+from attention_lens.storage import read_tensors
 from conftest import make_corpus, make_model_dir
 
 pytestmark = pytest.mark.robustness
@@ -47,8 +46,7 @@ def checkpoint_step(out: Path) -> int | None:
     path = out / "checkpoints" / "last.safetensors"
     if not path.exists():
         return None
-    with safe_open(path, framework="pt") as f:
-        return json.loads(f.metadata()["progress"])["step"]
+    return json.loads(read_tensors(path, "")[1]["progress"])["step"]
 
 
 def temp_files(out: Path) -> list[Path]:
