@@ -19,6 +19,7 @@ from .lens import TRAINABLE_KINDS, Lens, check_memory, parameter_bytes
 from .objective import DEFAULT_BLOCK_ROWS, head_kl, target_distribution
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OBJECTIVES = ("per-head", "paper")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class TrainConfig:
     """Steps between checkpoints (one is always written at the end)."""
     block_rows: int = DEFAULT_BLOCK_ROWS
     """Head-token rows per vocabulary-sized block (memory vs. speed)."""
+    objective: str = "per-head"
+    """per-head: every head's own KL at every position | paper: the original objective, one KL of the
+    layer's heads' logits summed, at the last position only (kept to compare against)."""
 
 
 @dataclass
@@ -66,6 +70,8 @@ def train(
         raise AttentionLensError(f"the {lens.kind} lens has no parameters to train; use --kind affine or full")
     if config.optimizer not in ("adam", "sgd"):
         raise AttentionLensError(f"unknown optimizer {config.optimizer!r}; use adam or sgd")
+    if config.objective not in OBJECTIVES:
+        raise AttentionLensError(f"unknown objective {config.objective!r}; use {' or '.join(OBJECTIVES)}")
     if config.dtype not in DTYPES:
         raise AttentionLensError(f"unknown dtype {config.dtype!r}; use {' or '.join(DTYPES)}")
     check_memory(4 * parameter_bytes(lens.config), "the lens parameters with their gradients and Adam state")
@@ -88,7 +94,8 @@ def train(
         if batch is None:
             break  # data exhausted: progress.tokens says how much was used
         started = time.perf_counter()
-        loss = _step(lens, optimizer, batch.to(model.device), dtype, config.block_rows, progress.step)
+        step = _paper_step if config.objective == "paper" else _step
+        loss = step(lens, optimizer, batch.to(model.device), dtype, config.block_rows, progress.step)
         progress.step += 1
         progress.windows += batch.shape[0]
         progress.tokens += batch.numel()
@@ -136,6 +143,32 @@ def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_
         total += per_head.sum().item()
     optimizer.step()
     return total / (len(lens.config.layers) * len(lens.config.heads))
+
+
+def _paper_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int) -> float:
+    """The original Attention Lens objective: KL to the model at the last position of the layer's summed lens logits.
+
+    Heads are trained jointly, so no single head's lens is asked to match the model on its own.
+    """
+    logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
+    p, neg_entropy = target_distribution(logits[:, -1])  # (batch, vocab)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for layer in lens.config.layers:
+        z = capture.heads.pop(layer).z[:, -1]  # (batch, head, d_head)
+        with _autocast(z.device, dtype):
+            summed = lens.logits(z, layer).float().sum(-2)  # (batch, vocab)
+        kl = neg_entropy - (p * summed).sum(-1) + torch.logsumexp(summed, dim=-1)
+        if not torch.isfinite(kl).all():
+            raise AttentionLensError(f"non-finite loss at step {step + 1}, layer {layer}; lower --lr")
+        kl.mean().backward()
+        total += kl.mean().item()
+    optimizer.step()
+    return total / len(lens.config.layers)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def existing_run(out: Path) -> bool:

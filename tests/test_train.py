@@ -71,3 +71,23 @@ def test_untrainable_kind_is_refused(setup):
     model, data = setup
     with pytest.raises(AttentionLensError, match="no parameters"):
         train(Lens.logit(model), data, TrainConfig(tokens=10))
+
+
+def test_paper_objective_trains_the_summed_heads(setup):
+    """The original objective lowers the KL of the layer's summed lens logits at the last position."""
+    from attention_lens.heads import run_with_heads
+    from attention_lens.objective import target_distribution
+
+    model, data = setup
+    lens = Lens.from_model(model, "affine", layers=[1])
+    batch = torch.randint(0, model.vocab, (8, 16))
+
+    def summed_kl():
+        logits, capture = run_with_heads(model, batch, [1])
+        p, neg_entropy = target_distribution(logits[:, -1])
+        summed = lens.logits(capture.heads[1].z[:, -1], 1).sum(-2)
+        return float((neg_entropy - (p * summed).sum(-1) + torch.logsumexp(summed, -1)).mean())
+
+    before = summed_kl()
+    train(lens, data, TrainConfig(tokens=4096, lr=1e-2, objective="paper"))
+    assert summed_kl() < before
