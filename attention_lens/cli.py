@@ -116,6 +116,8 @@ def train(
     holdout: float = typer.Option(0.1, help="Fraction of documents held out (never trained on)."),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
     eval_tokens: int = typer.Option(2048, help="Held-out tokens to score the lens on at the end (0: skip)."),
+    objective: str = typer.Option("per-head", help="per-head (each head's own KL, every position) or paper "
+                                  "(the original: heads' logits summed, last position only)."),
     init: Optional[Path] = typer.Option(None, help="Start from this lens directory (e.g. made by `fit`) instead of the untrained lens."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out."),
     overwrite: bool = typer.Option(False, help="Replace a lens already in --out."),
@@ -139,7 +141,7 @@ def train(
                                parse_indices(heads, loaded.n_heads, "head"))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
-                         seed=seed, checkpoint_every=checkpoint_every)
+                         seed=seed, checkpoint_every=checkpoint_every, objective=objective)
     if overwrite and not resume:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     started = time.perf_counter()
