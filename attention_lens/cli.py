@@ -20,6 +20,7 @@ from .checkpoint import CHECKPOINT_DIR
 from .concepts import make_concept, read_concept_words, search as search_heads
 from .data import DataConfig
 from .decode import decode as decode_prompt
+from .distributed import close, init_world, rank_device
 from .errors import AttentionLensError
 from .evaluate import heldout_kl
 from .fit import FitConfig, fit as fit_lens
@@ -108,7 +109,8 @@ def train(
     heads: Optional[str] = typer.Option(None, help="Heads in each layer, e.g. 0-3 (default: all)."),
     tokens: int = typer.Option(20_000, help="Token budget; at least one step runs."),
     seq_len: int = typer.Option(128, help="Tokens per window."),
-    batch_size: int = typer.Option(4, help="Windows per step."),
+    batch_size: int = typer.Option(4, help="Windows per step, over all processes (global): under torchrun each "
+                                   "rank trains on batch-size / world-size of them; --tokens is global too."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (autocast for vocabulary-sized matmuls)."),
@@ -132,35 +134,46 @@ def train(
         raise AttentionLensError("--checkpoint-every, --tokens and --batch-size must be >= 1, --seq-len >= 2")
     if not 0 < lr <= 1e6:  # nan fails this too; torch would raise a traceback on nan or a float32 overflow
         raise AttentionLensError(f"--lr must be a positive number no larger than 1e6; got {lr}")
-    loaded = load_model(model, device=device)
-    if init is not None:
-        lens = Lens.load(init, loaded)
-        kind = lens.kind
-    else:
-        lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
-                               parse_indices(heads, loaded.n_heads, "head"))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
                          seed=seed, checkpoint_every=checkpoint_every, objective=objective)
-    if overwrite and not resume:
+    world = init_world(device)
+    try:
+        loaded = load_model(model, device=rank_device(device, world))
+        if init is not None:
+            lens = Lens.load(init, loaded)
+        else:
+            lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
+                                   parse_indices(heads, loaded.n_heads, "head"))
+        _train(world, lens, data_config, config, out, resume, overwrite, eval_tokens, as_json)
+    finally:
+        close(world)
+
+
+def _train(world, lens: Lens, data_config: DataConfig, config: TrainConfig, out: Path, resume: bool,
+           overwrite: bool, eval_tokens: int, as_json: bool) -> None:
+    if overwrite and not resume and world.is_main:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     started = time.perf_counter()
     with _StepBar(started) as bar:
-        progress = train_lens(lens, data_config, config, out=out, resume=resume, on_step=bar.update)
+        progress = train_lens(lens, data_config, config, out=out, resume=resume, world=world,
+                              on_step=bar.update if world.is_main else None)
+    if not world.is_main:
+        return  # rank 0 saved the lens and reports
     seconds = time.perf_counter() - started
-    result = {"out": str(out), "kind": kind, "layers": lens.config.layers, "heads": lens.config.heads,
+    result = {"out": str(out), "kind": lens.kind, "layers": lens.config.layers, "heads": lens.config.heads,
               "tokens": progress.tokens, "steps": progress.step, "seconds": round(seconds, 2),
               "tokens_per_second": round(progress.tokens / seconds, 2), "final_loss": progress.loss}
-    if progress.tokens < tokens:
-        err.print(f"warning: the data ran out: trained on {progress.tokens} tokens, not {tokens}")
+    if progress.tokens < config.tokens:
+        err.print(f"warning: the data ran out: trained on {progress.tokens} tokens, not {config.tokens}")
     if eval_tokens > 0:
         result["heldout_kl"] = heldout_kl(lens, data_config, eval_tokens).mean
-        baseline = Lens.from_model(loaded, "logit", lens.config.layers, lens.config.heads)
+        baseline = Lens.from_model(lens.model, "logit", lens.config.layers, lens.config.heads)
         result["heldout_kl_logit"] = heldout_kl(baseline, data_config, eval_tokens).mean
     if as_json:
         _emit_json(result)
         return
-    err.print(f"saved {kind} lens for {len(lens.config.layers)} layers x {len(lens.config.heads)} heads to {out}")
+    err.print(f"saved {lens.kind} lens for {len(lens.config.layers)} layers x {len(lens.config.heads)} heads to {out}")
     for key, value in result.items():
         print(f"{key:>20}: {value}")
 

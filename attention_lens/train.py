@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import Progress, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .distributed import World, average_, shard
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import TRAINABLE_KINDS, Lens, check_memory, parameter_bytes
@@ -64,8 +65,13 @@ def train(
     out: Path | None = None,
     resume: bool = False,
     on_step: Callable[[StepReport], None] | None = None,
+    world: World = World(),
 ) -> Progress:
-    """Train `lens` (bound to its model) in place; with `out`, checkpoint there and save the lens at the end."""
+    """Train `lens` (bound to its model) in place; with `out`, checkpoint there and save the lens at the end.
+
+    `config.batch_size` counts windows per step over all processes of `world`; each rank trains on its shard
+    and the gradients are averaged, so N processes follow the same trajectory as one.
+    """
     if lens.kind not in TRAINABLE_KINDS:
         raise AttentionLensError(f"the {lens.kind} lens has no parameters to train; use --kind affine or full")
     if config.optimizer not in ("adam", "sgd"):
@@ -94,23 +100,26 @@ def train(
         if batch is None:
             break  # data exhausted: progress.tokens says how much was used
         started = time.perf_counter()
+        if batch.shape[0] < world.size:
+            break  # a last partial batch too small to give every rank a window
         step = _paper_step if config.objective == "paper" else _step
-        loss = step(lens, optimizer, batch.to(model.device), dtype, config.block_rows, progress.step)
+        local = shard(batch, world).to(model.device)
+        loss = step(lens, optimizer, local, dtype, config.block_rows, progress.step, world)
         progress.step += 1
         progress.windows += batch.shape[0]
         progress.tokens += batch.numel()
         progress.loss = loss
         if on_step is not None:
             on_step(StepReport(progress.step, steps, progress.tokens, loss, time.perf_counter() - started))
-        if out is not None and progress.step % config.checkpoint_every == 0:
+        if out is not None and world.is_main and progress.step % config.checkpoint_every == 0:
             save_checkpoint(out, lens, optimizer, progress, run)
     if progress.tokens == 0:
         raise AttentionLensError(
             f"the training data is too small for one window of {data.seq_len} tokens; add text or lower --seq-len"
         )
-    lens.config.training = {"data": dataclasses.asdict(data), **dataclasses.asdict(config),
+    lens.config.training = {"data": dataclasses.asdict(data), **dataclasses.asdict(config), "world_size": world.size,
                             "tokens_seen": progress.tokens, "steps": progress.step, "final_loss": progress.loss}
-    if out is not None:
+    if out is not None and world.is_main:
         save_checkpoint(out, lens, optimizer, progress, run)
         lens.save(out)
     return progress
@@ -122,30 +131,40 @@ def _make_optimizer(lens: Lens, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(lens.parameters(), lr=config.lr)
 
 
-def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int) -> float:
+def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int,
+          world: World = World()) -> float:
     """One forward of the frozen model, then each layer's heads in vocabulary-sized blocks."""
     logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
     p, neg_entropy = target_distribution(logits.flatten(0, 1))  # (tokens, vocab)
     tokens = p.shape[0]
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    losses = []
     for layer in lens.config.layers:
         z = capture.heads.pop(layer).z.flatten(0, 1)  # (tokens, head, d_head)
         # Mean over positions, summed over heads: each head's lens gets its own gradient.
         kl = head_kl(lens, z, layer, p, neg_entropy, backward_scale=1.0 / tokens, dtype=dtype, block_rows=block_rows)
-        per_head = kl.mean(0)
-        if not torch.isfinite(per_head).all():
-            head = lens.config.heads[int((~torch.isfinite(per_head)).nonzero()[0])]
-            raise AttentionLensError(
-                f"non-finite loss at step {step + 1}, layer {layer} head {head}; lower --lr "
-                "(the last good checkpoint is kept)"
-            )
-        total += per_head.sum().item()
+        losses.append(kl.mean(0))
+    per_head = torch.stack(losses)  # (layer, head)
+    _finish_step(lens, optimizer, per_head, step, world)
+    return per_head.mean().item()
+
+
+def _finish_step(lens: Lens, optimizer, losses: torch.Tensor, step: int, world: World) -> None:
+    """Average losses and gradients over ranks, refuse non-finite losses, then step (the same on every rank)."""
+    average_([losses] + [p.grad for p in lens.parameters() if p.grad is not None], world)
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        where = f"layer {lens.config.layers[int(bad[0, 0])]}"
+        if losses.dim() == 2:
+            where += f" head {lens.config.heads[int(bad[0, 1])]}"
+        raise AttentionLensError(
+            f"non-finite loss at step {step + 1}, {where}; lower --lr (the last good checkpoint is kept)"
+        )
     optimizer.step()
-    return total / (len(lens.config.layers) * len(lens.config.heads))
 
 
-def _paper_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int) -> float:
+def _paper_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int,
+                world: World = World()) -> float:
     """The original Attention Lens objective: KL to the model at the last position of the layer's summed lens logits.
 
     Heads are trained jointly, so no single head's lens is asked to match the model on its own.
@@ -153,18 +172,17 @@ def _paper_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, 
     logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
     p, neg_entropy = target_distribution(logits[:, -1])  # (batch, vocab)
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    losses = []
     for layer in lens.config.layers:
         z = capture.heads.pop(layer).z[:, -1]  # (batch, head, d_head)
         with _autocast(z.device, dtype):
             summed = lens.logits(z, layer).float().sum(-2)  # (batch, vocab)
-        kl = neg_entropy - (p * summed).sum(-1) + torch.logsumexp(summed, dim=-1)
-        if not torch.isfinite(kl).all():
-            raise AttentionLensError(f"non-finite loss at step {step + 1}, layer {layer}; lower --lr")
-        kl.mean().backward()
-        total += kl.mean().item()
-    optimizer.step()
-    return total / len(lens.config.layers)
+        kl = (neg_entropy - (p * summed).sum(-1) + torch.logsumexp(summed, dim=-1)).mean()
+        kl.backward()
+        losses.append(kl.detach())
+    per_layer = torch.stack(losses)
+    _finish_step(lens, optimizer, per_layer, step, world)
+    return per_layer.mean().item()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
