@@ -14,6 +14,7 @@ from .data import DataConfig, batches, load_documents, split_by_document, token_
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
+from .notebook import Cell, Grid, NotebookDisplay
 from .objective import DEFAULT_BLOCK_ROWS
 
 
@@ -86,8 +87,8 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 @dataclass
-class SearchResult:
-    """How much every lens head promotes a concept, averaged over the corpus positions seen."""
+class SearchResult(NotebookDisplay):
+    """How much every lens head promotes a concept, averaged over the corpus positions seen; a grid in notebooks."""
 
     concept: Concept
     kind: str
@@ -106,6 +107,27 @@ class SearchResult:
         """(layer, head) pairs, best score first."""
         order = self.scores.flatten().argsort(descending=True, stable=True).tolist()
         return [(self.layers[i // len(self.heads)], self.heads[i % len(self.heads)]) for i in order]
+
+    def to_records(self) -> list[dict]:
+        """One row per (layer, head, concept token id): its lift, and the head's score and rank."""
+        rank = {head: i for i, head in enumerate(self.ranked())}
+        return [{"layer": layer, "head": head, "score": float(self.scores[i, j]), "rank": rank[layer, head],
+                 "id": token_id, "lift": float(self.token_lift[i, j, t])}
+                for i, layer in enumerate(self.layers) for j, head in enumerate(self.heads)
+                for t, token_id in enumerate(self.concept.ids)]
+
+    def grid(self) -> Grid:
+        """The lift of the concept per head (nats over the head's average token)."""
+        words = ", ".join(self.concept.words)
+        grid = Grid(title=f"lift of the concept ({words}) per head, {self.kind} lens", value_name="lift (nats)",
+                    layers=list(self.layers), heads=list(self.heads))
+        rank = {head: i for i, head in enumerate(self.ranked())}
+        for i, layer in enumerate(self.layers):
+            for j, head in enumerate(self.heads):
+                score = float(self.scores[i, j])
+                grid.cells[layer, head] = Cell(score, f"{score:+.2f}",
+                                               f"L{layer}.H{head}: lift {score:+.3f} nats, rank {rank[layer, head] + 1}")
+        return grid
 
     def records(self, top: int, tokenizer, tokens_per_head: int = 5) -> list[dict]:
         """The best `top` heads as {layer, head, score, top_tokens: [{token, id, lift}]}."""

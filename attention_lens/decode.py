@@ -10,11 +10,16 @@ from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
+from .notebook import Cell, Grid, NotebookDisplay, visible
 
 
 @dataclass
-class DecodeResult:
-    """Per-(layer, head, position) top-k of a lens on one prompt; `heads` is the --json document's list."""
+class DecodeResult(NotebookDisplay):
+    """Per-(layer, head, position) top-k of a lens on one prompt; `heads` is the --json document's list.
+
+    In a notebook it shows itself as a layers x heads grid of each head's top token at the last decoded
+    position; `.plot(position=...)` draws it with plotly, `.to_pandas()` gives one row per top-k entry.
+    """
 
     text: str
     tokens: list[str]
@@ -33,6 +38,29 @@ class DecodeResult:
             if (record["layer"], record["head"], record["position"]) == (layer, head, position):
                 return record["top"][0]["token"]
         raise KeyError((layer, head, position))
+
+    def to_records(self) -> list[dict]:
+        """One row per (layer, head, position, rank): token, id, logit and probability."""
+        return [{"layer": r["layer"], "head": r["head"], "position": r["position"],
+                 "position_token": self.tokens[r["position"]], "rank": rank, **entry}
+                for r in self.heads for rank, entry in enumerate(r["top"])]
+
+    def grid(self, position: int | None = None) -> Grid:
+        """Top token and its probability per head at `position` (default: the last decoded one)."""
+        position = self.positions[-1] if position is None else position % len(self.tokens)
+        if position not in self.positions:
+            raise AttentionLensError(f"position {position} was not decoded; decoded: {self.positions}")
+        records = [r for r in self.heads if r["position"] == position]
+        grid = Grid(title=f"{self.kind} lens, position {position} ({visible(self.tokens[position])}): "
+                          "top token and its probability",
+                    value_name="top-token probability", low=0.0, high=1.0,
+                    layers=sorted({r["layer"] for r in records}), heads=sorted({r["head"] for r in records}))
+        for r in records:
+            best = r["top"][0]
+            hover = "\n".join(f"{visible(t['token'])}  {t['prob']:.1%}" for t in r["top"])
+            grid.cells[r["layer"], r["head"]] = Cell(best["prob"], f"{visible(best['token'])} {best['prob']:.0%}",
+                                                     f"L{r['layer']}.H{r['head']}\n{hover}")
+        return grid
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from .fidelity import HEAD_SCORES, FidelityTotals, Targets, score_layer
 from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
+from .notebook import Cell, Grid, NotebookDisplay, visible
 from .objective import head_kl, target_distribution
 
 BASELINES = ("logit", "dla", "uniform", "constant")
@@ -48,8 +49,8 @@ class EvalConfig:
 
 
 @dataclass
-class Evaluation:
-    """Per-head records and their summary; `to_json()` is the --json document."""
+class Evaluation(NotebookDisplay):
+    """Per-head records and their summary; `to_json()` is the --json document; a KL grid in notebooks."""
 
     summary: dict
     heads: list[dict]
@@ -64,6 +65,29 @@ class Evaluation:
             if (record["layer"], record["head"]) == (layer, head):
                 return record
         raise KeyError((layer, head))
+
+    def to_records(self) -> list[dict]:
+        """One row per head: its scores, top token, and each baseline's KL, gain and whether it is beaten."""
+        rows = []
+        for r in self.heads:
+            row = {k: v for k, v in r.items() if not isinstance(v, dict)}
+            row.update(top_token=r["top_token"]["token"], top_token_share=r["top_token"]["share"])
+            for name, baseline in r["baselines"].items():
+                row.update({f"{name}_kl": baseline["kl"], f"{name}_gain": baseline["gain"],
+                            f"beats_{name}": baseline["beats"]})
+            rows.append(row)
+        return rows
+
+    def grid(self) -> Grid:
+        """Held-out KL per head (nats; lower is better), hover: top-1 and the gain over each baseline."""
+        grid = Grid(title="held-out KL(model || lens) per head, nats", value_name="KL (nats)",
+                    layers=sorted({r["layer"] for r in self.heads}), heads=sorted({r["head"] for r in self.heads}))
+        for r in self.heads:
+            gains = ", ".join(f"{name} {b['gain']:+.2f}" for name, b in r["baselines"].items() if b["gain"] is not None)
+            hover = (f"L{r['layer']}.H{r['head']}  KL {r['kl']} [{r['kl_low']}, {r['kl_high']}]\n"
+                     f"top-1 {r['top1']}  top token {visible(r['top_token']['token'])}\ngain over: {gains}")
+            grid.cells[r["layer"], r["head"]] = Cell(r["kl"], "-" if r["kl"] is None else f"{r['kl']:.2f}", hover)
+        return grid
 
 
 @torch.no_grad()

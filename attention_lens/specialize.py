@@ -15,6 +15,7 @@ from .errors import AttentionLensError
 from .evaluate import scored_split, sink_mask
 from .heads import run_with_heads
 from .lens import Lens
+from .notebook import Cell, Grid, NotebookDisplay, visible
 from .token_classes import describe, token_class
 
 MOST_SPECIALIZED = 10
@@ -40,8 +41,11 @@ class SpecializeConfig:
 
 
 @dataclass
-class Specialization:
-    """Per-head records, groups of similar heads, per-layer trends; `to_json()` is the --json document."""
+class Specialization(NotebookDisplay):
+    """Per-head records, groups of similar heads, per-layer trends; `to_json()` is the --json document.
+
+    In a notebook: a grid of each head's most promoted token, coloured by the mass of its top tokens.
+    """
 
     summary: dict
     heads: list[dict]
@@ -60,6 +64,29 @@ class Specialization:
             if (record["layer"], record["head"]) == (layer, head):
                 return record
         raise KeyError((layer, head))
+
+    def to_records(self) -> list[dict]:
+        """One row per (layer, head, promoted token), the head's own numbers repeated on each."""
+        rows = []
+        for r in self.heads:
+            shared = {"layer": r["layer"], "head": r["head"], "description": r["description"], "group": r["group"],
+                      "entropy_bits": r["entropy_bits"], "top_mass": r["top_mass"]}
+            rows += [{**shared, "rank": rank, **p} for rank, p in enumerate(r["promoted"])]
+        return rows
+
+    def grid(self) -> Grid:
+        """Most promoted token per head, coloured by the share of positions its top tokens take."""
+        grid = Grid(title="what each head promotes (most frequent lens top token)", value_name="top-token mass",
+                    layers=sorted({r["layer"] for r in self.heads}), heads=sorted({r["head"] for r in self.heads}),
+                    low=0.0, high=1.0)
+        for r in self.heads:
+            promoted = r["promoted"]
+            label = f"{visible(promoted[0]['token'])} {promoted[0]['share']:.0%}" if promoted else "-"
+            tokens = ", ".join(f"{visible(p['token'])} {p['share']:.0%}" for p in promoted[:8])
+            hover = (f"L{r['layer']}.H{r['head']}: {r['description']}\nentropy {r['entropy_bits']:.2f} bits, "
+                     f"top mass {r['top_mass']:.0%}, group {r['group']}\n{tokens}")
+            grid.cells[r["layer"], r["head"]] = Cell(r["top_mass"], label, hover)
+        return grid
 
 
 @torch.no_grad()
