@@ -49,61 +49,66 @@ class Targets:
 def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets, block_rows: int) -> dict[str, Tensor]:
     """HEAD_SCORES (tokens, lens head) and the lens's top-1 ids for one layer, in vocabulary-sized blocks.
 
-    z: (tokens, head, d_head) of all the layer's heads; `baseline` is a logit lens over the same heads.
-    Logits come from the lenses' factored form ([z_h, 1] @ F_h^T / divisor + constant), which costs
-    d_head x vocab per head-token instead of d_model x vocab. The logit and DLA baselines share one
-    product (same F_h, another divisor); only one block of (rows, head, vocab) logits exists at a time.
+    z: (tokens, head, d_head) of all the layer's heads; `baseline` is a logit lens over the same heads,
+    whose product z_aug @ F_h^T (z_aug = [z_h, 1]) also serves DLA: the two differ only by a per-row
+    divisor. Logits come from the lenses' factored form ((z_aug / divisor) @ F_h^T + constant), which
+    costs d_head x vocab per head-token instead of d_model x vocab, laid out (head, rows, vocab) so each
+    head is one plain matmul. Only one block of vocabulary-sized logits per lens exists at a time.
     """
     heads = lens.config.heads
     ones = torch.ones(*z.shape[:-2], len(heads), 1, device=z.device)
     z_aug = torch.cat([z[:, heads], ones], dim=-1)  # (tokens, head, d_head + 1)
     base_factors, base_constant = baseline.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
+    base_factors = base_factors.transpose(1, 2)  # (head, d_head + 1, vocab)
     own_factors, own_constant = (None, None) if lens.kind in ("logit", "dla") else lens.vocab_factors(layer)
     block = max(1, block_rows // len(heads))
     parts: dict[str, list[Tensor]] = defaultdict(list)
     for start in range(0, z.shape[0], block):
         rows = slice(start, start + block)
-        shared = torch.einsum("rhd,hvd->rhv", z_aug[rows], base_factors)  # (rows, head, vocab)
-        logit = _finish(shared / baseline.divisor(z[rows], layer)[..., None], base_constant, lens.model, cap=True)
-        dla = shared.div_(targets.final_scale[rows, None, None])  # attribution: no constant, no cap
+        shared = torch.bmm(z_aug[rows].transpose(0, 1), base_factors)  # (head, rows, vocab): W_U (gamma * C o_h)
+        logit = _finish(shared / baseline.divisor(z[rows], layer).T[..., None], base_constant, lens, cap=True)
+        dla = shared.div_(targets.final_scale[None, rows, None])  # attribution: no constant, no cap
         own = {"logit": logit, "dla": dla}.get(lens.kind)
         if own is None:
-            own = torch.einsum("rhd,hvd->rhv", z_aug[rows], own_factors)
-            own = _finish(own.div_(lens.divisor(z[rows], layer)[..., None]), own_constant, lens.model,
-                          cap=lens.kind == "affine")
-        for name, value in _lens_scores(own, targets, rows).items():
+            # The divisor goes on the d_head-sized input rather than on the vocabulary-sized output.
+            scaled = (z_aug[rows] / lens.divisor(z[rows], layer)[..., None]).transpose(0, 1)
+            own = _finish(torch.bmm(scaled, own_factors.transpose(1, 2)), own_constant, lens, cap=lens.kind == "affine")
+        scores = _lens_scores(own, targets, rows)
+        for name, value in scores.items():
             parts[name].append(value)
-        parts["logit"].append(_kl(logit, targets, rows))
-        parts["dla"].append(_kl(dla, targets, rows))
+        parts["logit"].append(scores["kl"] if lens.kind == "logit" else _kl(logit, targets, rows))
+        parts["dla"].append(scores["kl"] if lens.kind == "dla" else _kl(dla, targets, rows))
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _finish(logits: Tensor, constant: Tensor | None, model: Model, cap: bool) -> Tensor:
-    """Add the per-vocab constant (norm bias and b_U through W_U) and soft-cap, as the model's readout does."""
+def _finish(logits: Tensor, constant: Tensor | None, lens: Lens, cap: bool) -> Tensor:
+    """Add the per-vocab constant (norm bias and b_U through W_U), then soft-cap, as the model's readout does."""
     if constant is not None:
         logits = logits + constant
-    return model.unembed.cap(logits) if cap else logits
+    return lens.model.unembed.cap(logits) if cap else logits
 
 
 def _kl(logits: Tensor, targets: Targets, rows: slice) -> Tensor:
     """KL(P_model || softmax(logits)) = sum p log p - sum p * logits + logsumexp(logits), using sum p = 1."""
-    cross = torch.einsum("rhv,rv->rh", logits, targets.p[rows])
-    return targets.neg_entropy[rows, None] - cross + torch.logsumexp(logits, dim=-1)
+    cross = torch.einsum("hrv,rv->rh", logits, targets.p[rows])
+    return targets.neg_entropy[rows, None] - cross + torch.logsumexp(logits, dim=-1).T
 
 
 def _lens_scores(logits: Tensor, targets: Targets, rows: slice) -> dict[str, Tensor]:
-    log_q = torch.log_softmax(logits, dim=-1)  # (rows, head, vocab)
+    """The lens's own scores from (head, rows, vocab) logits, each (rows, head); no log-softmax is formed."""
+    log_sum_exp = torch.logsumexp(logits, dim=-1)  # (head, rows)
     model_top = targets.top[rows]  # (rows, k)
-    lens_top = logits.topk(model_top.shape[-1], dim=-1).indices  # (rows, head, k)
+    lens_top = logits.topk(model_top.shape[-1], dim=-1).indices.transpose(0, 1)  # (rows, head, k)
     next_token = targets.next_token[rows]
-    picked = next_token.clamp(min=0)[:, None, None].expand(-1, log_q.shape[1], 1)
-    cross_entropy = -log_q.gather(-1, picked).squeeze(-1)
+    picked = logits.gather(-1, next_token.clamp(min=0)[None, :, None].expand(logits.shape[0], -1, 1)).squeeze(-1)
+    q = torch.sub(logits, log_sum_exp[..., None]).exp_()  # the lens's distribution
+    entropy = log_sum_exp - torch.einsum("hrv,hrv->hr", q, logits)
     return {
-        "kl": targets.neg_entropy[rows, None] - torch.einsum("rhv,rv->rh", log_q, targets.p[rows]),
+        "kl": targets.neg_entropy[rows, None] - torch.einsum("hrv,rv->rh", logits, targets.p[rows]) + log_sum_exp.T,
         "top1": (lens_top[..., 0] == model_top[:, None, 0]).float(),
         "top10": (lens_top[..., :, None] == model_top[:, None, None, :]).any(-1).float().mean(-1),
-        "cross_entropy": torch.where(next_token[:, None] >= 0, cross_entropy, 0.0),
-        "entropy": -(log_q.exp() * log_q).sum(-1),
+        "cross_entropy": torch.where(next_token[:, None] >= 0, (log_sum_exp - picked).T, 0.0),
+        "entropy": entropy.T,
         "top_id": lens_top[..., 0],
     }
 
