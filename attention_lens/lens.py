@@ -268,6 +268,20 @@ class Lens(nn.Module):
             lens.to(model.device).bind(model)
         return lens
 
+    def save_pretrained(self, directory: str | Path, evaluation: dict | None = None) -> Path:
+        """`save()` plus a generated README.md model card (model, data, tokens, eval numbers): a Hub-ready folder."""
+        from .hub import save_pretrained  # the hub module builds on this one
+
+        return save_pretrained(self, directory, evaluation)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, model: Model | None = None,
+                        revision: str | None = None) -> "Lens":
+        """A lens from a local directory or a Hugging Face Hub repo id `owner/name` (needs the Hub online once)."""
+        from .hub import from_pretrained
+
+        return from_pretrained(name_or_path, model, revision)
+
 
 def read_config(directory: Path) -> LensConfig:
     path = directory / CONFIG_FILE
