@@ -275,15 +275,15 @@ def _at(value: Tensor, i: int, j: int) -> Tensor:
 
 def summarize(heads: list[dict], totals: FidelityTotals) -> dict:
     """Means and medians over heads, best and worst heads, and the fraction beating each baseline."""
-    kl = [h["kl"] for h in heads]
-    ranked = sorted(heads, key=lambda h: h["kl"])
+    kl = [h["kl"] for h in heads if h["kl"] is not None]
+    ranked = sorted((h for h in heads if h["kl"] is not None), key=lambda h: h["kl"])
     named = [{"layer": h["layer"], "head": h["head"], "kl": h["kl"], "top_token": h["top_token"]["token"]}
              for h in ranked]
     summary = {
         "heads": len(heads),
         "tokens": int(totals.count["main"]),
         "sink_tokens": int(totals.count["sink"]),
-        "kl_mean": _mean(kl), "kl_median": _round(statistics.median(kl)),
+        "kl_mean": _mean(kl), "kl_median": _round(statistics.median(kl)) if kl else None,
         **{f"{name}_mean": _mean([h[name] for h in heads]) for name in ("top1", "top10", "cross_entropy", "entropy")},
     }
     for name in BASELINES:

@@ -129,7 +129,7 @@ class FidelityTotals:
             self.sums[group].update({name: torch.zeros((), dtype=torch.float64) for name in TOKEN_SCORES})
         self.count = {group: 0.0 for group in GROUPS}
         self.next_count = {group: 0.0 for group in GROUPS}
-        self.top_ids = torch.zeros(n_layers * n_heads, vocab, dtype=torch.int64)
+        self.top_ids = torch.zeros(n_layers * n_heads, vocab, dtype=torch.int32)
         """How often each token is the lens's top-1, per head, at ordinary positions."""
         self.replicates = {name: torch.zeros((replicates, *shape), dtype=torch.float64) for name in BOOTSTRAPPED}
         self.replicate_count = torch.zeros(replicates, 1, 1, dtype=torch.float64)
@@ -154,8 +154,8 @@ class FidelityTotals:
             self.next_count[group] += with_next.sum().item()
             if group == "main":
                 self._add_replicates(windows, mask.sum(-1))
-                top_id = head_scores["top_id"][~sink].flatten(1)  # (main tokens, layer * head)
-                self.top_ids.scatter_add_(1, top_id.T.cpu(), torch.ones_like(top_id.T.cpu()))
+                top_id = head_scores["top_id"][~sink].flatten(1).T.cpu()  # (layer * head, main tokens)
+                self.top_ids.scatter_add_(1, top_id, torch.ones_like(top_id, dtype=self.top_ids.dtype))
 
     def _add_replicates(self, windows: dict[str, Tensor], count: Tensor) -> None:
         replicates = self.replicate_count.shape[0]

@@ -131,10 +131,10 @@ def specialize(
         raise AttentionLensError(f"the held-out split has no scorable position in windows of {data.seq_len} tokens; "
                                  "lower --seq-len or use more text")
     average = (average / predictions).float()
-    counts = torch.zeros(len(lens.config.layers), len(lens.config.heads), model.vocab, dtype=torch.int64)
+    counts = torch.zeros(len(lens.config.layers), len(lens.config.heads), model.vocab, dtype=torch.int32)
     for i, q in passes(planned // 2):
         promoted = (q - average).argmax(-1).cpu()  # (rows, head)
-        counts[i].scatter_add_(1, promoted.T, torch.ones_like(promoted.T))
+        counts[i].scatter_add_(1, promoted.T, torch.ones_like(promoted.T, dtype=counts.dtype))
     heads = _head_records(lens, counts, config.top)
     similarity = jaccard([set(h["set"]) for h in heads])
     groups = _groups(heads, similarity, config.group_similarity)
