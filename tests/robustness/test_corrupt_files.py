@@ -63,6 +63,19 @@ def edit_config(directory: Path, **changes) -> None:
 
 
 # ----- never overwrite work by accident -------------------------------------------------------------
+@pytest.mark.parametrize("leave", ["lens and checkpoint", "checkpoint only", "lens only"])
+def test_train_refuses_an_existing_run_without_resume_or_overwrite(trained, lens_dir, capsys, leave):
+    model, _, data, _, _ = trained
+    if leave == "checkpoint only":
+        (lens_dir / "lens.safetensors").unlink()
+    if leave == "lens only":
+        shutil.rmtree(lens_dir / "checkpoints")
+    before = {p: p.read_bytes() for p in lens_dir.rglob("*") if p.is_file()}
+    err = one_line_error(["train", "--model", model.name, "--data", data.data, "--out", lens_dir], capsys)
+    assert "--resume or --overwrite" in err
+    assert {p: p.read_bytes() for p in lens_dir.rglob("*") if p.is_file()} == before
+
+
 def test_failed_save_leaves_the_old_lens_whole(trained, lens_dir, monkeypatch):
     model = trained[0]
     before = {p.name: p.read_bytes() for p in lens_dir.iterdir() if p.is_file()}
