@@ -32,7 +32,8 @@ def checkpoint_path(out: Path) -> Path:
     return out / CHECKPOINT_DIR / CHECKPOINT_FILE
 
 
-def save_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, progress: Progress, run: dict) -> None:
+def save_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, progress: Progress, run: dict,
+                    path: Path | None = None) -> None:
     """Lens parameters, optimizer state, RNG state, data position and the run's identity, in one file.
 
     One file written with temp + fsync + rename: a kill at any moment leaves the previous checkpoint whole.
@@ -50,14 +51,15 @@ def save_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, pro
         "model": json.dumps(lens.config.model, sort_keys=True),
         "version": __version__,
     }
-    path = checkpoint_path(out)
+    path = path or checkpoint_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_tensors(path, tensors, metadata)
 
 
-def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run: dict) -> Progress:
+def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run: dict,
+                    path: Path | None = None) -> Progress:
     """Restore what save_checkpoint wrote; refuses a checkpoint of a different run, model or version."""
-    path = checkpoint_path(out)
+    path = path or checkpoint_path(out)
     if not path.is_file():
         raise AttentionLensError(f"nothing to resume: {path} does not exist; start without --resume")
     remedy = "delete it or use --overwrite"

@@ -120,6 +120,8 @@ def train(
     eval_tokens: int = typer.Option(2048, help="Held-out tokens to score the lens on at the end (0: skip)."),
     objective: str = typer.Option("per-head", help="per-head (each head's own KL, every position) or paper "
                                   "(the original: heads' logits summed, last position only)."),
+    shard_heads: bool = typer.Option(False, help="Under torchrun: each process owns the lenses of some layers; "
+                                     "head outputs are exchanged all-to-all (for lenses too big for one device)."),
     init: Optional[Path] = typer.Option(None, help="Start from this lens directory (e.g. made by `fit`) instead of the untrained lens."),
     resume: bool = typer.Option(False, help="Continue the run checkpointed in --out."),
     overwrite: bool = typer.Option(False, help="Replace a lens already in --out."),
@@ -136,7 +138,7 @@ def train(
         raise AttentionLensError(f"--lr must be a positive number no larger than 1e6; got {lr}")
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
-                         seed=seed, checkpoint_every=checkpoint_every, objective=objective)
+                         seed=seed, checkpoint_every=checkpoint_every, objective=objective, shard_heads=shard_heads)
     world = init_world(device)
     try:
         loaded = load_model(model, device=rank_device(device, world))

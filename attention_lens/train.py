@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from .checkpoint import Progress, checkpoint_path, load_checkpoint, save_checkpoint
 from .data import DataConfig, batches, load_documents, split_by_document, token_windows
@@ -18,6 +19,7 @@ from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import TRAINABLE_KINDS, Lens, check_memory, parameter_bytes
 from .objective import DEFAULT_BLOCK_ROWS, head_kl, target_distribution
+from .sharding import exchange, gather_parameters, load_shard, owned_layers, save_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OBJECTIVES = ("per-head", "paper")
@@ -43,6 +45,8 @@ class TrainConfig:
     """Steps between checkpoints (one is always written at the end)."""
     block_rows: int = DEFAULT_BLOCK_ROWS
     """Head-token rows per vocabulary-sized block (memory vs. speed)."""
+    shard_heads: bool = False
+    """Under torchrun: each process owns the lenses of some layers (for lenses too big for one device)."""
     objective: str = "per-head"
     """per-head: every head's own KL at every position | paper: the original objective, one KL of the
     layer's heads' logits summed, at the last position only (kept to compare against)."""
@@ -80,15 +84,20 @@ def train(
         raise AttentionLensError(f"unknown objective {config.objective!r}; use {' or '.join(OBJECTIVES)}")
     if config.dtype not in DTYPES:
         raise AttentionLensError(f"unknown dtype {config.dtype!r}; use {' or '.join(DTYPES)}")
-    check_memory(4 * parameter_bytes(lens.config), "the lens parameters with their gradients and Adam state")
     model = lens.model
     documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
+    full, sharded = lens, config.shard_heads and world.distributed
+    if sharded:
+        lens = _local_shard(full, config, world)
+    check_memory(4 * parameter_bytes(lens.config), "the lens parameters with their gradients and Adam state")
     optimizer = _make_optimizer(lens, config)
     # What makes a checkpoint this run's; the budget and checkpoint interval may change on resume.
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("tokens", "checkpoint_every")}
     run = {"data": dataclasses.asdict(data), "train": settings, "kind": lens.kind,
            "layers": lens.config.layers, "heads": lens.config.heads}
-    progress = load_checkpoint(out, lens, optimizer, run) if resume else Progress()
+    progress = Progress()
+    if resume:
+        progress = load_shard(out, lens, optimizer, run, world) if sharded else load_checkpoint(out, lens, optimizer, run)
 
     tokens_per_step = config.batch_size * data.seq_len
     steps = max(1, math.ceil(config.tokens / tokens_per_step))
@@ -102,27 +111,56 @@ def train(
         started = time.perf_counter()
         if batch.shape[0] < world.size:
             break  # a last partial batch too small to give every rank a window
-        step = _paper_step if config.objective == "paper" else _step
         local = shard(batch, world).to(model.device)
-        loss = step(lens, optimizer, local, dtype, config.block_rows, progress.step, world)
+        if sharded:
+            loss = _sharded_step(lens, optimizer, local, dtype, config.block_rows, progress.step, world, full)
+        else:
+            step = _paper_step if config.objective == "paper" else _step
+            loss = step(lens, optimizer, local, dtype, config.block_rows, progress.step, world)
         progress.step += 1
         progress.windows += batch.shape[0]
         progress.tokens += batch.numel()
         progress.loss = loss
         if on_step is not None:
             on_step(StepReport(progress.step, steps, progress.tokens, loss, time.perf_counter() - started))
-        if out is not None and world.is_main and progress.step % config.checkpoint_every == 0:
-            save_checkpoint(out, lens, optimizer, progress, run)
+        if out is not None and progress.step % config.checkpoint_every == 0:
+            _checkpoint(out, lens, optimizer, progress, run, world, sharded)
     if progress.tokens == 0:
         raise AttentionLensError(
             f"the training data is too small for one window of {data.seq_len} tokens; add text or lower --seq-len"
         )
-    lens.config.training = {"data": dataclasses.asdict(data), **dataclasses.asdict(config), "world_size": world.size,
+    if out is not None:
+        _checkpoint(out, lens, optimizer, progress, run, world, sharded)
+    if sharded:
+        gather_parameters(lens, full, world)
+    full.config.training = {"data": dataclasses.asdict(data), **dataclasses.asdict(config), "world_size": world.size,
                             "tokens_seen": progress.tokens, "steps": progress.step, "final_loss": progress.loss}
     if out is not None and world.is_main:
-        save_checkpoint(out, lens, optimizer, progress, run)
-        lens.save(out)
+        full.save(out)
     return progress
+
+
+def _checkpoint(out: Path, lens: Lens, optimizer, progress: Progress, run: dict, world: World, sharded: bool) -> None:
+    if sharded:
+        save_shard(out, lens, optimizer, progress, run, world)
+    elif world.is_main:
+        save_checkpoint(out, lens, optimizer, progress, run)
+
+
+def _local_shard(full: Lens, config: TrainConfig, world: World) -> Lens:
+    """This rank's part of `full`: the lenses of its layers, starting from full's parameters."""
+    if config.objective != "per-head":
+        raise AttentionLensError("--shard-heads trains the per-head objective only")
+    if config.batch_size % world.size:
+        raise AttentionLensError(f"--shard-heads needs --batch-size divisible by the {world.size} processes")
+    layers = owned_layers(full.config.layers, world)
+    if not layers:
+        raise AttentionLensError(f"{world.size} processes but only {len(full.config.layers)} layers to shard")
+    local = Lens.from_model(full.model, full.kind, layers, full.config.heads)
+    with torch.no_grad():
+        for name, parameter in local.named_parameters():
+            parameter.copy_(getattr(full, name)[[full.layer_index(layer) for layer in layers]])
+    return local
 
 
 def _make_optimizer(lens: Lens, config: TrainConfig) -> torch.optim.Optimizer:
@@ -147,6 +185,31 @@ def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_
     per_head = torch.stack(losses)  # (layer, head)
     _finish_step(lens, optimizer, per_head, step, world)
     return per_head.mean().item()
+
+
+def _sharded_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int,
+                  world: World, full: Lens) -> float:
+    """Forward on this rank's windows, send each layer's z to its owner, train the owned layers on all windows."""
+    _, capture = run_with_heads(lens.model, batch, full.config.layers, final_residual=True)
+    z = {layer: heads.z for layer, heads in capture.heads.items()}
+    owned, residual = exchange(z, capture.final_residual, full.config.layers, world)
+    p, neg_entropy = target_distribution(lens.model.unembed(residual.flatten(0, 1)))
+    optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for layer in lens.config.layers:
+        kl = head_kl(lens, owned.pop(layer).flatten(0, 1), layer, p, neg_entropy, backward_scale=1.0 / p.shape[0],
+                     dtype=dtype, block_rows=block_rows)
+        losses.append(kl.mean(0))
+    per_head = torch.stack(losses)
+    # No gradient exchange: each rank alone owns its parameters. Only the stop decision and the log are shared.
+    summary = torch.stack([per_head.sum(), torch.tensor(float(per_head.numel())), (~torch.isfinite(per_head)).any().float()])
+    dist.all_reduce(summary)
+    if summary[2] > 0:
+        bad = (~torch.isfinite(per_head)).nonzero()
+        where = f"layer {lens.config.layers[int(bad[0, 0])]} head {lens.config.heads[int(bad[0, 1])]}" if len(bad) else "another rank"
+        raise AttentionLensError(f"non-finite loss at step {step + 1}, {where}; lower --lr (the last good checkpoint is kept)")
+    optimizer.step()
+    return float(summary[0] / summary[1])
 
 
 def _finish_step(lens: Lens, optimizer, losses: torch.Tensor, step: int, world: World) -> None:
