@@ -93,12 +93,12 @@ def streamed(result, name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
-@pytest.mark.parametrize("kind", ["logit", "affine"])
+@pytest.mark.parametrize("kind", ["logit", "dla", "affine", "full"])
 def test_every_score_matches_a_direct_computation(corpus, model_type, kind):
     """llama: RMSNorm; gpt2: LayerNorm with bias and value biases; gemma2: post-attention norm and soft-cap."""
     model = make_tiny_model(model_type)
     lens = Lens.from_model(model, kind, layers=[0, 1], heads=[1, 3])
-    if kind == "affine":
+    if kind in ("affine", "full"):
         torch.manual_seed(1)
         with torch.no_grad():
             for parameter in lens.parameters():
@@ -108,7 +108,9 @@ def test_every_score_matches_a_direct_computation(corpus, model_type, kind):
     result = evaluate(lens, data, config)
     expected = direct_scores(lens, data, config)
     for name, value in expected.items():
-        torch.testing.assert_close(streamed(result, name), value.float().expand(2, 2), atol=2e-5, rtol=2e-4,
+        # Rank scores are counts: a near-tie in the top-10 may flip under another rounding order.
+        atol = 0.02 if name in ("top1", "top10") else 2e-5
+        torch.testing.assert_close(streamed(result, name), value.float().expand(2, 2), atol=atol, rtol=2e-4,
                                    msg=lambda m: f"{name}: {m}")
     assert result.setup["constant"]["tokens"] == math.ceil(CONSTANT_TOKENS / SEQ_LEN) * SEQ_LEN
 
