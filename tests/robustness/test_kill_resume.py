@@ -100,5 +100,5 @@ def test_killed_runs_resume_to_the_identical_lens(tmp_path, capsys):
     assert finish(uninterrupted, tmp_path / "straight.log") == 0
     assert (out / "lens.safetensors").read_bytes() == (straight / "lens.safetensors").read_bytes()
     assert Lens.load(out).config.training == Lens.load(straight).config.training
-    assert not temp_files(out), "stale temp files of killed writes are cleaned up"
+    assert not temp_files(out), f"stale temp files of killed writes are left: {temp_files(out)}, seed {SEED}"
     print(f"seed {SEED}: resumed bit-identically after {len(kills)} kills: " + "; ".join(kills))
