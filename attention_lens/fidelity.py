@@ -96,13 +96,15 @@ def _kl(logits: Tensor, targets: Targets, rows: slice) -> Tensor:
 
 def _lens_scores(logits: Tensor, targets: Targets, rows: slice) -> dict[str, Tensor]:
     """The lens's own scores from (head, rows, vocab) logits, each (rows, head); no log-softmax is formed."""
-    log_sum_exp = torch.logsumexp(logits, dim=-1)  # (head, rows)
     model_top = targets.top[rows]  # (rows, k)
-    lens_top = logits.topk(model_top.shape[-1], dim=-1).indices.transpose(0, 1)  # (rows, head, k)
+    top = logits.topk(model_top.shape[-1], dim=-1)  # (head, rows, k)
+    q = torch.softmax(logits, dim=-1)  # the lens's distribution
+    # logsumexp from the softmax at the arg-max (q there is >= 1/vocab, so its log is accurate): no extra pass.
+    log_sum_exp = top.values[..., 0] - torch.log(q.gather(-1, top.indices[..., :1]).squeeze(-1))  # (head, rows)
+    entropy = log_sum_exp - torch.einsum("hrv,hrv->hr", q, logits)
+    lens_top = top.indices.transpose(0, 1)  # (rows, head, k)
     next_token = targets.next_token[rows]
     picked = logits.gather(-1, next_token.clamp(min=0)[None, :, None].expand(logits.shape[0], -1, 1)).squeeze(-1)
-    q = torch.sub(logits, log_sum_exp[..., None]).exp_()  # the lens's distribution
-    entropy = log_sum_exp - torch.einsum("hrv,hrv->hr", q, logits)
     return {
         "kl": targets.neg_entropy[rows, None] - torch.einsum("hrv,rv->rh", logits, targets.p[rows]) + log_sum_exp.T,
         "top1": (lens_top[..., 0] == model_top[:, None, 0]).float(),
