@@ -38,23 +38,39 @@ const LensView = (() => {
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   }
 
-  /** A colour scale for a set of values: diverging around 0 when they have both signs. */
+  function quantile(sorted, q) {
+    return sorted[Math.min(sorted.length - 1, Math.max(0, Math.round(q * (sorted.length - 1))))];
+  }
+
+  /** A colour scale for a set of values: diverging around 0 when they have both signs. The domain
+      stops at the 2nd/98th percentiles, so one outlier head (logit-lens KL reaches 180 nats where most
+      heads sit near 20) does not wash every other head into one colour; `clipped` marks the legend. */
   function scaleFor(values) {
-    const finite = values.filter(Number.isFinite);
-    const min = Math.min(...finite), max = Math.max(...finite);
+    const sorted = values.filter(Number.isFinite).sort((a, b) => a - b);
+    if (!sorted.length) return { min: 0, max: 0, stops: SEQUENTIAL, color: () => "#eceff3", clipped: [false, false] };
+    const robust = sorted.length >= 20;
+    const min = robust ? quantile(sorted, 0.02) : sorted[0];
+    const max = robust ? quantile(sorted, 0.98) : sorted[sorted.length - 1];
+    const clipped = [sorted[0] < min, sorted[sorted.length - 1] > max];
     if (min < 0 && max > 0) {
       const bound = Math.max(-min, max);
       const stops = [[33, 102, 172], [247, 247, 247], [178, 24, 43]];
-      return { min: -bound, max: bound, stops, color: (v) => mix(stops, (v + bound) / (2 * bound)) };
+      return { min: -bound, max: bound, stops, clipped, color: (v) => mix(stops, (v + bound) / (2 * bound)) };
     }
     const span = max - min || 1;
-    return { min, max, stops: SEQUENTIAL, color: (v) => mix(SEQUENTIAL, (v - min) / span) };
+    return { min, max, stops: SEQUENTIAL, clipped, color: (v) => mix(SEQUENTIAL, (v - min) / span) };
+  }
+
+  /** A probability as a percentage that stays informative for the tiny values of flat lenses (DLA). */
+  function percent(prob) {
+    const p = 100 * prob;
+    return p >= 1 || p === 0 ? `${p.toFixed(1)}%` : p >= 0.01 ? `${p.toFixed(2)}%` : `${p.toExponential(0)}%`;
   }
 
   /** Background for a lens probability: white (unsure) to blue (confident), text stays readable. */
   function confidence(prob) {
     const t = Math.sqrt(Math.min(Math.max(prob, 0), 1));
-    return `rgba(47,111,222,${(0.08 + 0.72 * t).toFixed(3)})`;
+    return `rgba(47,111,222,${(0.06 + 0.54 * t).toFixed(3)})`;
   }
 
   function format(value) {
@@ -112,7 +128,8 @@ const LensView = (() => {
   function legend(scale) {
     const ramp = el("span", { class: "ramp" });
     ramp.style.background = `linear-gradient(to right, ${scale.stops.map((c) => `rgb(${c})`).join(",")})`;
-    return el("div", { class: "legend" }, el("span", { text: format(scale.min) }), ramp, el("span", { text: format(scale.max) }));
+    const low = (scale.clipped[0] ? "≤ " : "") + format(scale.min), high = (scale.clipped[1] ? "≥ " : "") + format(scale.max);
+    return el("div", { class: "legend" }, el("span", { text: low }), ramp, el("span", { text: high }));
   }
 
   // ----- decoded tokens --------------------------------------------------------------------------
@@ -155,11 +172,11 @@ const LensView = (() => {
     const rows = grid.layers.map((l) => el("tr", {}, el("th", { text: `${l}` }), ...grid.heads.map((h) => {
       const best = grid.top(position, l, h)[0];
       const cell = el("td", { class: "cell", "data-layer": l, "data-head": h,
-        title: best ? `L${l} H${h}: ${visible(best.token)} ${(100 * best.prob).toFixed(1)}%` : "" });
+        title: best ? `L${l} H${h}: ${visible(best.token)} ${percent(best.prob)}` : "" });
       if (best) {
         cell.style.background = confidence(best.prob);
         cell.append(el("span", { class: "tok", text: visible(best.token) }),
-          el("span", { class: "p", text: `${Math.round(100 * best.prob)}%` }));
+          el("span", { class: "p", text: best.prob < 0.01 ? "<1%" : `${Math.round(100 * best.prob)}%` }));
       }
       if (opts.selected === `${l},${h}`) cell.classList.add("selected");
       if (opts.onClick) cell.addEventListener("click", () => opts.onClick(l, h));
@@ -182,9 +199,9 @@ const LensView = (() => {
   function topk(container, entries) {
     container.replaceChildren(el("div", { class: "topk" }, ...entries.flatMap((e) => {
       const bar = el("div", { class: "bar" });
-      bar.style.width = `${Math.max(1, 140 * e.prob)}px`;
+      bar.style.width = `${Math.max(1, 110 * e.prob)}px`;
       return [el("span", { class: "tok", text: visible(e.token) }), el("div", {}, bar),
-        el("span", { class: "pct", text: `${(100 * e.prob).toFixed(1)}%` })];
+        el("span", { class: "pct", text: percent(e.prob) })];
     })));
   }
 
@@ -214,6 +231,6 @@ const LensView = (() => {
       el("tr", {}, el("td", { text: k }), el("td", { text: typeof v === "number" ? format(v) : String(v) }))))));
   }
 
-  return { attention, chips, confidence, el, format, fromCompact, fromDecode, heatmap, keyValues, promoted,
+  return { attention, chips, confidence, el, format, fromCompact, fromDecode, heatmap, keyValues, percent, promoted,
     tokenGrid, topk, visible };
 })();
