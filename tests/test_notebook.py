@@ -1,8 +1,10 @@
 """Notebook display: HTML grids, plotly heatmaps and tidy rows of decode / eval / specialize / search results."""
 
 import html
+import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +116,31 @@ def test_eval_specialize_and_search_results_show_grids_and_rows(model, data):
     assert f"{evaluation.head(1, 3)['kl']:.2f}" in cells(evaluation._repr_html_())[model.n_heads + 3]
     assert {row["id"] for row in found.to_records()} == {17, 40}
     assert len(specialization.to_records()) == sum(len(r["promoted"]) for r in specialization.heads)
+
+
+def test_quickstart_notebook_runs_headless_and_shows_the_grid(tmp_path):
+    """examples/quickstart.ipynb, executed in a fresh kernel as a user would, on the real SmolLM2."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    path = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # shipped clean
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
+    assert not [o for cell in outputs for o in cell if o.output_type == "error"]
+
+    def shown(index: int, mime: str) -> str:
+        data = [o["data"][mime] for o in outputs[index] if mime in o.get("data", {})]
+        assert data, f"cell {index} shows no {mime}"
+        return data[0] if isinstance(data[0], str) else json.dumps(data[0])
+
+    assert "30 layers x 9 heads" in "".join(o.get("text", "") for o in outputs[0])
+    grid = shown(1, "text/html")
+    assert "attention-lens-grid" in grid and grid.count("<tr>") == 31 and len(cells(grid)) == 270
+    figure = json.loads(shown(2, "application/vnd.plotly.v1+json"))
+    assert figure["data"][0]["type"] == "heatmap" and len(figure["data"][0]["z"]) == 30
+    assert "<table" in shown(3, "text/html") and "prob" in shown(3, "text/html")
+    printed = "".join(o.get("text", "") for cell in outputs[4:] for o in cell)
+    assert "(1, 5, 9, 64) -> (1, 5, 9, 49152)" in printed
+    assert "['README.md', 'config.json', 'lens.safetensors']" in printed and "logit attention lens for smollm2-135m" in printed
