@@ -61,6 +61,7 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
     base_factors, base_constant = baseline.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
     base_factors = base_factors.transpose(1, 2)  # (head, d_head + 1, vocab)
     own_factors, own_constant = (None, None) if lens.kind in ("logit", "dla") else lens.vocab_factors(layer)
+    own_factors = None if own_factors is None else own_factors.transpose(1, 2)
     block = max(1, block_rows // len(heads))
     parts: dict[str, list[Tensor]] = defaultdict(list)
     for start in range(0, z.shape[0], block):
@@ -70,15 +71,21 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
         dla = shared.div_(targets.final_scale[None, rows, None])  # attribution: no constant, no cap
         own = {"logit": logit, "dla": dla}.get(lens.kind)
         if own is None:
-            # The divisor goes on the d_head-sized input rather than on the vocabulary-sized output.
-            scaled = (z_aug[rows] / lens.divisor(z[rows], layer)[..., None]).transpose(0, 1)
-            own = _finish(torch.bmm(scaled, own_factors.transpose(1, 2)), own_constant, lens, cap=lens.kind == "affine")
+            own = factored_logits(lens, z_aug[rows], lens.divisor(z[rows], layer), own_factors, own_constant)
         scores = _lens_scores(own, targets, rows)
         for name, value in scores.items():
             parts[name].append(value)
         parts["logit"].append(scores["kl"] if lens.kind == "logit" else _kl(logit, targets, rows))
         parts["dla"].append(scores["kl"] if lens.kind == "dla" else _kl(dla, targets, rows))
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def factored_logits(lens: Lens, z_aug: Tensor, divisor: Tensor, factors: Tensor, constant: Tensor | None) -> Tensor:
+    """(head, rows, vocab) logits of `lens` from its factored form, for z_aug (rows, head, d_head + 1) = [z_h, 1]
+    and factors (head, d_head + 1, vocab). The divisor goes on the d_head-sized input, not the vocabulary-sized
+    output; the soft-cap applies where the lens ends in the model's readout (logit, affine)."""
+    scaled = (z_aug / divisor[..., None]).transpose(0, 1)  # (head, rows, d_head + 1)
+    return _finish(torch.bmm(scaled, factors), constant, lens, cap=lens.kind in ("logit", "affine"))
 
 
 def _finish(logits: Tensor, constant: Tensor | None, lens: Lens, cap: bool) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor
 from .data import DataConfig, batches, token_windows
 from .errors import AttentionLensError
 from .evaluate import scored_split, sink_mask
+from .fidelity import factored_logits
 from .heads import run_with_heads
 from .lens import Lens
 from .notebook import Cell, Grid, NotebookDisplay, visible
@@ -133,8 +134,8 @@ def specialize(
     average = (average / predictions).float()
     counts = torch.zeros(len(lens.config.layers), len(lens.config.heads), model.vocab, dtype=torch.int32)
     for i, q in passes(planned // 2):
-        promoted = (q - average).argmax(-1).cpu()  # (rows, head)
-        counts[i].scatter_add_(1, promoted.T, torch.ones_like(promoted.T, dtype=counts.dtype))
+        promoted = (q - average).argmax(-1).cpu()  # (head, rows)
+        counts[i].scatter_add_(1, promoted, torch.ones_like(promoted, dtype=counts.dtype))
     heads = _head_records(lens, counts, config.top)
     similarity = jaccard([set(h["set"]) for h in heads])
     groups = _groups(heads, similarity, config.group_similarity)
@@ -149,9 +150,13 @@ def specialize(
 def _lens_distributions(
     lens: Lens, windows: Iterator[Tensor], config: SpecializeConfig, on_tokens: Callable[[int], None]
 ) -> Iterator[tuple[int, Tensor]]:
-    """(lens layer index, q (rows, lens head, vocab)) for every non-sink position, one block at a time."""
+    """(lens layer index, q (lens head, rows, vocab)) for every non-sink position, one block at a time.
+
+    Logits come from the lens's factored form (d_head x vocab per head-token, not d_model x vocab).
+    """
     model = lens.model
-    block = max(1, config.block_rows // len(lens.config.heads))
+    heads = lens.config.heads
+    block = max(1, config.block_rows // len(heads))
     seen = 0
     for batch in batches(windows, config.batch_size):
         input_ids = batch.to(model.device)
@@ -162,10 +167,13 @@ def _lens_distributions(
             scale = model.unembed.scale(capture.final_residual.flatten(0, 1)[keep])
         for i, layer in enumerate(lens.config.layers):
             z = capture.heads.pop(layer).z.flatten(0, 1)[keep]  # (rows, head, d_head)
+            z_aug = torch.cat([z[:, heads], torch.ones(z.shape[0], len(heads), 1, device=z.device)], dim=-1)
+            factors, constant = lens.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
+            factors = factors.transpose(1, 2)
             for start in range(0, z.shape[0], block):
                 rows = slice(start, start + block)
-                logits = lens.logits(z[rows], layer, None if scale is None else scale[rows]).float()
-                yield i, torch.softmax(logits, dim=-1)
+                divisor = lens.divisor(z[rows], layer, None if scale is None else scale[rows])
+                yield i, torch.softmax(factored_logits(lens, z_aug[rows], divisor, factors, constant), dim=-1)
         seen += batch.numel()
         on_tokens(seen)
 

@@ -46,17 +46,24 @@ def test_token_writer_head_is_maximally_concentrated_on_its_token(data):
     assert all(h["entropy_bits"] > 0 for h in others)
 
 
-def test_counts_match_a_direct_computation(data):
+@pytest.mark.parametrize("kind", ["logit", "dla", "affine"])
+def test_counts_match_a_direct_computation(data, kind):
     """Promoted token = argmax_v q_head(v) - mean over all heads and positions of q(v), counted per head."""
     model = make_tiny_model("gpt2")
-    lens = Lens.from_model(model, "logit", layers=[0, 1], heads=[0, 2, 3])
+    lens = Lens.from_model(model, kind, layers=[0, 1], heads=[0, 2, 3])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in lens.parameters():
+            parameter.normal_(std=0.2)
     config = SpecializeConfig(tokens=64, top=5)
     result = specialize(lens, data, config)
     _, held = split_by_document(load_documents(data.data), data.holdout)
     input_ids = torch.stack(list(islice(token_windows(held, model.tokenizer, SEQ_LEN, config.seed), 4)))
-    _, capture = run_with_heads(model, input_ids, lens.config.layers)
+    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
     keep = ~sink_mask(input_ids, model.tokenizer)
-    q = torch.stack([torch.softmax(lens.logits(capture.heads[layer].z[keep], layer), -1) for layer in (0, 1)], 1)
+    final_scale = model.unembed.scale(capture.final_residual[keep])
+    q = torch.stack([torch.softmax(lens.logits(capture.heads[layer].z[keep], layer, final_scale), -1)
+                     for layer in (0, 1)], 1)
     promoted = (q - q.mean((0, 1, 2))).argmax(-1)  # (position, layer, head)
     for i, layer in enumerate((0, 1)):
         for j, head in enumerate((0, 2, 3)):
