@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import AttentionLensError
 
@@ -49,14 +49,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": _GEMMA_TEXT,
     "gemma3_text": _GEMMA_TEXT,
     # The multimodal Gemma3ForConditionalGeneration wraps the text model one level deeper.
-    "gemma3": ArchSpec(
-        layers="model.language_model.layers",
-        out_proj="self_attn.o_proj",
-        final_norm="model.language_model.norm",
-        norm_kind="rms",
-        post_attn_norm="post_attention_layernorm",
-        norm_weight_offset=1.0,
-    ),
+    "gemma3": replace(_GEMMA_TEXT, layers="model.language_model.layers", final_norm="model.language_model.norm"),
     # c_proj also names GPT-2's MLP projection; the path through `attn.` picks the attention one.
     "gpt2": ArchSpec(
         layers="transformer.h",
