@@ -19,6 +19,7 @@ COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, hidd
 def _configs():
     from transformers import (
         Gemma2Config,
+        Gemma3Config,
         Gemma3TextConfig,
         GPT2Config,
         GPTNeoXConfig,
@@ -27,6 +28,7 @@ def _configs():
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
+        SiglipVisionConfig,
     )
 
     grouped = dict(COMMON, num_key_value_heads=2, intermediate_size=48)
@@ -40,6 +42,12 @@ def _configs():
         "gemma2": lambda: Gemma2Config(**dict(grouped, num_key_value_heads=1), head_dim=16,
                                        final_logit_softcapping=30.0),
         "gemma3_text": lambda: Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16),
+        # The multimodal wrapper: the text model sits one level deeper, its config in text_config.
+        "gemma3": lambda: Gemma3Config(
+            text_config=Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16).to_dict(),
+            vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
+            mm_tokens_per_image=4, image_token_index=95, boi_token_index=93, eoi_token_index=94),
         "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=64,
                                      bos_token_id=1, eos_token_id=1),
         "gpt_neox": lambda: GPTNeoXConfig(**COMMON, intermediate_size=48, attention_bias=True),
