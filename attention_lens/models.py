@@ -201,11 +201,17 @@ def _tensor_hash(t: Tensor) -> str:
 
 
 def load_model(
-    source: str | tuple = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32
+    source: str | tuple = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> Model:
-    """A registered name (smollm2-135m, gemma3-270m), a local HF model directory, or (hf_model, tokenizer)."""
+    """A registered name (smollm2-135m, gemma3-270m), a local HF model directory, or (hf_model, tokenizer).
+
+    The frozen model's weights default to fp32 on CPU and bf16 on GPUs; lenses and their statistics work
+    in fp32 either way (head outputs are read out as fp32).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if isinstance(source, tuple):
         hf, tokenizer = source
         name = getattr(hf.config, "_name_or_path", "") or ""
