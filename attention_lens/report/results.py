@@ -6,7 +6,7 @@ metric that can be drawn as a heatmap; lists of tokens become the head's "promot
 hover; short strings (a specialization description) are shown as notes. Nested objects of numbers are flattened to dotted names (`{"baselines": {"logit": 5.1}}` ->
 `baselines.logit`). Keys used by name:
 - `kl` (or `kl.mean`; KL(P_model || P_lens), nats): the default heatmap;
-- with the logit lens's KL under `kl_logit`, `logit` or `baselines.logit` (or their `.mean`): derived
+- with the logit lens's KL under `kl_logit`, `logit`, `baselines.logit` or `baselines.logit.kl` (eval's key; or their `.mean`): derived
   `kl_gain_vs_logit` = logit-lens KL - lens KL (> 0: the lens is closer to the model on that head);
 - `promoted`, `top_tokens`, `tokens` (in that order of preference): the hover tokens.
 """
@@ -23,7 +23,8 @@ from ..errors import AttentionLensError
 
 TOKEN_KEYS = ("promoted", "top_tokens", "tokens")
 LENS_KL_KEYS = ("kl", "kl.mean")
-LOGIT_KL_KEYS = ("kl_logit", "logit", "baselines.logit", "kl_logit.mean", "logit.mean", "baselines.logit.mean")
+LOGIT_KL_KEYS = ("kl_logit", "logit", "baselines.logit", "baselines.logit.kl", "kl_logit.mean", "logit.mean",
+                 "baselines.logit.mean")
 GAIN_KEY = "kl_gain_vs_logit"
 MAX_NOTE_CHARS = 200
 
