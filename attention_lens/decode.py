@@ -80,21 +80,32 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     result = DecodeResult(text=text, tokens=[model.token_text(int(i)) for i in input_ids[0]],
                           positions=positions, kind=lens.kind)
     k = min(k, model.vocab)
-    for layer in lens.config.layers:
-        z = capture.heads.pop(layer).z[0, positions]  # (position, head, d_head)
-        logits = lens.logits(z, layer, final_scale).float()  # (position, lens head, vocab)
+    tops = []
+    for group in _layer_groups(lens.config.layers, len(positions) * len(lens.config.heads)):
+        # Several layers per readout: W_U is read once per group instead of once per layer.
+        hidden = torch.stack([lens.hidden(capture.heads.pop(layer).z[0, positions], layer) for layer in group])
+        logits = lens.readout(hidden, final_scale).float()  # (layer, position, lens head, vocab)
         top_logits, top_ids = logits.topk(k, dim=-1)
         top_probs = (top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+        for i, layer in enumerate(group):
+            tops.append((layer, top_ids[i].tolist(), top_logits[i].tolist(), top_probs[i].tolist()))
+    distinct = sorted({i for _, ids, _, _ in tops for row in ids for head in row for i in head})
+    texts = dict(zip(distinct, model.token_texts(distinct)))
+    for layer, ids, logits, probs in tops:
         for p_index, pos in enumerate(positions):
             for h_index, head in enumerate(lens.config.heads):
-                ids = top_ids[p_index, h_index].tolist()
                 result.heads.append({
                     "layer": layer, "head": head, "position": pos,
-                    "top": [{"token": model.token_text(i), "id": i, "logit": round(float(lg), 4),
-                             "prob": round(float(pr), 6)}
-                            for i, lg, pr in zip(ids, top_logits[p_index, h_index], top_probs[p_index, h_index])],
+                    "top": [{"token": texts[i], "id": i, "logit": round(lg, 4), "prob": round(pr, 6)}
+                            for i, lg, pr in zip(ids[p_index][h_index], logits[p_index][h_index], probs[p_index][h_index])],
                 })
     return result
+
+
+def _layer_groups(layers: list[int], rows_per_layer: int, max_rows: int = 2048) -> list[list[int]]:
+    """Consecutive layers in groups of at most max_rows head-positions (bounds the logits' memory)."""
+    size = max(1, max_rows // rows_per_layer)
+    return [layers[i : i + size] for i in range(0, len(layers), size)]
 
 
 def _positions(position: int | str, length: int) -> list[int]:

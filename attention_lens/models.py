@@ -193,6 +193,10 @@ class Model:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each id's text, in one tokenizer call (per-id calls dominate decoding all positions)."""
+        return self.tokenizer.batch_decode([[i] for i in token_ids])
+
 
 def _tensor_hash(t: Tensor) -> str:
     """sha256 of the weights rounded to bf16, the canonical dtype, so fp32/bf16 loads agree."""

@@ -50,7 +50,8 @@ class Unembed:
 
     def logits(self, y: Tensor) -> Tensor:
         """Logits of an already-normalized vector y (..., d_model) -> (..., vocab)."""
-        out = y @ self.W_U.T.to(y.dtype)
+        # As one 2-D product: a batched (..., d_model) @ (d_model, vocab) runs ~2x slower on CPU.
+        out = (y.reshape(-1, y.shape[-1]) @ self.W_U.T.to(y.dtype)).view(*y.shape[:-1], -1)
         if self.b_U is not None:
             out = out + self.b_U.to(out.dtype)
         return self.cap(out)

@@ -86,6 +86,9 @@ class _ByteTokenizer:
     def decode(self, ids):
         return "".join(chr(i - 2 + 32) if 2 <= i else "<eos>" for i in ids)
 
+    def batch_decode(self, sequences):
+        return [self.decode(ids) for ids in sequences]
+
 
 @pytest.fixture(params=TINY_ARCHITECTURES)
 def tiny_model(request) -> Model:
