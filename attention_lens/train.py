@@ -18,7 +18,7 @@ from .distributed import World, average_, shard
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import TRAINABLE_KINDS, Lens, check_memory, parameter_bytes
-from .objective import DEFAULT_BLOCK_ROWS, head_kl, target_distribution
+from .objective import DEFAULT_BLOCK_ROWS, _autocast, head_kl, target_distribution
 from .sharding import exchange, gather_parameters, load_shard, owned_layers, save_shard
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -246,10 +246,6 @@ def _paper_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, 
     per_layer = torch.stack(losses)
     _finish_step(lens, optimizer, per_layer, step, world)
     return per_layer.mean().item()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def existing_run(out: Path) -> bool:
