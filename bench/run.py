@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import attention_lens as al
 from attention_lens.data import DataConfig, batches, load_documents, split_by_document, token_windows
 from attention_lens.fit import FitConfig, fit
 from attention_lens.heads import head_contributions, run_with_heads
-from attention_lens.objective import head_kl, target_distribution
+from attention_lens.objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK, _autocast, head_kl, target_distribution
 from attention_lens.train import _step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +129,9 @@ def step_split(lens: al.Lens, batch, dtype) -> Split:
     for layer in lens.config.layers:
         z = capture.heads.pop(layer).z.flatten(0, 1)
         t0 = time.perf_counter()
-        factors, _ = lens.vocab_factors(layer)
-        factors.sum().backward()  # the same product forward and backward, as in a step
+        with _autocast(z.device, dtype):  # as head_kl builds them
+            factors, _ = lens.vocab_factors(layer)
+        factors.float().sum().backward()  # the same product forward and backward, as in a step
         t1 = time.perf_counter()
         head_kl(lens, z, layer, p, neg_entropy, backward_scale=1.0 / z.shape[0], dtype=dtype)
         blocks_time += time.perf_counter() - t1
@@ -145,7 +145,7 @@ def step_split(lens: al.Lens, batch, dtype) -> Split:
 def step_flops(model: al.Model, heads: int, layers: int, tokens: int) -> dict:
     vocab, d_model, width = model.vocab, model.d_model, model.d_head + 1
     factors = 2 * 2 * vocab * d_model * width * heads * layers  # F = W_U diag(g) C M, forward + backward
-    blocks = 2 * 2 * tokens * heads * layers * width * vocab  # logits forward + dF backward
+    blocks = 3 * 2 * tokens * heads * layers * width * vocab  # logits in pass 1, again in pass 2, and dF
     forward = 2 * sum(p.numel() for p in model.hf.parameters()) * tokens
     return {"factors": factors, "blocks": blocks, "forward": forward, "exps": 2 * vocab * tokens * heads * layers}
 
@@ -153,9 +153,9 @@ def step_flops(model: al.Model, heads: int, layers: int, tokens: int) -> dict:
 def measure_ours(model, batch, dtype, layers) -> dict:
     lens = al.Lens.from_model(model, "affine", layers=layers)
     optimizer = torch.optim.Adam(lens.parameters(), lr=1e-3)
-    _step(lens, optimizer, batch, dtype, 1024, 0)  # warm-up
+    _step(lens, optimizer, batch, dtype, DEFAULT_BLOCK_ROWS, 0)  # warm-up
     started = time.perf_counter()
-    _step(lens, optimizer, batch, dtype, 1024, 1)
+    _step(lens, optimizer, batch, dtype, DEFAULT_BLOCK_ROWS, 1)
     elapsed = time.perf_counter() - started
     head_tokens = batch.numel() * len(layers) * model.n_heads
     return {"seconds": elapsed, "head_tokens_per_s": head_tokens / elapsed, "lens": lens}
@@ -179,9 +179,12 @@ def rss_child(dtype_name: str) -> float:
     code = ("import torch, attention_lens as al; from attention_lens.train import _step; "
             "from bench.run import train_batches; m = al.load_model('smollm2-135m'); "
             "lens = al.Lens.from_model(m, 'affine'); opt = torch.optim.Adam(lens.parameters()); "
-            f"_step(lens, opt, train_batches(m, 1)[0], getattr(torch, '{dtype_name}'), 1024, 0)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+            f"_step(lens, opt, train_batches(m, 1)[0], getattr(torch, '{dtype_name}'), 1152, 0); "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    # The child's own high-water mark: RUSAGE_CHILDREN would count this (large) process's pages the child
+    # holds between fork and exec.
+    child = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    return int(child.stdout.split()[-1]) / 2**20
 
 
 def main() -> None:
@@ -197,12 +200,13 @@ def main() -> None:
     vocab, d_model, width = model.vocab, model.d_model, model.d_head + 1
     ref_steps = 2 if args.quick else 5
 
+    tile_rows = DEFAULT_BLOCK_ROWS // model.n_heads
     log("measuring GEMM peaks and the exp rate ...")
     peaks = {
         "gemm_4096_fp32": gemm_rate(4096, 4096, 4096, torch.float32, 1 if args.quick else 3),
         "gemm_4096_bf16": gemm_rate(4096, 4096, 4096, torch.bfloat16, 1 if args.quick else 3),
-        "gemm_logits": gemm_rate(1024, width, vocab, dtype),  # (block, d_head+1) x (d_head+1, vocab)
-        "gemm_dfactors": gemm_rate(vocab, 1024, width, dtype),  # (vocab, block) x (block, d_head+1)
+        "gemm_logits": gemm_rate(tile_rows, width, VOCAB_CHUNK, dtype, 50),  # a tile: (rows, d_head+1) x (d_head+1, chunk)
+        "gemm_dfactors": gemm_rate(VOCAB_CHUNK, tile_rows, width, dtype, 50),  # its gradient: (chunk, rows) x (rows, d_head+1)
         "gemm_factors": gemm_rate(vocab, d_model, width, dtype),  # W_U diag(g) x M_h
         "exp_per_s": exp_rate(vocab),
     }
@@ -227,7 +231,8 @@ def main() -> None:
     all_heads = measure_ours(model, batch, dtype, list(range(model.n_layers)))
     split = step_split(all_heads.pop("lens"), batch, dtype)
     flops = step_flops(model, model.n_heads, model.n_layers, batch.numel())
-    ideal = (flops["factors"] / peaks["gemm_factors"] + flops["blocks"] / peaks["gemm_logits"]
+    ideal = (flops["factors"] / peaks["gemm_factors"]
+             + flops["blocks"] * (2 / 3 / peaks["gemm_logits"] + 1 / 3 / peaks["gemm_dfactors"])
              + flops["forward"] / peaks["gemm_4096_fp32"] + flops["exps"] / peaks["exp_per_s"])
     matmul_flops = flops["factors"] + flops["blocks"] + flops["forward"]
     peak = peaks["gemm_4096_bf16" if dtype == torch.bfloat16 else "gemm_4096_fp32"]
