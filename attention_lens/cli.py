@@ -594,7 +594,7 @@ def _decode_table(result, position: int) -> Table:
     heads = sorted({r["head"] for r in records})
     table = Table(title=f"{result.kind} lens, position {position} ({_visible(result.tokens[position])}): top token and its probability",
                   show_lines=False)
-    table.add_column("layer", justify="right")
+    table.add_column("layer", justify="right", no_wrap=True, min_width=5)
     for head in heads:
         table.add_column(f"H{head}", no_wrap=True, overflow="ellipsis", max_width=14)
     by_layer: dict[int, dict[int, dict]] = {}
