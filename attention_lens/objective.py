@@ -86,7 +86,7 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors: Tensor, constant: Tensor 
     top = torch.full((heads, rows), -torch.inf, device=p.device)
     sum_exp = torch.zeros(heads, rows, device=p.device)
     cross = torch.zeros(heads, rows, device=p.device)
-    for chunk in _chunks(vocab):
+    for chunk in _chunks(vocab, p.device):
         logits = _chunk_logits(scaled, factors, constant, chunk)
         cross += torch.einsum("hrv,rv->hr", logits, p[:, chunk])
         new_top = torch.maximum(top, logits.amax(-1))
@@ -97,7 +97,7 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors: Tensor, constant: Tensor 
     if grad_factors is None and scale is None:
         return kl, None
     spread = torch.zeros(heads, rows, device=p.device)
-    for chunk in _chunks(vocab):
+    for chunk in _chunks(vocab, p.device):
         raw = torch.bmm(scaled, factors[:, chunk].transpose(1, 2)).float()  # logits - constant
         logits = raw if constant is None else raw + constant[chunk]
         residual = torch.exp(logits - log_sum_exp[..., None]).sub_(p[:, chunk])  # q - p: dKL/dlogits
@@ -107,8 +107,11 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors: Tensor, constant: Tensor 
     return kl, spread.T
 
 
-def _chunks(vocab: int) -> list[slice]:
-    return [slice(start, min(start + VOCAB_CHUNK, vocab)) for start in range(0, vocab, VOCAB_CHUNK)]
+def _chunks(vocab: int, device: torch.device) -> list[slice]:
+    """Cache-sized vocabulary chunks on CPUs; one chunk on GPUs, where each extra kernel launch costs more
+    than the memory traffic it saves."""
+    size = vocab if device.type == "cuda" else VOCAB_CHUNK
+    return [slice(start, min(start + size, vocab)) for start in range(0, vocab, size)]
 
 
 def _chunk_logits(scaled: Tensor, factors: Tensor, constant: Tensor | None, chunk: slice) -> Tensor:
