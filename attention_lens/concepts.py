@@ -201,3 +201,20 @@ def concept_logits(lens: Lens, z: Tensor, layer: int, ids: Tensor, final_scale: 
         return (unembed.center(hidden) * unembed.gamma / final_scale[:, None, None]) @ W_U.T
     b_U = None if unembed.b_U is None else torch.cat([unembed.b_U[ids], unembed.b_U.mean(0, keepdim=True)])
     return dataclasses.replace(unembed, W_U=W_U, b_U=b_U)(hidden)
+
+
+@torch.no_grad()
+def prompt_lift(lens: Lens, concept: Concept, input_ids: Tensor) -> Tensor:
+    """Per-head lift of the concept on one prompt (lens layer, lens head): the explorer's concept box.
+
+    The same score as `search`, averaged over the prompt's positions instead of a corpus.
+    """
+    model = lens.model
+    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
+    scale = None if capture.final_residual is None else model.unembed.scale(capture.final_residual[0])
+    ids = torch.tensor(concept.ids, device=model.device)
+    lifts = []
+    for layer in lens.config.layers:
+        logits = concept_logits(lens, capture.heads.pop(layer).z[0], layer, ids, scale)  # (pos, head, concept + 1)
+        lifts.append((logits[..., :-1].mean(-1) - logits[..., -1]).mean(0))
+    return torch.stack(lifts)

@@ -84,7 +84,8 @@ class _ByteTokenizer:
         return {"input_ids": [2 + (ord(c) % (VOCAB - 2)) for c in text]}
 
     def decode(self, ids):
-        return "".join(chr(i - 2 + 32) if 2 <= i else "<eos>" for i in ids)
+        # The inverse of __call__ on printable characters (ids 2.. stand for ord(c) mod 94).
+        return "".join("<eos>" if i < 2 else chr(i - 2) if i - 2 >= 32 else chr(i - 2 + 94) for i in ids)
 
     def batch_decode(self, sequences):
         return [self.decode(ids) for ids in sequences]

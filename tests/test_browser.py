@@ -89,6 +89,15 @@ def test_explorer_prompt_grid_and_head(server, page):
 
     page.click("#positions .chip[data-position='1']")  # another position keeps the head selected
     page.wait_for_selector("#head-title:has-text('position 1')")
+
+    # The concept box: a heatmap of every head's lift, the heads that promote the concept listed first.
+    page.fill("#concept", "fox, dog")
+    page.click("#concept-run")
+    page.wait_for_selector("#concept-heatmap svg.heatmap rect.cell")
+    assert page.locator("#concept-heatmap svg.heatmap rect.cell").count() == model.n_layers * model.n_heads
+    answer = _api(page, url, {"text": PROMPT, "concept": "fox, dog"}, path="/api/concept")
+    best = answer["top"][0]
+    assert page.inner_text("#concept-top").startswith(f"head {best['layer']}.{best['head']}")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
 
@@ -129,8 +138,8 @@ def test_report_heatmap_and_grid(files, page, capsys):
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
 
 
-def _api(page, url, body):
-    answer = page.request.post(url + "/api/decode", data=json.dumps(body), headers={"Content-Type": "application/json"})
+def _api(page, url, body, path="/api/decode"):
+    answer = page.request.post(url + path, data=json.dumps(body), headers={"Content-Type": "application/json"})
     assert answer.ok
     return answer.json()
 

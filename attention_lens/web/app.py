@@ -3,7 +3,8 @@
 API (all answers are JSON; errors are {"error": "what was wrong"} with a 4xx status):
 - GET  /api/info       lens config, model fingerprint, shape, per-head results (or null), limits;
 - POST /api/decode     {"text", "k"=10, "position"="all"} -> the `decode --json` document;
-- POST /api/attention  {"text", "layer", "head"} -> {"tokens", "layer", "head", "pattern": [query][key]}.
+- POST /api/attention  {"text", "layer", "head"} -> {"tokens", "layer", "head", "pattern": [query][key]};
+- POST /api/concept    {"text", "concept": "war, battle"} -> {"concept", "scores": {"layer,head": lift}, "top"}.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..concepts import make_concept, prompt_lift
 from ..decode import decode
 from ..errors import AttentionLensError
 from ..lens import Lens
@@ -92,6 +94,25 @@ class Explorer:
             tokens = [self.model.token_text(int(i)) for i in input_ids[0]]
         return {"tokens": tokens, "layer": layer, "head": head,
                 "pattern": [[round(float(w), 4) for w in row] for row in pattern]}
+
+    def concept(self, body: dict) -> dict:
+        """Which heads' lenses promote a concept's tokens on this prompt (the lift of `search`, per prompt)."""
+        text = self._text(body)
+        words = body.get("concept")
+        if not isinstance(words, str) or not words.strip():
+            raise RequestError(422, "'concept' must be a non-empty comma list, e.g. \"war, battle, army\"")
+        if len(words) > self.limits.max_chars:
+            raise RequestError(413, f"the concept has {len(words)} characters; the limit is {self.limits.max_chars}")
+        # Split here: read_concept_words treats a path as a file to read, which a web request must never do.
+        found = make_concept(self.model.tokenizer, [w.strip() for w in words.split(",") if w.strip()])
+        with self._lock:
+            lift = prompt_lift(self.lens, found, self._check_tokens(text))
+        scores = {f"{layer},{head}": round(float(lift[i, j]), 4)
+                  for i, layer in enumerate(self.lens.config.layers) for j, head in enumerate(self.lens.config.heads)}
+        top = sorted(scores.items(), key=lambda item: -item[1])[:10]
+        return {"concept": found.to_json(self.model.tokenizer), "scores": scores,
+                "top": [{"layer": int(key.split(",")[0]), "head": int(key.split(",")[1]), "lift": value}
+                        for key, value in top]}
 
     def _text(self, body: dict) -> str:
         text = body.get("text")
@@ -167,6 +188,7 @@ def create_app(model: Model, lens: Lens, results: HeadResults | None = None, lim
         Route("/api/info", info),
         Route("/api/decode", _endpoint(explorer, explorer.decode), methods=["POST"]),
         Route("/api/attention", _endpoint(explorer, explorer.attention), methods=["POST"]),
+        Route("/api/concept", _endpoint(explorer, explorer.concept), methods=["POST"]),
         # StaticFiles resolves each path and refuses any that leaves STATIC_DIR (404), symlinks included.
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]

@@ -41,6 +41,7 @@
       state.head = null;
       $("head-panel").hidden = true;
       $("result").hidden = false;
+      $("concept-box").hidden = false;
       drawGrid();
       setStatus(`${doc.tokens.length} tokens × ${state.grid.layers.length * state.grid.heads.length} heads ` +
         `in ${Math.round(performance.now() - started)} ms`);
@@ -117,6 +118,29 @@
       onClick: (l, h) => { if (state.grid) selectHead(l, h); } });
   }
 
+  /** The concept box: per-head lift of the concept's tokens on the decoded prompt, as a heatmap. */
+  async function runConcept(event) {
+    event.preventDefault();
+    if (!state.grid) return;
+    $("concept-status").textContent = "searching…";
+    $("concept-status").className = "muted";
+    try {
+      const answer = await api("/api/concept", { text: state.grid.text, concept: $("concept").value });
+      const tokens = answer.concept.tokens.map(LensView.visible).join("  ");
+      $("concept-status").textContent = `tokens: ${tokens}` +
+        (answer.concept.dropped.length ? ` · dropped: ${answer.concept.dropped.join(", ")}` : "");
+      LensView.heatmap($("concept-heatmap"), { nLayers: state.info.n_layers, nHeads: state.info.n_heads,
+        values: answer.scores, selected: state.head,
+        tooltip: (l, h) => `layer ${l}, head ${h}\nlift: ${LensView.format(answer.scores[`${l},${h}`])}`,
+        onClick: (l, h) => selectHead(l, h) });
+      LensView.keyValues($("concept-top"), answer.top.map((t) => [`head ${t.layer}.${t.head}`, LensView.format(t.lift)]));
+    } catch (error) {
+      $("concept-status").textContent = error.message;
+      $("concept-status").className = "error";
+    }
+  }
+
   $("form").addEventListener("submit", runDecode);
+  $("concept-form").addEventListener("submit", runConcept);
   loadInfo().catch((error) => setStatus(error.message, true));
 })();
