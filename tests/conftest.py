@@ -135,3 +135,16 @@ def make_model_dir(directory, model_type: str = "llama", seed: int = 0):
     hf.save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
+
+
+def run_cli(argv, capsys):
+    """`attention-lens argv` in-process with warnings as errors: (exit code, stdout, stderr)."""
+    import warnings
+
+    from attention_lens.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

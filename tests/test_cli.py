@@ -1,12 +1,10 @@
 """The CLI end to end, in-process: train then decode; user mistakes give one line and exit 2."""
 
 import json
-import warnings
 
 import pytest
 
-from attention_lens.cli import main
-from conftest import make_corpus, make_model_dir
+from conftest import make_corpus, make_model_dir, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -15,25 +13,17 @@ def paths(tmp_path_factory):
     return make_model_dir(root / "model"), make_corpus(root / "corpus"), root
 
 
-def run(argv, capsys):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_train_then_decode(paths, capsys):
     model, corpus, root = paths
     out = root / "lens"
-    code, stdout, _ = run(["train", "--model", str(model), "--data", str(corpus), "--layers", "1", "--tokens", "64",
+    code, stdout, _ = run_cli(["train", "--model", str(model), "--data", str(corpus), "--layers", "1", "--tokens", "64",
                            "--seq-len", "16", "--eval-tokens", "64", "--out", str(out), "--json"], capsys)
     assert code == 0
     result = json.loads(stdout)  # stdout holds exactly one JSON document
     assert result["steps"] == 1 and result["layers"] == [1] and result["heldout_kl"] > 0
     assert (out / "lens.safetensors").exists() and (out / "checkpoints" / "last.safetensors").exists()
 
-    code, stdout, _ = run(["decode", "--lens", str(out), "--json", "--position", "all", "-k", "3",
+    code, stdout, _ = run_cli(["decode", "--lens", str(out), "--json", "--position", "all", "-k", "3",
                            "The quick brown fox"], capsys)
     assert code == 0
     document = json.loads(stdout)
@@ -43,13 +33,13 @@ def test_train_then_decode(paths, capsys):
     assert isinstance(record["layer"], int) and record["layer"] == 1
     assert {"token", "id", "logit", "prob"} <= set(record["top"][0]) and len(record["top"]) == 3
 
-    code, stdout, _ = run(["decode", "--lens", str(out), "The quick brown fox"], capsys)
+    code, stdout, _ = run_cli(["decode", "--lens", str(out), "The quick brown fox"], capsys)
     assert code == 0 and "H3" in stdout
 
 
 def test_decode_logit_needs_no_training(paths, capsys):
     model, _, _ = paths
-    code, stdout, _ = run(["decode", "--model", str(model), "--lens", "dla", "--json", "jumps over"], capsys)
+    code, stdout, _ = run_cli(["decode", "--model", str(model), "--lens", "dla", "--json", "jumps over"], capsys)
     assert code == 0 and len(json.loads(stdout)["heads"]) == 2 * 4
 
 
@@ -58,12 +48,12 @@ def test_existing_lens_is_not_overwritten(paths, capsys):
     out = root / "kept"
     args = ["train", "--model", str(model), "--data", str(corpus), "--tokens", "16", "--seq-len", "16",
             "--eval-tokens", "0", "--out", str(out)]
-    assert run(args, capsys)[0] == 0
+    assert run_cli(args, capsys)[0] == 0
     before = (out / "lens.safetensors").read_bytes()
-    code, _, err = run(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and "--overwrite" in err
     assert (out / "lens.safetensors").read_bytes() == before
-    assert run(args + ["--overwrite"], capsys)[0] == 0
+    assert run_cli(args + ["--overwrite"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -80,7 +70,7 @@ def test_user_mistakes_give_one_line(paths, capsys, argv, message):
     (root / "empty.txt").write_text("   \n")
     (root / "binary.txt").write_bytes(b"\x00\x01\x02text")
     values = dict(model=model, corpus=corpus, root=root, empty=root / "empty.txt", binary=root / "binary.txt")
-    code, stdout, err = run([a.format(**values) for a in argv], capsys)
+    code, stdout, err = run_cli([a.format(**values) for a in argv], capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -88,5 +78,5 @@ def test_user_mistakes_give_one_line(paths, capsys, argv, message):
 
 def test_unsupported_architecture(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    code, _, err = run(["decode", "--model", str(tmp_path), "hi"], capsys)
+    code, _, err = run_cli(["decode", "--model", str(tmp_path), "hi"], capsys)
     assert code == 2 and "supported" in err

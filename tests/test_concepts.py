@@ -1,15 +1,13 @@
 """Concepts: words -> token ids; search ranks the head that is the only path for a token first; CLI search."""
 
 import json
-import warnings
 
 import pytest
 import torch
 
 from attention_lens import AttentionLensError, DataConfig, Lens
-from attention_lens.cli import main
 from attention_lens.concepts import Concept, concept_logits, make_concept, read_concept_words, search
-from conftest import make_corpus, make_model_dir, make_tiny_model
+from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 
 TOKEN, WRITER = 17, (1, 2)
 
@@ -118,19 +116,11 @@ def test_concept_logits_are_the_lens_logits(tiny_model, kind):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def run(argv, capsys):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_search_with_verify(tmp_path, corpus, capsys):
     model = make_model_dir(tmp_path / "model")
     argv = ["search", "--model", str(model), "--lens", "dla", "--concept", "fox, dog, bold", "--data", str(corpus),
             "--tokens", "128", "--seq-len", "16", "--top", "3", "--verify", "--repeats", "10", "--json"]
-    code, stdout, _ = run(argv, capsys)
+    code, stdout, _ = run_cli(argv, capsys)
     assert code == 0
     document = json.loads(stdout)
     assert len(document["heads"]) == 3 and {"layer", "head", "score", "top_tokens"} <= set(document["heads"][0])
@@ -140,8 +130,8 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
             "collateral_loss_change"} <= set(verify)
     assert verify["repeats"] == 10 and verify["concept_targets"] > 0 and len(verify["heads"]) == 1
 
-    code, stdout, _ = run(argv[:-4], capsys)  # human output: a table
+    code, stdout, _ = run_cli(argv[:-4], capsys)  # human output: a table
     assert code == 0 and "score" in stdout
 
-    code, _, err = run(["search", "--model", str(model), "--concept", "?!", "--data", str(corpus)], capsys)
+    code, _, err = run_cli(["search", "--model", str(model), "--concept", "?!", "--data", str(corpus)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no word" in err

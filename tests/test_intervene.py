@@ -2,17 +2,15 @@
 removes its probability mass and random heads do not; ablate / generate end to end."""
 
 import json
-import warnings
 
 import pytest
 import torch
 
 from attention_lens import AttentionLensError
-from attention_lens.cli import main
 from attention_lens.heads import HeadCapture
 from attention_lens.intervene import (Edit, HeadIntervention, HeadMeans, ablate, generate, measure,
                                       parse_heads)
-from conftest import make_corpus, make_model_dir, make_tiny_model
+from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 from test_concepts import TOKEN, WRITER, make_only_path
 
 
@@ -104,14 +102,6 @@ def test_modes_parse():
         Edit.parse("scale=big")
 
 
-def run(argv, capsys):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("intervene")
@@ -122,20 +112,20 @@ def test_cli_ablate(paths, capsys):
     model, corpus = paths
     base = ["ablate", "--model", str(model), "--heads", "1.0,0.3", "--concept", "fox, dog", "--data", str(corpus),
             "--tokens", "64", "--seq-len", "16"]
-    code, stdout, _ = run(base + ["--mode", "mean", "--baseline", "random", "--repeats", "3", "--json"], capsys)
+    code, stdout, _ = run_cli(base + ["--mode", "mean", "--baseline", "random", "--repeats", "3", "--json"], capsys)
     assert code == 0
     document = json.loads(stdout)
     assert document["found"]["heads"] == ["1.0", "0.3"] and len(document["random"]) == 3
     assert document["verify"]["repeats"] == 3 and document["mode"] == "mean"
-    code, stdout, _ = run(base + ["--scale", "2"], capsys)
+    code, stdout, _ = run_cli(base + ["--scale", "2"], capsys)
     assert code == 0 and "scale=2" in stdout
-    code, _, err = run(base[:4] + ["9.9"] + base[5:], capsys)
+    code, _, err = run_cli(base[:4] + ["9.9"] + base[5:], capsys)
     assert code == 2 and "out of range" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_generate(paths, capsys):
     model, _ = paths
-    code, stdout, _ = run(["generate", "--model", str(model), "--heads", "1.1", "--scale", "5",
+    code, stdout, _ = run_cli(["generate", "--model", str(model), "--heads", "1.1", "--scale", "5",
                            "--max-new-tokens", "3", "--json", "The quick"], capsys)
     assert code == 0
     document = json.loads(stdout)
