@@ -8,6 +8,8 @@ are optional (the `notebook` extra) and imported only when asked for.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import html
 import importlib
 from dataclasses import dataclass, field
@@ -51,15 +53,16 @@ class Grid:
         return low, high if high > low else low + 1.0
 
 
-class NotebookDisplay:
+class NotebookDisplay(ABC):
     """Mixin: `_repr_html_`, `plot()` and `to_pandas()` for a result that defines `grid()` and `to_records()`."""
 
+    @abstractmethod
     def grid(self) -> Grid:
-        raise NotImplementedError
+        """The layers x heads cells to draw."""
 
+    @abstractmethod
     def to_records(self) -> list[dict]:
         """Tidy rows: one dict of plain values per observation."""
-        raise NotImplementedError
 
     def _repr_html_(self) -> str:
         return grid_html(self.grid())

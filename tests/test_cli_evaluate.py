@@ -10,13 +10,7 @@ from conftest import make_corpus, make_model_dir, run_cli
 SMALL = ["--tokens", "64", "--seq-len", "16", "--constant-tokens", "64", "--bootstrap", "20"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy machine idle-spinning ones slow them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,7 @@ from test_lens import TARGET_TOKEN, WRITER_HEAD, WRITER_LAYER, make_token_writer
 SEQ_LEN, TOKENS, CONSTANT_TOKENS = 16, 96, 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine idle-spinning OpenMP threads make each
-    forward pass hundreds of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
