@@ -161,9 +161,7 @@ def search(lens: Lens, concept: Concept, data: DataConfig, tokens: int = 2048, b
             break
         _, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
                                     final_residual=lens.kind == "dla")
-        final_scale = None
-        if capture.final_residual is not None:
-            final_scale = model.unembed.scale(capture.final_residual.flatten(0, 1))  # (token,)
+        final_scale = capture.final_scale()  # (token,) or None
         for i, layer in enumerate(lens.config.layers):
             z = capture.heads.pop(layer).z.flatten(0, 1)  # (token, head, d_head)
             logits = concept_logits(lens, z, layer, ids, final_scale, block_rows)  # (token, head, concept + 1)
@@ -211,7 +209,7 @@ def prompt_lift(lens: Lens, concept: Concept, input_ids: Tensor) -> Tensor:
     """
     model = lens.model
     _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
-    scale = None if capture.final_residual is None else model.unembed.scale(capture.final_residual[0])
+    scale = capture.final_scale()
     ids = torch.tensor(concept.ids, device=model.device)
     lifts = []
     for layer in lens.config.layers:

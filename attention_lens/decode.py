@@ -74,9 +74,7 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     length = input_ids.shape[1]
     positions = _positions(position, length)
     _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
-    final_scale = None
-    if capture.final_residual is not None:
-        final_scale = model.unembed.scale(capture.final_residual[0, positions])
+    final_scale = capture.final_scale(positions)  # one prompt: its tokens are the positions
     result = DecodeResult(text=text, tokens=[model.token_text(int(i)) for i in input_ids[0]],
                           positions=positions, kind=lens.kind)
     k = min(k, model.vocab)

@@ -341,9 +341,7 @@ def heldout_kl(lens: Lens, data: DataConfig, tokens: int = 2048, batch_size: int
         logits, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
                                          final_residual=lens.kind == "dla")
         p, neg_entropy = target_distribution(logits.flatten(0, 1))
-        final_scale = None
-        if capture.final_residual is not None:
-            final_scale = model.unembed.scale(capture.final_residual.flatten(0, 1))
+        final_scale = capture.final_scale()
         for i, layer in enumerate(lens.config.layers):
             z = capture.heads.pop(layer).z.flatten(0, 1)
             total[i] += head_kl(lens, z, layer, p, neg_entropy, final_scale).sum(0)

@@ -77,6 +77,14 @@ class HeadCapture:
 
         return hook
 
+    def final_scale(self, rows=None) -> Tensor | None:
+        """The final norm's divisor sigma per token (batch * pos,), optionally only `rows` of it; None when
+        the final residual was not captured. The dla lens divides by it."""
+        if self.final_residual is None:
+            return None
+        residual = self.final_residual.flatten(0, 1)  # (token, d_model)
+        return self.model.unembed.scale(residual if rows is None else residual[rows])
+
     def _final_hook(self, module, inputs):
         self.final_residual = inputs[0].float()  # (batch, pos, d_model)
 

@@ -162,9 +162,7 @@ def _lens_distributions(
         input_ids = batch.to(model.device)
         _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
         keep = ~sink_mask(input_ids, model.tokenizer).flatten()  # attention sinks are not what a head writes
-        scale = None
-        if capture.final_residual is not None:
-            scale = model.unembed.scale(capture.final_residual.flatten(0, 1)[keep])
+        scale = capture.final_scale(keep)
         for i, layer in enumerate(lens.config.layers):
             z = capture.heads.pop(layer).z.flatten(0, 1)[keep]  # (rows, head, d_head)
             z_aug = torch.cat([z[:, heads], torch.ones(z.shape[0], len(heads), 1, device=z.device)], dim=-1)
