@@ -19,7 +19,7 @@ from ._version import __version__
 from .checkpoint import CHECKPOINT_DIR
 from .data import DataConfig
 from .decode import decode as decode_prompt
-from .distributed import close, init_world, rank_device
+from .distributed import close, finish, init_world, rank_device
 from .errors import AttentionLensError
 from .evaluate import heldout_kl
 from .fit import FitConfig, fit as fit_lens
@@ -146,6 +146,7 @@ def train(
             lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
                                    parse_indices(heads, loaded.n_heads, "head"))
         _train(world, lens, data_config, config, out, resume, overwrite, eval_tokens, as_json)
+        finish(world)
     finally:
         close(world)
 

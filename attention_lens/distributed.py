@@ -78,6 +78,13 @@ def average_(tensors: list[Tensor], world: World) -> None:
         offset += t.numel()
 
 
+def finish(world: World) -> None:
+    """Wait for every rank before teardown: a rank that destroys the group while another still uses it
+    aborts inside gloo ("terminate called without an active exception")."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def close(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
