@@ -20,7 +20,7 @@ from pathlib import Path
 import attention_lens
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
-SKIPPED_MODULES = {"cli", "cli_concepts", "render", "distributed"}
+SKIPPED_MODULES = {"cli", "cli_concepts", "cli_inspect", "render", "distributed"}
 """The CLI and its rendering have their own generated reference (docs/cli.md); torchrun plumbing is not user API."""
 
 
