@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
 from .notebook import Cell, Grid, NotebookDisplay, visible
+from .vocab_topk import VocabTopK, vocab_topk
 
 
 @dataclass
@@ -64,8 +66,14 @@ class DecodeResult(NotebookDisplay):
 
 
 @torch.no_grad()
-def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str = -1) -> DecodeResult:
-    """Top-k tokens of every lens head at `position` (default: last; 'all' for every position)."""
+def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str = -1,
+           exact: bool = False) -> DecodeResult:
+    """Top-k tokens of every lens head at `position` (default: last; 'all' for every position).
+
+    Ids and logits are those of an fp32 readout (a bf16 screen proposes candidates, fp32 rechecks them and a
+    bound certifies the result; see vocab_topk). Probabilities use bf16 logits for tokens outside the top 64:
+    measured within 1.1% (relative) of fp32 on SmolLM2. `exact=True` computes everything in fp32 (~2.5x slower).
+    """
     if lens._model is not model:
         lens.to(model.device).bind(model)
     if k < 1:
@@ -79,14 +87,15 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
                           positions=positions, kind=lens.kind)
     k = min(k, model.vocab)
     tops = []
-    for group in _layer_groups(lens.config.layers, len(positions) * len(lens.config.heads)):
-        # Several layers per readout: W_U is read once per group instead of once per layer.
+    # A full lens's hidden vectors already are (rows x vocab) logits: bound their memory per group.
+    max_rows = 2048 if lens.kind == "full" else 1 << 20
+    for group in _layer_groups(lens.config.layers, len(positions) * len(lens.config.heads), max_rows):
         hidden = torch.stack([lens.hidden(capture.heads.pop(layer).z[0, positions], layer) for layer in group])
-        logits = lens.readout(hidden, final_scale).float()  # (layer, position, lens head, vocab)
-        top_logits, top_ids = logits.topk(k, dim=-1)
-        top_probs = (top_logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+        top = _top_k(lens, hidden, final_scale, k, exact)  # rows: (layer, position, lens head) flattened
+        shape = (len(group), len(positions), len(lens.config.heads), k)
+        ids, logits, probs = (t.view(shape) for t in (top.ids, _rounded(top.logits, 4), _rounded(top.probs(), 6)))
         for i, layer in enumerate(group):
-            tops.append((layer, top_ids[i].tolist(), top_logits[i].tolist(), top_probs[i].tolist()))
+            tops.append((layer, ids[i].tolist(), logits[i].tolist(), probs[i].tolist()))
     distinct = sorted({i for _, ids, _, _ in tops for row in ids for head in row for i in head})
     texts = dict(zip(distinct, model.token_texts(distinct)))
     for layer, ids, logits, probs in tops:
@@ -94,13 +103,31 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
             for h_index, head in enumerate(lens.config.heads):
                 result.heads.append({
                     "layer": layer, "head": head, "position": pos,
-                    "top": [{"token": texts[i], "id": i, "logit": round(lg, 4), "prob": round(pr, 6)}
+                    "top": [{"token": texts[i], "id": i, "logit": lg, "prob": pr}
                             for i, lg, pr in zip(ids[p_index][h_index], logits[p_index][h_index], probs[p_index][h_index])],
                 })
     return result
 
 
-def _layer_groups(layers: list[int], rows_per_layer: int, max_rows: int = 2048) -> list[list[int]]:
+def _top_k(lens: Lens, hidden: Tensor, final_scale: Tensor | None, k: int, exact: bool) -> VocabTopK:
+    """Top-k of the lens's logits for each row of hidden (..., d_model | vocab), flattened to rows."""
+    unembed = lens.model.unembed
+    if lens.kind == "full" or (lens.kind != "dla" and unembed.softcap is not None):
+        logits = lens.readout(hidden, final_scale).float().flatten(0, -2)  # (rows, vocab)
+        top_logits, top_ids = logits.topk(k, dim=-1)
+        return VocabTopK(top_logits, top_ids, torch.logsumexp(logits, dim=-1))
+    y = lens.unembed_input(hidden, final_scale).flatten(0, -2)  # (rows, d_model)
+    return vocab_topk(y, unembed.W_U, None if lens.kind == "dla" else unembed.b_U, k, exact)
+
+
+def _rounded(values: Tensor, decimals: int) -> Tensor:
+    """Rounded to `decimals` in float64, where n / 10^d is the double nearest the decimal (as round() gives),
+    at tensor speed instead of one Python call per number."""
+    scale = 10.0**decimals
+    return (values.double() * scale).round() / scale
+
+
+def _layer_groups(layers: list[int], rows_per_layer: int, max_rows: int) -> list[list[int]]:
     """Consecutive layers in groups of at most max_rows head-positions (bounds the logits' memory)."""
     size = max(1, max_rows // rows_per_layer)
     return [layers[i : i + size] for i in range(0, len(layers), size)]

@@ -202,15 +202,22 @@ class Lens(nn.Module):
 
     def readout(self, hidden: Tensor, final_scale: Tensor | None = None) -> Tensor:
         """Logits (..., head, vocab) from `hidden`; `dla` needs the final norm's scale (...,) per position."""
-        unembed = self.model.unembed
         if self.kind == "full":
             return hidden
+        y = self.unembed_input(hidden, final_scale)
+        if self.kind == "dla":
+            return y @ self.model.unembed.W_U.T  # a linear attribution: no bias, no soft-cap
+        return self.model.unembed.logits(y)
+
+    def unembed_input(self, hidden: Tensor, final_scale: Tensor | None = None) -> Tensor:
+        """What meets W_U (logit, affine, dla): the final norm of `hidden`, or for dla the final norm's
+        linear action on the head's share of the residual, gamma * C·hidden / sigma(final residual)."""
+        unembed = self.model.unembed
         if self.kind == "dla":
             if final_scale is None:
                 raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
-            attributed = unembed.center(hidden) * unembed.gamma / final_scale[..., None, None]
-            return attributed @ unembed.W_U.T
-        return unembed(hidden)
+            return unembed.center(hidden) * unembed.gamma / final_scale[..., None, None]
+        return unembed.normalize(hidden)
 
     def logits(self, z: Tensor, layer: int, final_scale: Tensor | None = None) -> Tensor:
         """Per-head logits: z (..., head, d_head) of all the layer's heads -> (..., lens head, vocab).

@@ -195,7 +195,11 @@ class Model:
 
     def token_texts(self, token_ids: list[int]) -> list[str]:
         """Each id's text, in one tokenizer call (per-id calls dominate decoding all positions)."""
-        return self.tokenizer.batch_decode([[i] for i in token_ids])
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or self.tokenizer.clean_up_tokenization_spaces:
+            return self.tokenizer.batch_decode([[i] for i in token_ids])
+        # The fast tokenizer's Rust decoder directly: batch_decode spends ~10x longer checking its Python input.
+        return backend.decode_batch([[i] for i in token_ids], skip_special_tokens=False)
 
 
 def _tensor_hash(t: Tensor) -> str:

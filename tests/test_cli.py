@@ -43,6 +43,16 @@ def test_decode_logit_needs_no_training(paths, capsys):
     assert code == 0 and len(json.loads(stdout)["heads"]) == 2 * 4
 
 
+def test_decode_exact_gives_the_same_tokens(paths, capsys):
+    model, _, _ = paths
+    args = ["decode", "--model", str(model), "--lens", "logit", "--json", "--position", "all", "jumps over the"]
+    _, fast, _ = run_cli(args, capsys)
+    code, exact, _ = run_cli([*args, "--exact"], capsys)
+    assert code == 0
+    ids = lambda document: [[t["id"] for t in r["top"]] for r in json.loads(document)["heads"]]  # noqa: E731
+    assert ids(fast) == ids(exact)
+
+
 def test_existing_lens_is_not_overwritten(paths, capsys):
     model, corpus, root = paths
     out = root / "kept"

@@ -19,6 +19,21 @@ def test_logit_lens_decodes_every_head(smollm2):
     assert all(len(r["top"]) == 5 and r["position"] == len(result.tokens) - 1 for r in result.heads)
 
 
+@pytest.mark.parametrize("kind", ["logit", "dla"])
+def test_fast_decode_equals_the_fp32_decode(smollm2, kind):
+    """The bf16-screened readout certifies its top-k: same tokens and logits as fp32, on every head and position
+    (logits reach ~200 here, where bf16's spacing is 1)."""
+    lens = al.Lens.from_model(smollm2, kind)
+    text = "The quick brown fox jumps over the lazy dog while the president speaks"
+    fast = al.decode(smollm2, lens, text, k=10, position="all")
+    exact = al.decode(smollm2, lens, text, k=10, position="all", exact=True)
+    for ours, reference in zip(fast.heads, exact.heads, strict=True):
+        assert [t["id"] for t in ours["top"]] == [t["id"] for t in reference["top"]]
+        for a, b in zip(ours["top"], reference["top"]):
+            assert a["logit"] == pytest.approx(b["logit"], abs=2e-4, rel=1e-5)
+            assert a["prob"] == pytest.approx(b["prob"], rel=2e-2, abs=2e-6)  # probs are rounded to 6 decimals
+
+
 def test_shapes_follow_the_config(smollm2):
     assert (smollm2.n_layers, smollm2.n_heads, smollm2.d_head, smollm2.d_model) == (30, 9, 64, 576)
     assert smollm2.config.num_key_value_heads == 3  # grouped-query attention
