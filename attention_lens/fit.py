@@ -29,8 +29,8 @@ class FitConfig:
     """Seeds the data order."""
     skip_positions: int = 1
     """Leading positions of each window left out: position 0 is an attention sink with massive activations."""
-    constant_steps: int = 300
-    """Optimizer steps for the best constant lens b*."""
+    constant_steps: int = 25
+    """L-BFGS iterations for the best constant lens b*."""
 
 
 @dataclass
@@ -69,6 +69,7 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
         raise AttentionLensError(f"--seq-len must exceed the {config.skip_positions} skipped leading positions")
     moments = {layer: _empty_moments(lens) for layer in lens.config.layers}
     mean_p = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
+    sum_target = torch.zeros(model.d_model, dtype=torch.float64, device=model.device)
     seen = 0
     for batch in batches(windows, config.batch_size):
         if seen >= config.tokens:
@@ -78,6 +79,7 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
         residual = capture.final_residual[:, keep].flatten(0, 1)  # (tokens, d_model)
         target = model.unembed.center(residual) / model.unembed.scale(residual)[:, None]
         mean_p += torch.softmax(logits[:, keep].flatten(0, 1).float(), dim=-1).sum(0).double()
+        sum_target += target.sum(0).double()
         for layer in lens.config.layers:
             z = capture.heads.pop(layer).z[:, keep][..., lens.config.heads, :].flatten(0, 1)  # (tokens, head, d_head)
             _accumulate(moments[layer], z.double(), target.double())
@@ -86,7 +88,8 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
             on_batch(seen)
     if seen == 0:
         raise AttentionLensError(f"the training data is too small for one window of {data.seq_len} tokens")
-    constant, constant_kl = best_constant(model, (mean_p / seen).float(), config.constant_steps)
+    constant, constant_kl = best_constant(model, (mean_p / seen).float(), config.constant_steps,
+                                          start=(sum_target / seen).float())
     for layer in lens.config.layers:
         _solve_into(lens, layer, moments[layer], constant, config.ridge)
     return FitReport(tokens=seen, constant_kl=constant_kl)
@@ -124,22 +127,31 @@ def _solve_into(lens: Lens, layer: int, moments: _Moments, constant: Tensor, rid
     lens.bias[i] = b.float()
 
 
-def best_constant(model, mean_p: Tensor, steps: int) -> tuple[Tensor, float]:
-    """The unit-rms vector b* whose logits W_U norm(b*) best match the mean distribution (min KL)."""
+def best_constant(model, mean_p: Tensor, steps: int = 25, start: Tensor | None = None) -> tuple[Tensor, float]:
+    """The unit-rms vector b* whose logits W_U norm(b*) best match the mean distribution (min KL).
+
+    L-BFGS from `start`; fit passes the mean normalized final residual, whose logits already resemble the mean
+    distribution (SmolLM2: 1.41 nats from there; 25 iterations reach 0.30, where 300 Adam steps from a
+    least-squares start stopped at 0.38). Without a start: the unembedding rows weighted by mean_p.
+    """
     unembed = model.unembed
     neg_entropy = (mean_p * torch.log(mean_p.clamp_min(1e-30))).sum()
-    # Start from the least-squares preimage of log mean_p: close to the optimum, so few steps are needed.
-    start = torch.linalg.lstsq(unembed.W_U * unembed.gamma, torch.log(mean_p.clamp_min(1e-12))[:, None]).solution[:, 0]
-    b = start.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([b], lr=0.05)
-    loss = torch.tensor(math.inf)
+    if start is None:
+        # The unembedding rows weighted by how much more probable than uniform their token is. (The least-squares
+        # preimage of log mean_p often led L-BFGS to a worse stationary point on tiny random models.)
+        start = (unembed.W_U * unembed.gamma).T @ (mean_p - 1 / mean_p.numel())
+    b = start.detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def kl() -> Tensor:
+        optimizer.zero_grad()
+        loss = neg_entropy - (mean_p * torch.log_softmax(unembed(b), dim=-1)).sum()
+        loss.backward()
+        return loss
+
     with torch.enable_grad():
-        for _ in range(steps):
-            optimizer.zero_grad()
-            logits = unembed(b)
-            loss = neg_entropy - (mean_p * torch.log_softmax(logits, dim=-1)).sum()
-            loss.backward()
-            optimizer.step()
-    loss = loss.detach()
+        optimizer.step(kl)
     b = b.detach()
+    loss = neg_entropy - (mean_p * torch.log_softmax(unembed(b), dim=-1)).sum()
     return unembed.center(b) / unembed.scale(b), loss.item()

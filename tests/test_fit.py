@@ -30,6 +30,8 @@ def test_best_constant_beats_uniform_and_random():
     model = make_tiny_model("gpt2")
     mean_p = torch.softmax(torch.randn(model.vocab) * 2, dim=-1)
     b, kl = best_constant(model, mean_p, steps=300)
+    _, kl_default = best_constant(model, mean_p)
+    assert kl_default == pytest.approx(kl, abs=2e-3)  # the default's few L-BFGS iterations converge
 
     def kl_of(vector):
         log_q = torch.log_softmax(model.unembed(vector), dim=-1)
