@@ -165,21 +165,25 @@ class Lens(nn.Module):
         Every kind's logits factor as ([z_h, 1] @ F_h^T) / divisor + constant: for logit/dla/affine,
         F_h = W_U diag(gamma) C [M_h; b_h] with M_h = W_O_h (+ B_h), because the final norm is linear up
         to its per-position divisor. Building F_h costs vocab x d_model x d_head once per call; each
-        head-token then costs ~d_head x vocab instead of d_model x vocab.
+        head-token then costs ~d_head x vocab instead of d_model x vocab. The result is a transposed view of
+        a (head, d_head + 1, vocab) tensor: that layout is what the blockwise KL multiplies by, chunk by chunk.
         """
         heads = self.config.heads
         if self.kind == "full":
             i = self.layer_index(layer)
-            return torch.cat([self.weight[i].transpose(-1, -2), self.bias[i][..., None]], dim=-1), None
+            return torch.cat([self.weight[i], self.bias[i][:, None, :]], dim=1).transpose(1, 2), None
         unembed = self.model.unembed
         M = self.model.W_O[layer, heads]  # (head, d_head, d_model)
         b = torch.zeros(len(heads), unembed.d_model, device=M.device)
         if self.kind == "affine":
             i = self.layer_index(layer)
             M, b = M + self.delta[i], self.bias[i]
-        readout = unembed.W_U * unembed.gamma  # (vocab, d_model): W_U diag(gamma)
         M_b = unembed.center(torch.cat([M, b[:, None, :]], dim=1))  # (head, d_head + 1, d_model)
-        factors = torch.einsum("vm,hdm->hvd", readout.to(M_b.dtype), M_b)
+        device = M_b.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else M_b.dtype
+        readout = unembed.readout_matrix(dtype)  # (vocab, d_model): W_U diag(gamma)
+        # One 2-D product; a batched einsum copied the (vocab, d_model) readout into its transpose every call.
+        factors = (M_b.to(dtype).flatten(0, 1) @ readout.T).view(*M_b.shape[:2], -1).transpose(1, 2)
         if self.kind == "dla":
             return factors, None  # attribution adds neither beta nor b_U per head
         constant = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,6 +25,14 @@ class Unembed:
     """Unembedding bias, (vocab,), or None."""
     softcap: float | None
     """Final-logit soft-capping (Gemma-2): logits = cap * tanh(logits / cap)."""
+    _readouts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def readout_matrix(self, dtype: torch.dtype) -> Tensor:
+        """W_U diag(gamma), (vocab, d_model), in `dtype`: built once per dtype, since every lens factor product
+        of every layer and step starts from it (the weights are frozen)."""
+        if dtype not in self._readouts:
+            self._readouts[dtype] = (self.W_U * self.gamma).to(dtype)
+        return self._readouts[dtype]
 
     @property
     def d_model(self) -> int:

@@ -48,3 +48,26 @@ def test_bfloat16_stays_close_to_float32():
     exact = head_kl(lens, z, 0, p, neg_entropy)
     rounded = head_kl(lens, z, 0, p, neg_entropy, dtype=torch.bfloat16)
     torch.testing.assert_close(rounded, exact, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["affine", "full"])
+def test_bfloat16_gradients_follow_float32(kind, monkeypatch):
+    """bf16 runs keep the logits, exps and q - p in bf16: the gradient must still point where fp32's does."""
+    monkeypatch.setattr("attention_lens.objective.VOCAB_CHUNK", 16)  # several chunks: the online logsumexp
+    model = make_tiny_model("llama")
+    torch.manual_seed(2)
+    lens = Lens.from_model(model, kind)
+    with torch.no_grad():
+        for parameter in lens.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    z = torch.randn(24, model.n_heads, model.d_head)
+    p, neg_entropy = target_distribution(torch.randn(24, model.vocab) * 3)
+
+    def gradient(dtype):
+        lens.zero_grad()
+        head_kl(lens, z, 0, p, neg_entropy, backward_scale=1.0, dtype=dtype, block_rows=12)
+        return torch.cat([parameter.grad.flatten() for parameter in lens.parameters()])
+
+    exact, rounded = gradient(torch.float32), gradient(torch.bfloat16)
+    assert torch.nn.functional.cosine_similarity(exact, rounded, dim=0) > 0.999
+    assert (rounded - exact).norm() < 0.03 * exact.norm()
