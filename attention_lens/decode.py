@@ -12,7 +12,7 @@ from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
 from .notebook import Cell, Grid, NotebookDisplay, visible
-from .vocab_topk import VocabTopK, vocab_topk
+from .vocab_topk import Screen, VocabTopK, vocab_topk
 
 
 @dataclass
@@ -117,7 +117,9 @@ def _top_k(lens: Lens, hidden: Tensor, final_scale: Tensor | None, k: int, exact
         top_logits, top_ids = logits.topk(k, dim=-1)
         return VocabTopK(top_logits, top_ids, torch.logsumexp(logits, dim=-1))
     y = lens.unembed_input(hidden, final_scale).flatten(0, -2)  # (rows, d_model)
-    return vocab_topk(y, unembed.W_U, None if lens.kind == "dla" else unembed.b_U, k, exact)
+    bias = None if lens.kind == "dla" else unembed.b_U
+    screen = unembed.derived(("decode screen", bias is None), lambda: Screen(unembed.W_U, bias))
+    return vocab_topk(y, unembed.W_U, bias, k, exact, screen)
 
 
 def _rounded(values: Tensor, decimals: int) -> Tensor:

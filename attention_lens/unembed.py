@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -25,14 +26,18 @@ class Unembed:
     """Unembedding bias, (vocab,), or None."""
     softcap: float | None
     """Final-logit soft-capping (Gemma-2): logits = cap * tanh(logits / cap)."""
-    _readouts: dict = field(default_factory=dict, repr=False, compare=False)
+    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, key, build: Callable[[], Any]) -> Any:
+        """build(), computed once per key: the weights are frozen, so what is derived from them stays valid."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def readout_matrix(self, dtype: torch.dtype) -> Tensor:
-        """W_U diag(gamma), (vocab, d_model), in `dtype`: built once per dtype, since every lens factor product
-        of every layer and step starts from it (the weights are frozen)."""
-        if dtype not in self._readouts:
-            self._readouts[dtype] = (self.W_U * self.gamma).to(dtype)
-        return self._readouts[dtype]
+        """W_U diag(gamma), (vocab, d_model), in `dtype`: every lens factor product of every layer and step
+        starts from it."""
+        return self.derived(("readout", dtype), lambda: (self.W_U * self.gamma).to(dtype))
 
     @property
     def d_model(self) -> int:

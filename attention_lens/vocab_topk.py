@@ -25,8 +25,9 @@ CANDIDATES = 64
 """Candidates per row that the bf16 screen passes to the fp32 recheck (at least k + 8)."""
 WIDE_CANDIDATES = 256
 """Candidates for rows whose top-k the first CANDIDATES could not certify."""
-TILE_ROWS = 64
-"""Rows per tile: 64 x 49,152 bf16 logits (6 MB) stay in cache for the top-k and exp passes."""
+TILE_ROWS = 128
+"""Rows per tile: 128 x 49,152 bf16 logits (12 MB) stay in the last-level cache for the top-k and exp passes
+(measured on SmolLM2, 2 cores: 64 rows 0.91 s, 96 0.82 s, 128 0.80 s, 192 1.03 s, 256 1.23 s for 270 heads x 20 tokens)."""
 
 
 @dataclass
@@ -43,14 +44,18 @@ class VocabTopK:
 
 
 @torch.no_grad()
-def vocab_topk(y: Tensor, W_U: Tensor, bias: Tensor | None, k: int, exact: bool = False) -> VocabTopK:
-    """Top-k of y @ W_U^T (+ bias) per row: y (rows, d_model), W_U (vocab, d_model), bias (vocab,) or None."""
+def vocab_topk(y: Tensor, W_U: Tensor, bias: Tensor | None, k: int, exact: bool = False,
+               screen: Screen | None = None) -> VocabTopK:
+    """Top-k of y @ W_U^T (+ bias) per row: y (rows, d_model), W_U (vocab, d_model), bias (vocab,) or None.
+
+    `screen`: Screen(W_U, bias) built once by a caller that decodes repeatedly (its bf16 copy and norms of
+    W_U cost ~30 ms for SmolLM2)."""
     y = y.float()
     m = max(k + 8, CANDIDATES)
     if exact or m >= W_U.shape[0] or y.device.type != "cpu":
         # GPUs run the fp32 product fast enough, and there a tile loop costs more than it saves.
         return _exact(y, W_U.float(), bias, k)
-    screen = _Screen(W_U, bias)
+    screen = screen or Screen(W_U, bias)
     parts = [screen.tile(y[start : start + TILE_ROWS], k, m) for start in range(0, y.shape[0], TILE_ROWS)]
     return VocabTopK(*(torch.cat(column) for column in zip(*parts)))
 
@@ -63,8 +68,8 @@ def _exact(y: Tensor, W_U: Tensor, bias: Tensor | None, k: int) -> VocabTopK:
     return VocabTopK(top_logits, top_ids, torch.logsumexp(logits, dim=-1))
 
 
-class _Screen:
-    """W_U in bf16 plus what the error bound needs about it; built once per call."""
+class Screen:
+    """W_U in bf16 plus what the error bound needs about it."""
 
     def __init__(self, W_U: Tensor, bias: Tensor | None):
         self.W_U = W_U.float()
