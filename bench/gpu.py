@@ -80,8 +80,9 @@ def reference(model: al.Model, batch: torch.Tensor, layer: int, repeats: int) ->
             "head_tokens_per_s": round(batch.numel() * model.n_heads / seconds)}
 
 
-def check_factored_kl_on_gpu() -> float:
-    """The factored blockwise KL on the GPU against the textbook formula, on a small random model."""
+def check_factored_kl_on_gpu(dtype: torch.dtype = torch.float32) -> float:
+    """The factored blockwise KL on the GPU (fp32, or bf16 as training runs) against the textbook formula in
+    fp32, on a small random model."""
     model = random_model("smollm2-135m", torch.float32)
     lens = al.Lens.from_model(model, "affine", layers=[3])
     with torch.no_grad():
@@ -91,7 +92,7 @@ def check_factored_kl_on_gpu() -> float:
     logits, capture = run_with_heads(model, ids, [3])
     z = capture.heads[3].z.flatten(0, 1)
     p, neg_entropy = target_distribution(logits.flatten(0, 1))
-    factored = head_kl(lens, z, 3, p, neg_entropy)
+    factored = head_kl(lens, z, 3, p, neg_entropy, dtype=dtype)
     log_q = torch.log_softmax(lens.logits(z, 3), -1)
     log_p = torch.log_softmax(logits.float().flatten(0, 1), -1)[:, None].expand_as(log_q)
     naive = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
@@ -106,6 +107,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     result = {"device": name, "torch": torch.__version__}
     result["factored_kl_max_abs_error"] = check_factored_kl_on_gpu()
+    result["factored_kl_bf16_max_abs_error"] = check_factored_kl_on_gpu(torch.bfloat16)
     print(json.dumps(result), file=sys.stderr)
     smollm2 = random_model("smollm2-135m", torch.bfloat16)
     small = torch.randint(0, smollm2.vocab, (1, 8) if args.smoke else (4, 128), device=DEVICE)
