@@ -86,8 +86,9 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors_t: Tensor, constant: Tenso
     The logits stay in the factors' dtype: in bf16 runs every pass over them (max, exp, q - p) reads half the
     bytes and bf16 exp runs ~2x faster than fp32 on CPUs. Each chunk's sums accumulate in fp32 inside the kernel
     and round once (sum(dtype=float32) would first copy the chunk to fp32: 2.6x slower); chunks add up in fp32.
-    Exponents are shifted by the running max, itself one of the logits, so the shift is exact in bf16 and each
-    row's scale is restored with one fp32 factor.
+    Exponents are shifted by the running max, itself one of the logits, so the shift is exact in bf16; each
+    row's scale exp(max - logsumexp) is computed in fp32 and applied in bf16 (q off by at most 2^-9 relative;
+    an fp32 factor made that pass 4x slower).
     """
     low = factors_t.dtype
     scaled = (z_aug / divisor[..., None]).transpose(0, 1).to(low)  # (head, rows, d_head + 1)
@@ -120,7 +121,7 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors_t: Tensor, constant: Tenso
         residual = torch.sub(logits, shift).exp_().mul_(rescale).sub_(p_low[:, chunk])  # q - p: dKL/dlogits
         spread += (residual * raw).sum(-1).float()
         if grad_t is not None:
-            grad_t[:, :, chunk].add_(torch.bmm(scaled_t, residual), alpha=scale)  # bf16 into fp32, no copy
+            grad_t[:, :, chunk].add_(torch.bmm(scaled_t, residual), alpha=scale)  # bf16 into fp32 in one call
     return kl, spread.T
 
 

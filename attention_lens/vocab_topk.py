@@ -7,11 +7,13 @@ bf16 product alone would misrank close tokens, so the screen only proposes candi
 1. rows are processed in tiles small enough that a tile's (rows, vocab) logits stay in cache;
 2. the top-m (m > k) bf16 logits of each row are the candidates; their logits are recomputed in fp32;
 3. a rigorous bound on the bf16 error certifies, per row, that no token outside the candidates can beat
-   the k-th exact logit; a row that fails the check (rare: a near-flat top) is recomputed in fp32.
+   the k-th exact logit. A row that fails (a near-flat top, e.g. a head that writes little) is rechecked with
+   more candidates, and if it fails again, computed in fp32.
 
 So the returned ids and logits are those of the fp32 computation (up to fp32 rounding and ties). The
-log-normalizer uses the exact logits of the candidates and the bf16 ones of the rest; its error is at most
-the non-candidate probability mass times e^bound - 1 (~1e-4 relative to a top probability in practice).
+log-normalizer uses the exact logits of the candidates and the bf16 ones of the rest, so probabilities carry
+the bf16 error of the non-candidate mass: within 1.1% (relative) of fp32 on every head and position of a
+SmolLM2 prompt, whose logits reach ~200, where bf16's spacing is 1.
 """
 
 from __future__ import annotations
