@@ -191,14 +191,11 @@ def concept_logits(lens: Lens, z: Tensor, layer: int, ids: Tensor, final_scale: 
             out.append(torch.cat([logits[..., ids], logits.mean(-1, keepdim=True)], dim=-1))
         return torch.cat(out)
     W_U = torch.cat([unembed.W_U[ids], unembed.W_U.mean(0, keepdim=True)])  # (concept + 1, d_model)
-    hidden = lens.hidden(z, layer).float()  # (token, head, d_model)
+    y = lens.unembed_input(lens.hidden(z, layer).float(), final_scale)  # (token, head, d_model): what meets W_U
     if lens.kind == "dla":
-        if final_scale is None:
-            raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
-        # As Lens.readout: attribution through the final norm at the model's own per-position scale.: attribution through the final norm at the model's own scale
-        return (unembed.center(hidden) * unembed.gamma / final_scale[:, None, None]) @ W_U.T
+        return y @ W_U.T  # as Lens.readout: a linear attribution, no bias
     b_U = None if unembed.b_U is None else torch.cat([unembed.b_U[ids], unembed.b_U.mean(0, keepdim=True)])
-    return dataclasses.replace(unembed, W_U=W_U, b_U=b_U)(hidden)
+    return dataclasses.replace(unembed, W_U=W_U, b_U=b_U).logits(y)
 
 
 @torch.no_grad()

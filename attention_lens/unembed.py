@@ -26,7 +26,8 @@ class Unembed:
     """Unembedding bias, (vocab,), or None."""
     softcap: float | None
     """Final-logit soft-capping (Gemma-2): logits = cap * tanh(logits / cap)."""
-    _derived: dict = field(default_factory=dict, repr=False, compare=False)
+    # Not an __init__ field: dataclasses.replace (e.g. with a subset of W_U's rows) must start an empty cache.
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def derived(self, key, build: Callable[[], Any]) -> Any:
         """build(), computed once per key: the weights are frozen, so what is derived from them stays valid."""
