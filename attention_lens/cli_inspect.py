@@ -35,12 +35,11 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
 ) -> None:
     """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
-    from .evaluate import EvalConfig, default_holdout, evaluate
+    from .evaluate import EvalConfig, evaluate
     from .render import TokenBar, eval_tables
 
     lens_obj, _ = _lens_and_model(lens, model, device)
-    data_config = DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
-                             holdout=default_holdout(lens_obj) if holdout is None else holdout)
+    data_config = _scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
                         constant_data=constant_data, constant_tokens=constant_tokens)
     with TokenBar(err, "eval") as bar:
@@ -71,13 +70,11 @@ def specialize(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads, groups}."),
 ) -> None:
     """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads."""
-    from .evaluate import default_holdout
     from .render import TokenBar, specialize_tables
     from .specialize import SpecializeConfig, specialize as specialize_heads
 
     lens_obj, _ = _lens_and_model(lens, model, device)
-    data_config = DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
-                             holdout=default_holdout(lens_obj) if holdout is None else holdout)
+    data_config = _scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = SpecializeConfig(tokens=tokens, batch_size=batch_size, seed=seed, top=top,
                               group_similarity=group_similarity)
     with TokenBar(err, "specialize") as bar:
@@ -87,6 +84,15 @@ def specialize(
         console = Console()
         for table in specialize_tables(result, compare_layers):
             console.print(table)
+
+
+def _scored_data(lens, data: str, seq_len: int, holdout: float | None, skip_bad_lines: bool) -> DataConfig:
+    """The held-out text eval and specialize score on: by default the lens's own split, so no head is scored on
+    text it was trained on."""
+    from .evaluate import default_holdout
+
+    return DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
+                      holdout=default_holdout(lens) if holdout is None else holdout)
 
 
 def _finish_results(document: dict, out: Path | None, as_json: bool) -> None:

@@ -113,9 +113,7 @@ def _top_k(lens: Lens, hidden: Tensor, final_scale: Tensor | None, k: int, exact
     """Top-k of the lens's logits for each row of hidden (..., d_model | vocab), flattened to rows."""
     unembed = lens.model.unembed
     if lens.kind == "full" or (lens.kind != "dla" and unembed.softcap is not None):
-        logits = lens.readout(hidden, final_scale).float().flatten(0, -2)  # (rows, vocab)
-        top_logits, top_ids = logits.topk(k, dim=-1)
-        return VocabTopK(top_logits, top_ids, torch.logsumexp(logits, dim=-1))
+        return VocabTopK.of_logits(lens.readout(hidden, final_scale).float().flatten(0, -2), k)  # rows x vocab
     y = lens.unembed_input(hidden, final_scale).flatten(0, -2)  # (rows, d_model)
     bias = None if lens.kind == "dla" else unembed.b_U
     screen = unembed.derived(("decode screen", bias is None), lambda: Screen(unembed.W_U, bias))

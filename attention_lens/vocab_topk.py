@@ -44,6 +44,12 @@ class VocabTopK:
     def probs(self) -> Tensor:
         return (self.logits - self.log_normalizer[:, None]).exp()
 
+    @classmethod
+    def of_logits(cls, logits: Tensor, k: int) -> VocabTopK:
+        """From every logit of each row, (rows, vocab)."""
+        top_logits, top_ids = logits.topk(k, dim=-1)
+        return cls(top_logits, top_ids, torch.logsumexp(logits, dim=-1))
+
 
 @torch.no_grad()
 def vocab_topk(y: Tensor, W_U: Tensor, bias: Tensor | None, k: int, exact: bool = False,
@@ -66,8 +72,7 @@ def _exact(y: Tensor, W_U: Tensor, bias: Tensor | None, k: int) -> VocabTopK:
     logits = y @ W_U.T
     if bias is not None:
         logits += bias
-    top_logits, top_ids = logits.topk(k, dim=-1)
-    return VocabTopK(top_logits, top_ids, torch.logsumexp(logits, dim=-1))
+    return VocabTopK.of_logits(logits, k)
 
 
 class Screen:

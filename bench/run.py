@@ -181,7 +181,7 @@ def rss_child(dtype_name: str) -> float:
     code = ("import torch, attention_lens as al; from attention_lens.train import _step; "
             "from bench.run import train_batches; m = al.load_model('smollm2-135m'); "
             "lens = al.Lens.from_model(m, 'affine'); opt = torch.optim.Adam(lens.parameters()); "
-            f"_step(lens, opt, train_batches(m, 1)[0], getattr(torch, '{dtype_name}'), 1152, 0); "
+            f"_step(lens, opt, train_batches(m, 1)[0], getattr(torch, '{dtype_name}'), {DEFAULT_BLOCK_ROWS}, 0); "
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
     # The child's own high-water mark: RUSAGE_CHILDREN would count this (large) process's pages the child
     # holds between fork and exec.

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import attention_lens as al
 from attention_lens import DataConfig, Lens

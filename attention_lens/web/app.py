@@ -107,12 +107,11 @@ class Explorer:
         found = make_concept(self.model.tokenizer, [w.strip() for w in words.split(",") if w.strip()])
         with self._lock:
             lift = prompt_lift(self.lens, found, self._check_tokens(text))
-        scores = {f"{layer},{head}": round(float(lift[i, j]), 4)
-                  for i, layer in enumerate(self.lens.config.layers) for j, head in enumerate(self.lens.config.heads)}
-        top = sorted(scores.items(), key=lambda item: -item[1])[:10]
-        return {"concept": found.to_json(self.model.tokenizer), "scores": scores,
-                "top": [{"layer": int(key.split(",")[0]), "head": int(key.split(",")[1]), "lift": value}
-                        for key, value in top]}
+        cells = [{"layer": layer, "head": head, "lift": round(float(lift[i, j]), 4)}
+                 for i, layer in enumerate(self.lens.config.layers) for j, head in enumerate(self.lens.config.heads)]
+        return {"concept": found.to_json(self.model.tokenizer),
+                "scores": {f"{cell['layer']},{cell['head']}": cell["lift"] for cell in cells},
+                "top": sorted(cells, key=lambda cell: -cell["lift"])[:10]}
 
     def _text(self, body: dict) -> str:
         text = body.get("text")
