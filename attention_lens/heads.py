@@ -60,6 +60,7 @@ class HeadCapture:
     def _layer_hook(self, layer: int):
         model = self.model
         norm = model.post_attn_norm(layer)
+        eps = None if norm is None else model.norm_eps(norm)
 
         def hook(module, inputs, output):
             merged = inputs[0]  # (batch, pos, head * d_head): the heads' outputs, concatenated
@@ -67,7 +68,7 @@ class HeadCapture:
             scale = None
             if norm is not None:
                 # The same shared per-position scale the norm module computes on the block output.
-                scale = torch.rsqrt(output.float().pow(2).mean(-1) + norm.eps)  # (batch, pos)
+                scale = torch.rsqrt(output.float().pow(2).mean(-1) + eps)  # (batch, pos)
                 z = z * scale[..., None, None]
             heads = LayerHeads(z=z, scale=scale)
             if self.on_layer is not None:
@@ -95,13 +96,13 @@ def head_contributions(model: Model, layer: int, heads: LayerHeads) -> Tensor:
 
 
 def output_bias(model: Model, layer: int, heads: LayerHeads) -> Tensor | None:
-    """The part of the block output that belongs to no head: b_O (scaled by the post-norm, if any)."""
+    """The part of the block output that belongs to no head: b_O times the output gain (and the post-norm's
+    per-position scale, if any), (d_model,) or (batch, pos, d_model)."""
     bias = model.b_O(layer)
-    if bias is None or heads.scale is None:
-        return bias
-    norm = model.post_attn_norm(layer)
-    gain = norm.weight.detach().float() + model.spec.norm_weight_offset
-    return heads.scale[..., None] * gain * bias
+    if bias is None:
+        return None
+    bias = bias * model.out_gain(layer)
+    return bias if heads.scale is None else heads.scale[..., None] * bias
 
 
 @torch.no_grad()

@@ -121,46 +121,79 @@ class Model:
         return weight if self.spec.out_proj_is_conv1d else weight.T
 
     def b_O(self, layer: int) -> Tensor | None:
-        """Output-projection bias (d_model,): it belongs to no head."""
+        """Output-projection bias (d_model,), as the projection holds it: it belongs to no head."""
         bias = self.out_proj(layer).bias
         return None if bias is None else bias.detach().float()
+
+    def out_gain(self, layer: int) -> Tensor | float:
+        """What multiplies the projection's output on its way to the residual, besides a post-attention norm's
+        per-position scale: that norm's gain (d_model,) and a residual multiplier (Granite); 1.0 where none."""
+        gain: Tensor | float = 1.0
+        if self.spec.residual_multiplier is not None:
+            gain = float(getattr(self.config, self.spec.residual_multiplier))
+        norm = self.post_attn_norm(layer)
+        if norm is not None:
+            gain = gain * (norm.weight.detach().float() + self.spec.norm_weight_offset)
+        return gain
+
+    def norm_eps(self, norm: nn.Module) -> float:
+        """A norm module's epsilon, whatever its class calls it."""
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or self.spec.norm_eps
+        if eps is None:
+            raise AttentionLensError(
+                f"{self.model_type}: cannot find the epsilon of {type(norm).__name__}; the architecture table "
+                "entry needs norm_eps"
+            )
+        return float(eps)
 
     @property
     def W_O(self) -> Tensor:
         """Per-head output maps (layer, head, d_head, d_model), fp32; o_h = z_h @ W_O[layer, head].
 
-        Under a Gemma-style post-attention norm the norm's gain (1 + w) is folded in, so that with the
-        lens input s·z_h (s: the norm's per-position scale) o_h is the head's true residual contribution.
+        The output gain (a Gemma-style post-attention norm's gain, Granite's residual multiplier) is folded
+        in, so that with the lens input s·z_h (s: the post-norm's per-position scale, 1 without one) o_h is the
+        head's true residual contribution.
         """
         if "W_O" not in self._cache:
             per_layer = []
             for layer in range(self.n_layers):
                 w = self._out_proj_weight(layer).float()  # (head * d_head, d_model)
                 w = w.reshape(self.n_heads, self.d_head, -1)  # (head, d_head, d_model)
-                norm = self.post_attn_norm(layer)
-                if norm is not None:
-                    w = w * (norm.weight.detach().float() + self.spec.norm_weight_offset)
-                per_layer.append(w)
+                per_layer.append(w * self.out_gain(layer))
             self._cache["W_O"] = torch.stack(per_layer)
         return self._cache["W_O"]
 
     @property
     def unembed(self) -> Unembed:
+        """The readout as tensors. A logit scale (Cohere's logit_scale, Granite's 1 / logits_scaling) is folded
+        into W_U and b_U: logits are linear in them, and every lens computes logits from W_U."""
         if "unembed" not in self._cache:
             norm = self.hf.get_submodule(self.spec.final_norm)
             head = self.hf.get_output_embeddings()
-            eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+            weight = getattr(norm, "weight", None)  # OLMo's final LayerNorm has neither weight nor bias
+            gamma = torch.ones(head.weight.shape[1]) if weight is None else weight.detach().float()
             bias = getattr(norm, "bias", None)
+            logit_scale = self.logit_scale
             self._cache["unembed"] = Unembed(
                 norm_kind=self.spec.norm_kind,
-                gamma=norm.weight.detach().float() + self.spec.norm_weight_offset,
+                gamma=gamma.to(head.weight.device) + self.spec.norm_weight_offset,
                 beta=None if bias is None else bias.detach().float(),
-                eps=float(eps),
-                W_U=head.weight.detach().float(),
-                b_U=None if head.bias is None else head.bias.detach().float(),
+                eps=self.norm_eps(norm),
+                W_U=head.weight.detach().float() * logit_scale,
+                b_U=None if head.bias is None else head.bias.detach().float() * logit_scale,
                 softcap=getattr(self.config, "final_logit_softcapping", None),
             )
         return self._cache["unembed"]
+
+    @property
+    def logit_scale(self) -> float:
+        """The factor the model multiplies its logits by before any soft-capping (1.0 for most)."""
+        scale = 1.0
+        if self.spec.logit_multiplier is not None:
+            scale *= float(getattr(self.config, self.spec.logit_multiplier))
+        if self.spec.logit_divisor is not None:
+            scale /= float(getattr(self.config, self.spec.logit_divisor))
+        return scale
 
     def fingerprint(self) -> dict:
         """Identity of the weights a lens depends on, equal for fp32 and bf16 loads of the same model."""

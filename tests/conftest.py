@@ -17,40 +17,65 @@ COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, hidd
 
 
 def _configs():
-    from transformers import (
-        Gemma2Config,
-        Gemma3Config,
-        Gemma3TextConfig,
-        GPT2Config,
-        GPTNeoXConfig,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-        Qwen3Config,
-        SiglipVisionConfig,
-    )
+    """One tiny config per table entry (`model_type`) and per layout variant (`model_type:variant`)."""
+    import transformers as t
 
     grouped = dict(COMMON, num_key_value_heads=2, intermediate_size=48)
+    moe = dict(grouped, num_experts_per_tok=2, moe_intermediate_size=16)
+    granite_scales = dict(residual_multiplier=0.37, logits_scaling=3.0, embedding_multiplier=2.0,
+                          attention_multiplier=0.2)
+    neox = dict(COMMON, intermediate_size=48, attention_bias=True)
+    falcon = dict(COMMON, bias=True)
     return {
-        "llama": lambda: LlamaConfig(**grouped),
-        "mistral": lambda: MistralConfig(**grouped),
-        "qwen2": lambda: Qwen2Config(**grouped),  # value/query/key biases: W_O·b_v belongs to the head
-        "qwen3": lambda: Qwen3Config(**grouped, head_dim=16),  # head_dim != d_model / heads
-        "phi3": lambda: Phi3Config(**grouped, pad_token_id=0, bos_token_id=1, eos_token_id=1),
-        # Gemma: head_dim * heads (4 x 16 = 64) != d_model (32), post-attention norm, soft-capping.
-        "gemma2": lambda: Gemma2Config(**dict(grouped, num_key_value_heads=1), head_dim=16,
-                                       final_logit_softcapping=30.0),
-        "gemma3_text": lambda: Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16),
+        "llama": lambda: t.LlamaConfig(**grouped),
+        "mistral": lambda: t.MistralConfig(**grouped),
+        "mixtral": lambda: t.MixtralConfig(**grouped, num_local_experts=3, num_experts_per_tok=2),
+        "qwen2": lambda: t.Qwen2Config(**grouped),  # value/query/key biases: W_O·b_v belongs to the head
+        "qwen2_moe": lambda: t.Qwen2MoeConfig(**moe, num_experts=3, shared_expert_intermediate_size=24),
+        "qwen3": lambda: t.Qwen3Config(**grouped, head_dim=16),  # head_dim != d_model / heads
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(**moe, num_experts=3, head_dim=16),
+        "phi3": lambda: t.Phi3Config(**grouped, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        "olmoe": lambda: t.OlmoeConfig(**dict(grouped, num_experts_per_tok=2), num_experts=3, pad_token_id=0),
+        "smollm3": lambda: t.SmolLM3Config(**grouped, pad_token_id=0),
+        "helium": lambda: t.HeliumConfig(**grouped, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        # Gemma: (1 + w) norms, head_dim * heads (4 x 16 = 64) != d_model (32).
+        "gemma": lambda: t.GemmaConfig(**dict(grouped, num_key_value_heads=1), head_dim=16, pad_token_id=0),
+        # Gemma-2/3 add a post-attention norm; Gemma-2 soft-caps the logits.
+        "gemma2": lambda: t.Gemma2Config(**dict(grouped, num_key_value_heads=1), head_dim=16,
+                                         final_logit_softcapping=30.0),
+        "gemma3_text": lambda: t.Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16),
         # The multimodal wrapper: the text model sits one level deeper, its config in text_config.
-        "gemma3": lambda: Gemma3Config(
-            text_config=Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16).to_dict(),
-            vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
+        "gemma3": lambda: t.Gemma3Config(
+            text_config=t.Gemma3TextConfig(**dict(grouped, num_key_value_heads=1), head_dim=16).to_dict(),
+            vision_config=t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
             mm_tokens_per_image=4, image_token_index=95, boi_token_index=93, eoi_token_index=94),
-        "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=64,
+        "olmo": lambda: t.OlmoConfig(**grouped, pad_token_id=0),  # parameter-free LayerNorms
+        "olmo2": lambda: t.Olmo2Config(**grouped, pad_token_id=0),  # post-attention RMS norm, plain gain
+        "olmo3": lambda: t.Olmo3Config(**grouped, pad_token_id=0),
+        "cohere": lambda: t.CohereConfig(**grouped, logit_scale=0.3, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=1),
+        "cohere:qk_norm": lambda: t.CohereConfig(**grouped, logit_scale=2.5, use_qk_norm=True, pad_token_id=0,
+                                                 bos_token_id=1, eos_token_id=1),
+        "cohere2": lambda: t.Cohere2Config(**grouped, logit_scale=0.3, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=1),
+        "granite": lambda: t.GraniteConfig(**grouped, **granite_scales, attention_bias=True),
+        "granitemoe": lambda: t.GraniteMoeConfig(**grouped, **granite_scales, num_local_experts=3,
+                                                 num_experts_per_tok=2),
+        "starcoder2": lambda: t.Starcoder2Config(**grouped, use_bias=True),
+        "stablelm": lambda: t.StableLmConfig(**grouped, use_qkv_bias=True, qk_layernorm=True),
+        "stablelm:parallel": lambda: t.StableLmConfig(**grouped, use_parallel_residual=True),
+        "phi": lambda: t.PhiConfig(**grouped, qk_layernorm=True),
+        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=64,
                                      bos_token_id=1, eos_token_id=1),
-        "gpt_neox": lambda: GPTNeoXConfig(**COMMON, intermediate_size=48, attention_bias=True),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**neox),  # parallel attention and MLP (use_parallel_residual)
+        "gpt_neox:sequential": lambda: t.GPTNeoXConfig(**neox, use_parallel_residual=False),
+        "gptj": lambda: t.GPTJConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, rotary_dim=4,
+                                     n_positions=64, bos_token_id=1, eos_token_id=1),
+        "falcon": lambda: t.FalconConfig(**falcon),  # multi-query, parallel attention
+        "falcon:sequential": lambda: t.FalconConfig(**falcon, parallel_attn=False, multi_query=False),
+        "falcon:new_decoder": lambda: t.FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2),
+        "falcon:alibi": lambda: t.FalconConfig(**falcon, alibi=True, multi_query=False),
     }
 
 
@@ -58,7 +83,8 @@ TINY_ARCHITECTURES = sorted(_configs())
 
 
 def make_tiny_model(model_type: str, seed: int = 0, randomize_norms: bool = True) -> Model:
-    """A tiny random CausalLM of `model_type`, wrapped; norms and biases made non-trivial so bugs show."""
+    """A tiny random CausalLM of `model_type` (or `model_type:variant`), wrapped; norms and biases made
+    non-trivial so bugs show."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -97,8 +123,17 @@ def tiny_model(request) -> Model:
 
 
 def test_table_covers_required_architectures():
-    required = {"gpt2", "llama", "gemma3", "gemma3_text", "qwen2", "qwen3", "mistral", "gpt_neox", "phi3"}
-    assert required <= set(ARCHITECTURES)
+    required = {"gpt2", "llama", "gemma3", "gemma3_text", "qwen2", "qwen3", "mistral", "gpt_neox", "phi3",
+                "olmo", "olmo2", "granite", "starcoder2", "stablelm", "cohere", "gemma", "phi", "mixtral",
+                "qwen2_moe", "qwen3_moe", "falcon"}
+    assert required <= set(ARCHITECTURES) and len(ARCHITECTURES) >= 20
+
+
+def test_every_table_entry_has_a_tiny_model():
+    """Each architecture in the table is exercised by every tiny-model test, and each tiny model is its type."""
+    assert {name.split(":")[0] for name in TINY_ARCHITECTURES} == set(ARCHITECTURES)
+    for name in TINY_ARCHITECTURES:
+        assert _configs()[name]().model_type == name.split(":")[0]
 
 
 SAMPLE_TEXT = (

@@ -1,29 +1,50 @@
-"""Per-head outputs: the key invariant (heads + b_O == attention block output) for every architecture."""
+"""Per-head outputs: the key invariant (heads + b_O == what the attention block adds to the residual), for every
+architecture."""
 
 import torch
 
 from attention_lens.heads import head_contributions, output_bias, run_with_heads
 
+MLP_MODULES = ("mlp", "feed_forward", "block_sparse_moe")
 
-def _block_outputs(model, input_ids):
-    """What each attention block adds to the residual stream, captured at the module boundary."""
-    outputs, handles = {}, []
-    for layer in range(model.n_layers):
-        module = model.post_attn_norm(layer) or model.out_proj(layer)
-        handles.append(module.register_forward_hook(
-            lambda mod, inputs, output, layer=layer: outputs.__setitem__(layer, output.float())))
+
+def _attention_residual_writes(model, input_ids):
+    """What each block adds to the residual stream with its MLP silenced: layer output - layer input.
+
+    Measured on the residual itself, so every multiplier, post-norm or parallel branch between the output
+    projection and the residual add is in it, whatever the table says about them.
+    """
+    with torch.no_grad():
+        for layer in model.layers:
+            mlps = [module for name, module in layer.named_children() if name in MLP_MODULES]
+            assert mlps, f"no MLP found in {type(layer).__name__}"
+            for module in mlps:
+                for parameter in module.parameters():
+                    parameter.zero_()  # every MLP here maps 0 weights to a 0 output (act(0) * 0, 0 @ W + 0)
+    inputs, outputs, handles = {}, {}, []
+    for index, layer in enumerate(model.layers):
+        def before(module, args, kwargs, index=index):
+            inputs[index] = (args[0] if args else kwargs["hidden_states"]).float()
+
+        def after(module, args, output, index=index):
+            outputs[index] = (output[0] if isinstance(output, tuple) else output).float()
+
+        handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(layer.register_forward_hook(after))
     try:
         with torch.no_grad():
             model.hf(input_ids=input_ids)
     finally:
         for handle in handles:
             handle.remove()
-    return outputs
+    return {index: outputs[index] - inputs[index] for index in outputs}
 
 
-def test_head_contributions_sum_to_block_output(tiny_model):
+def test_head_contributions_sum_to_residual_write(tiny_model):
+    """heads + bias == layer output - layer input once the MLPs are silenced: o_h is what a head adds to the
+    residual stream, through Granite's residual multiplier, Gemma's and OLMo-2's post-norms, parallel blocks."""
     input_ids = torch.randint(2, 90, (2, 9))
-    expected = _block_outputs(tiny_model, input_ids)
+    expected = _attention_residual_writes(tiny_model, input_ids)
     _, capture = run_with_heads(tiny_model, input_ids, range(tiny_model.n_layers))
     for layer in range(tiny_model.n_layers):
         heads = capture.heads[layer]
@@ -32,7 +53,7 @@ def test_head_contributions_sum_to_block_output(tiny_model):
         bias = output_bias(tiny_model, layer, heads)
         if bias is not None:
             total = total + bias
-        torch.testing.assert_close(total, expected[layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(total, expected[layer], atol=1e-5, rtol=1e-5)
 
 
 def test_hooks_leave_logits_unchanged(tiny_model):
