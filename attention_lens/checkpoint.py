@@ -10,7 +10,8 @@ import torch
 
 from ._version import __version__
 from .errors import AttentionLensError
-from .lens import Lens, check_fingerprint
+from .lens import Lens
+from .lens_config import check_fingerprint
 from .storage import check_version, read_tensors, write_tensors
 
 CHECKPOINT_DIR = "checkpoints"

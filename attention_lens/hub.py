@@ -1,4 +1,5 @@
-"""Lenses laid out like Hugging Face repositories: save_pretrained with a model card, from_pretrained from the Hub."""
+"""Lenses laid out like Hugging Face repositories: the model card `Lens.save_pretrained` writes, the Hub download
+behind `Lens.from_pretrained`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import AttentionLensError
-from .lens import CONFIG_FILE, WEIGHTS_FILE, Lens, LensConfig, parameter_bytes
-from .models import Model
+from .lens_config import CONFIG_FILE, WEIGHTS_FILE, LensConfig, parameter_bytes
 from .storage import atomic_write
 
 CARD_FILE = "README.md"
@@ -22,20 +22,20 @@ DESCRIPTIONS = {
 }
 
 
-def save_pretrained(lens: Lens, directory: str | Path, evaluation: dict | None = None) -> Path:
-    """`lens.save(directory)` plus a README.md model card; `evaluation` adds numbers (e.g. eval's summary)."""
-    directory = lens.save(directory)
-    card = model_card(lens.config, evaluation)
+def write_card(directory: Path, config: LensConfig, evaluation: dict | None = None) -> Path:
+    """Write the README.md model card of a saved lens; `evaluation` adds numbers (e.g. eval's summary)."""
+    card = model_card(config, evaluation)
     atomic_write(directory / CARD_FILE, lambda path: Path(path).write_text(card, encoding="utf-8"))
-    return directory
+    return directory / CARD_FILE
 
 
-def from_pretrained(name_or_path: str | Path, model: Model | None = None, revision: str | None = None) -> Lens:
-    """A lens from a local directory, else from the Hub repo `owner/name` (downloaded once, then cached)."""
+def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """The local directory of a lens: the path itself, else the Hub repo `owner/name` (downloaded once, then
+    cached)."""
     path = Path(name_or_path).expanduser()
     if path.exists() or not REPO_ID.match(str(name_or_path)):
-        return Lens.load(path, model)
-    return Lens.load(_download(str(name_or_path), revision), model)
+        return path
+    return _download(str(name_or_path), revision)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

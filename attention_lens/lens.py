@@ -1,49 +1,21 @@
-"""Lenses: per-head maps from a head's output z_h to vocabulary logits; config, save and load."""
+"""Lenses: per-head maps from a head's output z_h to vocabulary logits; build, save and load."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ._version import __version__
+from . import hub
 from .errors import AttentionLensError
+from .lens_config import (CONFIG_FILE, IDENTITY_KEY, KINDS, WEIGHTS_FILE, LensConfig, check_fingerprint,
+                          identity_hash, parameter_bytes, read_config)
 from .models import Model
-from .storage import atomic_write, check_version, read_tensors, write_tensors
-
-KINDS = ("logit", "dla", "affine", "full")
-TRAINABLE_KINDS = ("affine", "full")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "lens.safetensors"
-IDENTITY_KEY = "config_identity"
-
-
-@dataclass
-class LensConfig:
-    """What a lens is and which model it belongs to; saved as config.json."""
-
-    kind: str
-    """logit | dla | affine | full."""
-    layers: list[int]
-    """Layers the lens covers, ascending."""
-    heads: list[int]
-    """Heads (in every covered layer) the lens covers, ascending."""
-    n_layers: int
-    n_heads: int
-    d_model: int
-    d_head: int
-    vocab: int
-    model: dict
-    """Fingerprint of the model: name, shapes, hashes of W_U and W_O."""
-    training: dict = field(default_factory=dict)
-    """How it was trained: data, settings, tokens seen (empty for untrained lenses)."""
-    version: str = __version__
+from .storage import atomic_write, read_tensors, write_tensors
 
 
 class Lens(nn.Module):
@@ -244,7 +216,7 @@ class Lens(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.state_dict().items()}
-        write_tensors(directory / WEIGHTS_FILE, tensors, {IDENTITY_KEY: _identity_hash(self.config)})
+        write_tensors(directory / WEIGHTS_FILE, tensors, {IDENTITY_KEY: identity_hash(self.config)})
         config_text = json.dumps(dataclasses.asdict(self.config), indent=2)
         atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
         return directory
@@ -268,7 +240,7 @@ class Lens(nn.Module):
                 f"{weights} does not match its config.json ({config.kind} lens for model "
                 f"{config.model.get('name')!r}: expected tensors {expected}, found {found})"
             )
-        if metadata.get(IDENTITY_KEY, _identity_hash(config)) != _identity_hash(config):
+        if metadata.get(IDENTITY_KEY, identity_hash(config)) != identity_hash(config):
             raise AttentionLensError(
                 f"{weights} and its config.json come from different saves (an interrupted save?); "
                 "retrain, or finish the run with `attention-lens train --resume`"
@@ -281,62 +253,15 @@ class Lens(nn.Module):
 
     def save_pretrained(self, directory: str | Path, evaluation: dict | None = None) -> Path:
         """`save()` plus a generated README.md model card (model, data, tokens, eval numbers): a Hub-ready folder."""
-        from .hub import save_pretrained  # the hub module builds on this one
-
-        return save_pretrained(self, directory, evaluation)
+        directory = self.save(directory)
+        hub.write_card(directory, self.config, evaluation)
+        return directory
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, model: Model | None = None,
                         revision: str | None = None) -> "Lens":
         """A lens from a local directory or a Hugging Face Hub repo id `owner/name` (needs the Hub online once)."""
-        from .hub import from_pretrained
-
-        return from_pretrained(name_or_path, model, revision)
-
-
-def read_config(directory: Path) -> LensConfig:
-    path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise AttentionLensError(f"lens directory {directory} does not exist; train one or use --lens logit")
-    if not path.is_file():
-        raise AttentionLensError(f"{directory} has no {CONFIG_FILE}; it is not a lens directory")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as error:
-        raise AttentionLensError(f"cannot read {path}: {error.strerror}") from None
-    except (ValueError, RecursionError) as error:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number
-        raise AttentionLensError(f"{path} is not valid JSON ({error})") from None
-    return _config_from_dict(raw, path)
-
-
-def _config_from_dict(raw: Any, path: Path) -> LensConfig:
-    types = {"kind": str, "layers": list, "heads": list, "n_layers": int, "n_heads": int, "d_model": int,
-             "d_head": int, "vocab": int, "model": dict, "training": dict, "version": str}
-    if not isinstance(raw, dict):
-        raise AttentionLensError(f"{path} must hold a JSON object")
-    # The version first: another major version may lay out its config differently.
-    model_name = raw["model"].get("name") if isinstance(raw.get("model"), dict) else None
-    check_version(raw.get("version", __version__), model_name, path)
-    for name, kind in types.items():
-        if name in ("training", "version") and name not in raw:
-            continue
-        value = raw.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise AttentionLensError(f"{path}: field {name!r} is missing or not a {kind.__name__}")
-    for name in ("layers", "heads"):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw[name]):
-            raise AttentionLensError(f"{path}: field {name!r} must be a list of integers")
-    if raw["kind"] not in KINDS:
-        raise AttentionLensError(f"{path}: unknown lens kind {raw['kind']!r}; it should be one of {', '.join(KINDS)}")
-    for name in ("n_layers", "n_heads", "d_model", "d_head", "vocab"):
-        if not 1 <= raw[name] < 2**31:
-            raise AttentionLensError(f"{path}: field {name!r} must be a count from 1 to 2**31 - 1, not {raw[name]}")
-    for name, count in (("layers", raw["n_layers"]), ("heads", raw["n_heads"])):
-        values = raw[name]
-        if not values or values != sorted(set(values)) or values[0] < 0 or values[-1] >= count:
-            raise AttentionLensError(f"{path}: field {name!r} must list distinct {name} in 0-{count - 1}, ascending")
-    known = {f.name for f in dataclasses.fields(LensConfig)}
-    return LensConfig(**{k: v for k, v in raw.items() if k in known})
+        return cls.load(hub.resolve(name_or_path, revision), model)
 
 
 def _tensor_shapes(config: LensConfig, path: Path) -> dict[str, tuple[int, ...]]:
@@ -348,32 +273,10 @@ def _tensor_shapes(config: LensConfig, path: Path) -> dict[str, tuple[int, ...]]
         raise AttentionLensError(f"{path} describes an impossible lens ({str(error).splitlines()[0]})") from None
 
 
-def _identity_hash(config: LensConfig) -> str:
-    """What the lens is (kind, coverage, shapes, model), not how it was trained or by which version."""
-    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("training", "version")}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def check_fingerprint(expected: dict, actual: dict) -> None:
-    """Same weights are what matter: the name or path a model was loaded from may differ."""
-    keys = [k for k in expected if k != "name"]
-    if any(expected.get(k) != actual.get(k) for k in keys):
-        raise AttentionLensError(
-            f"this lens was made for model {expected.get('name')!r} ({expected.get('model_type')}, "
-            f"{expected.get('n_layers')} layers x {expected.get('n_heads')} heads), not for "
-            f"{actual.get('name')!r}; use the model it was made for (--model {expected.get('name')})"
-        )
-
-
 def _check_range(what: str, values: Sequence[int], count: int) -> None:
     bad = [v for v in values if not 0 <= v < count]
     if bad:
         raise AttentionLensError(f"{what} {bad[0]} is out of range: the model has {count} {what}s (0-{count - 1})")
-
-
-def parameter_bytes(config: LensConfig) -> int:
-    per_head = {"affine": (config.d_head + 1) * config.d_model, "full": (config.d_head + 1) * config.vocab}
-    return 4 * len(config.layers) * len(config.heads) * per_head.get(config.kind, 0)
 
 
 def check_memory(needed: int, what: str) -> None:

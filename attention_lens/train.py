@@ -17,7 +17,8 @@ from .data import DataConfig, batches, load_documents, split_by_document, token_
 from .distributed import World, average_, shard
 from .errors import AttentionLensError
 from .heads import run_with_heads
-from .lens import TRAINABLE_KINDS, Lens, check_memory, parameter_bytes
+from .lens import Lens, check_memory
+from .lens_config import TRAINABLE_KINDS, parameter_bytes
 from .objective import DEFAULT_BLOCK_ROWS, _autocast, head_kl, target_distribution
 from .sharding import exchange, gather_parameters, load_shard, owned_layers, save_shard
 

@@ -42,7 +42,7 @@ def test_wheel_and_sdist_build_and_the_wheel_runs_in_a_fresh_venv(tmp_path):
     assert wheel.name.startswith(f"attention_lens-{__version__}-py3-none-any")
 
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("attention_lens/py.typed", "attention_lens/cli.py", "attention_lens/report/template.html",
+    for expected in ("attention_lens/py.typed", "attention_lens/cli/__init__.py", "attention_lens/report/template.html",
                      "attention_lens/web/static/index.html"):
         assert expected in names, expected
     assert not any(name.startswith(("tests/", "bench/", "scripts/")) for name in names)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli import _emit_json, _lens_and_model, _visible, app, err
-from .concepts import make_concept, read_concept_words, search as search_heads
-from .data import DataConfig
-from .errors import AttentionLensError
-from .intervene import Edit, ablate as ablate_heads, concept_windows, generate as generate_text, parse_heads
-from .models import DEFAULT_MODEL, Model, load_model
+from ..concepts import make_concept, read_concept_words, search as search_heads
+from ..data import DataConfig
+from ..errors import AttentionLensError
+from ..intervene import Edit, ablate as ablate_heads, concept_windows, generate as generate_text, parse_heads
+from ..models import DEFAULT_MODEL, Model, load_model
+from .common import emit_json, err, lens_and_model, visible
+from .options import Concept, Data, Device, HeadList, LensModel, LensSpec, ModelName, Scale, SeqLen
 
 
 def _edit(mode: str, scale: float | None) -> Edit:
@@ -41,27 +42,26 @@ def _check_counts(**counts: int) -> None:
             raise AttentionLensError(f"--{name.replace('_', '-')} must be at least {least}; got {value}")
 
 
-@app.command()
 def search(
-    concept: str = typer.Option(..., help="Words/phrases of the concept: a comma list ('war, battle') or a file."),
-    lens: str = typer.Option("logit", help="logit, dla, or a lens directory."),
-    model: Optional[str] = typer.Option(None, help="Model (default: the lens's own, or smollm2-135m)."),
-    data: str = typer.Option("sotu", help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files."),
+    concept: Concept,
+    lens: LensSpec = "logit",
+    model: LensModel = None,
+    data: Data = "sotu",
     tokens: int = typer.Option(2048, help="Tokens to score heads on (training side of the split); also --verify's."),
-    seq_len: int = typer.Option(128, help="Tokens per window."),
+    seq_len: SeqLen = 128,
     holdout: float = typer.Option(0.1, help="Fraction of documents held out: --verify measures on them."),
     top: int = typer.Option(10, help="Heads to show."),
     verify: bool = typer.Option(False, help="Ablate the top 1% of heads; compare with random heads."),
     mode: str = typer.Option("zero", help="--verify's intervention: zero, mean or scale=X."),
     repeats: int = typer.Option(10, help="--verify's draws of random heads."),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify}."),
 ) -> None:
     """Rank heads by how much their lens promotes a concept's tokens; --verify proves it by ablation."""
     _check_counts(tokens=(tokens, 1), top=(top, 1), repeats=(repeats, 2), seq_len=(seq_len, 2))
     edit = Edit.parse(mode)
-    lens_obj, loaded = _lens_and_model(lens, model, device)
+    lens_obj, loaded = lens_and_model(lens, model, device)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout)
     result = search_heads(lens_obj, found, data_config, tokens=tokens, seed=seed)
@@ -73,35 +73,34 @@ def search(
         ablation = _ablate_with_bar(loaded, result.ranked()[:count], found, windows, edit, repeats, seed)
         document["verify"] = ablation.verify_record()
     if as_json:
-        _emit_json(document)
+        emit_json(document)
         return
     _print_concept(document["concept"])
     table = Table(title=f"{lens_obj.kind} lens: heads that promote the concept ({result.tokens} tokens)")
     for column in ("rank", "head", "score (nats)", "top concept tokens (lift, nats)"):
         table.add_column(column, justify="left" if column.startswith("top") else "right")
     for rank, record in enumerate(document["heads"], start=1):
-        promoted = ", ".join(f"{_visible(t['token'])} {t['lift']:.2f}" for t in record["top_tokens"])
+        promoted = ", ".join(f"{visible(t['token'])} {t['lift']:.2f}" for t in record["top_tokens"])
         table.add_row(str(rank), f"{record['layer']}.{record['head']}", f"{record['score']:.3f}", promoted)
     Console().print(table)
     if verify:
         _print_record("verify", document["verify"])
 
 
-@app.command()
 def ablate(
-    heads: str = typer.Option(..., help="Heads as LAYER.HEAD, e.g. 12.3,14.0."),
-    concept: str = typer.Option(..., help="Words/phrases of the concept: a comma list ('war, battle') or a file."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Registered name (smollm2-135m, gemma3-270m) or local HF directory."),
-    data: str = typer.Option("sotu", help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files."),
+    heads: HeadList,
+    concept: Concept,
+    model: ModelName = DEFAULT_MODEL,
+    data: Data = "sotu",
     tokens: int = typer.Option(2048, help="Held-out tokens to measure on (windows holding a concept target)."),
-    seq_len: int = typer.Option(128, help="Tokens per window."),
+    seq_len: SeqLen = 128,
     holdout: float = typer.Option(0.1, help="Fraction of documents held out; the measurement uses them."),
     mode: str = typer.Option("zero", help="zero, mean (over the measured windows) or scale=X."),
-    scale: Optional[float] = typer.Option(None, help="Shorthand for --mode scale=X; X > 1 steers toward the heads."),
+    scale: Scale = None,
     baseline: str = typer.Option("none", help="none, or random: the same number of random other heads."),
     repeats: int = typer.Option(10, help="Random draws for --baseline random."),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {clean, found, random, verify}."),
 ) -> None:
     """Intervene on heads' outputs; measure the concept's log-prob and mass, and the overall loss."""
@@ -121,7 +120,7 @@ def ablate(
     if repeats:
         document["verify"] = result.verify_record()
     if as_json:
-        _emit_json(document)
+        emit_json(document)
         return
     _print_concept(document["concept"])
     _print_record(f"{str(edit)} on {heads}", document["found"])
@@ -129,15 +128,14 @@ def ablate(
         _print_record(f"against {repeats} draws of random heads", document["verify"])
 
 
-@app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="The prompt to continue."),
-    heads: str = typer.Option(..., help="Heads as LAYER.HEAD, e.g. 12.3,14.0."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Registered name (smollm2-135m, gemma3-270m) or local HF directory."),
+    prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
+    heads: HeadList,
+    model: ModelName = DEFAULT_MODEL,
     mode: str = typer.Option("zero", help="zero or scale=X."),
-    scale: Optional[float] = typer.Option(None, help="Shorthand for --mode scale=X; X > 1 steers toward the heads."),
+    scale: Scale = None,
     max_new_tokens: int = typer.Option(30, help="Tokens to generate (greedy)."),
-    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {prompt, plain, intervened}."),
 ) -> None:
     """Greedy continuation of a prompt with and without an intervention on heads, side by side."""
@@ -149,7 +147,7 @@ def generate(
     document = {"prompt": prompt, "heads": [f"{layer}.{head}" for layer, head in chosen], "mode": str(edit),
                 "plain": plain, "intervened": edited}
     if as_json:
-        _emit_json(document)
+        emit_json(document)
         return
     table = Table(title=f"greedy continuation of {prompt!r}")
     table.add_column("model")
@@ -160,7 +158,7 @@ def generate(
 
 
 def _print_concept(concept: dict) -> None:
-    err.print(f"concept: {len(concept['ids'])} tokens: " + " ".join(_visible(t) for t in concept["tokens"]))
+    err.print(f"concept: {len(concept['ids'])} tokens: " + " ".join(visible(t) for t in concept["tokens"]))
     if concept["truncated"]:
         err.print("  no single token, first token kept: " + "; ".join(concept["truncated"]))
     if concept["dropped"]:

@@ -1,0 +1,77 @@
+"""What the commands share: the stderr console, JSON output, index parsing and the --lens/--model pairing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from ..data import DataConfig
+from ..errors import AttentionLensError
+from ..evaluate import default_holdout
+from ..lens import Lens
+from ..lens_config import KINDS, read_config
+from ..models import DEFAULT_MODEL, Model, load_model
+
+err = Console(stderr=True)
+"""Progress, logs and warnings: stderr, so stdout holds only results (one JSON document under --json)."""
+
+
+def emit_json(document: dict) -> None:
+    sys.stdout.write(json.dumps(document) + "\n")
+
+
+def finish_results(document: dict, out: Path | None, as_json: bool) -> None:
+    """--out gets the JSON document whatever the output mode; --json puts it on stdout."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(document, indent=1) + "\n")
+        err.print(f"wrote {out}")
+    if as_json:
+        emit_json(document)
+
+
+def parse_indices(text: str | None, count: int, what: str) -> list[int] | None:
+    """'20-29', '3,7', '0-2,5' or 'all' -> sorted indices; None for all."""
+    if text is None or text == "all":
+        return None
+    indices: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            start, stop = int(low), int(high) if high else int(low)
+            indices.update(range(start, stop + 1))
+    except ValueError:
+        raise AttentionLensError(f"--{what}s {text!r}: use a range like 20-29, a list like 3,7, or all") from None
+    bad = sorted(i for i in indices if not 0 <= i < count)
+    if bad or not indices:
+        raise AttentionLensError(f"--{what}s {text!r} is out of range: the model has {count} {what}s (0-{count - 1})")
+    return sorted(indices)
+
+
+def lens_and_model(lens: str, model: str | None, device: str) -> tuple[Lens, Model]:
+    """--lens logit|dla|DIR with an optional --model (a lens directory knows its model)."""
+    if lens in ("logit", "dla"):
+        loaded = load_model(model or DEFAULT_MODEL, device=device)
+        return Lens.from_model(loaded, lens), loaded
+    if lens in KINDS:
+        raise AttentionLensError(f"--lens {lens} needs training; give a lens directory made by `attention-lens train`")
+    source = model or read_config(Path(lens)).model.get("name")
+    if not source:
+        raise AttentionLensError(f"{lens} does not say which model it was made from; pass --model")
+    loaded = load_model(source, device=device)
+    return Lens.load(lens, loaded), loaded
+
+
+def scored_data(lens: Lens, data: str, seq_len: int, holdout: float | None, skip_bad_lines: bool) -> DataConfig:
+    """The held-out text eval and specialize score on: by default the lens's own split, so no head is scored on
+    text it was trained on."""
+    return DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
+                      holdout=default_holdout(lens) if holdout is None else holdout)
+
+
+def visible(token: str) -> str:
+    """Spaces and newlines shown, so ' the' and 'the' differ on screen."""
+    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"

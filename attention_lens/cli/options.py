@@ -1,0 +1,33 @@
+"""Options that several commands take, declared once: `model: ModelName = DEFAULT_MODEL` in a command's signature.
+
+Each takes its flag from the parameter's name (`seq_len` -> `--seq-len`, booleans get `--no-` too), so a command
+names the parameter as the alias does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelName = Annotated[str, typer.Option(help="Registered name (smollm2-135m, gemma3-270m) or local HF directory.")]
+"""The model a command runs on (default `DEFAULT_MODEL`)."""
+LensModel = Annotated[Optional[str], typer.Option(help="Model (default: the lens's own, or smollm2-135m).")]
+"""The model of a command that takes a lens: optional, a lens directory knows its model."""
+LensSpec = Annotated[str, typer.Option(help="logit, dla, or a lens directory.")]
+Data = Annotated[str, typer.Option(help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed .jsonl lines instead of failing.")]
+Layers = Annotated[Optional[str], typer.Option(help="Layers, e.g. 20-29 or 3,7 (default: all).")]
+Heads = Annotated[Optional[str], typer.Option(help="Heads in each layer, e.g. 0-3 (default: all).")]
+HeadList = Annotated[str, typer.Option(help="Heads as LAYER.HEAD, e.g. 12.3,14.0.")]
+Concept = Annotated[str, typer.Option(help="Words/phrases of the concept: a comma list ('war, battle') or a file.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace a lens already in --out.")]
+EvalTokens = Annotated[int, typer.Option(help="Held-out tokens to score the lens on at the end (0: skip).")]
+ResultsOut = Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")]
+ResultFiles = Annotated[Optional[list[Path]], typer.Option(
+    "--eval", help="Per-head results JSON (eval, specialize); repeatable.")]
+Scale = Annotated[Optional[float], typer.Option(help="Shorthand for --mode scale=X; X > 1 steers toward the heads.")]
+

@@ -1,0 +1,77 @@
+"""`attention-lens eval | specialize`: score every head's lens on held-out text, and say what each head writes."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..evaluate import EvalConfig, evaluate
+from ..render import TokenBar, eval_tables, specialize_tables
+from ..specialize import SpecializeConfig, specialize as specialize_heads
+from .common import err, finish_results, lens_and_model, scored_data
+from .options import Data, Device, LensModel, LensSpec, ResultsOut, SeqLen, SkipBadLines
+
+
+def eval_(
+    lens: LensSpec = "logit",
+    model: LensModel = None,
+    data: Data = "sotu",
+    tokens: int = typer.Option(2048, help="Held-out tokens to score (whole windows)."),
+    seq_len: SeqLen = 128,
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1)."),
+    margin: float = typer.Option(0.05, help="Nats a head must beat a baseline by, its whole 95% interval above it."),
+    seed: int = typer.Option(0, help="Seed of the document order and the bootstrap."),
+    bootstrap: int = typer.Option(200, help="Bootstrap replicates behind the 95% intervals."),
+    constant_data: Optional[str] = typer.Option(None, help="Corpus for the constant baseline (default: the lens's training data)."),
+    constant_tokens: int = typer.Option(8192, help="Tokens averaged into the constant baseline (training side only)."),
+    skip_bad_lines: SkipBadLines = False,
+    device: Device = "cpu",
+    out: ResultsOut = None,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
+) -> None:
+    """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
+    lens_obj, _ = lens_and_model(lens, model, device)
+    data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
+    config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
+                        constant_data=constant_data, constant_tokens=constant_tokens)
+    with TokenBar(err, "eval") as bar:
+        result = evaluate(lens_obj, data_config, config, on_progress=bar.update)
+    finish_results(result.to_json(), out, as_json)
+    if not as_json:
+        console = Console()
+        for table in eval_tables(result):
+            console.print(table)
+
+
+def specialize(
+    lens: LensSpec = "logit",
+    model: LensModel = None,
+    data: Data = "sotu",
+    tokens: int = typer.Option(2048, help="Held-out tokens to read the heads on (whole windows)."),
+    seq_len: SeqLen = 128,
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1)."),
+    seed: int = typer.Option(0, help="Seed of the document order."),
+    top: int = typer.Option(20, help="Promoted tokens per head kept for its concentration and similarity."),
+    group_similarity: float = typer.Option(0.25, help="Average Jaccard of promoted sets at which heads are grouped."),
+    compare_layers: bool = typer.Option(False, help="Show how specialization changes with depth."),
+    skip_bad_lines: SkipBadLines = False,
+    device: Device = "cpu",
+    out: ResultsOut = None,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads, groups}."),
+) -> None:
+    """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads."""
+    lens_obj, _ = lens_and_model(lens, model, device)
+    data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
+    config = SpecializeConfig(tokens=tokens, batch_size=batch_size, seed=seed, top=top,
+                              group_similarity=group_similarity)
+    with TokenBar(err, "specialize") as bar:
+        result = specialize_heads(lens_obj, data_config, config, on_progress=bar.update)
+    finish_results(result.to_json(layers=compare_layers), out, as_json)
+    if not as_json:
+        console = Console()
+        for table in specialize_tables(result, compare_layers):
+            console.print(table)

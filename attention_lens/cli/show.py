@@ -1,0 +1,66 @@
+"""`attention-lens report | serve`: show the heads, in one HTML file or in the local web explorer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..errors import AttentionLensError
+from ..models import Model
+from ..report import build_report, read_results, write_report
+from .common import emit_json, err, lens_and_model
+from .options import Device, LensModel, LensSpec, ResultFiles
+
+REPORT_PROMPT = "The capital of France is Paris, and the capital of Italy is"
+
+
+def report(
+    out: Path = typer.Option(..., help="HTML file to write (one self-contained file; opens offline)."),
+    lens: LensSpec = "logit",
+    model: LensModel = None,
+    eval_files: ResultFiles = None,
+    prompt: str = typer.Option(REPORT_PROMPT, help="Prompt whose per-position token grid is shown ('' for none)."),
+    k: int = typer.Option(5, "-k", "--k", help="Top-k tokens per head kept for the prompt."),
+    device: Device = "cpu",
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document describing the written file."),
+) -> None:
+    """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity."""
+    lens_obj, loaded = lens_and_model(lens, model, device)
+    results = _read_results(eval_files, loaded)
+    path = write_report(out, build_report(loaded, lens_obj, prompt or None, results, k=k))
+    summary = {"out": str(path), "bytes": path.stat().st_size, "results": [str(p) for p in eval_files or []],
+               "prompt": prompt or None}
+    if as_json:
+        emit_json(summary)
+        return
+    err.print(f"wrote {path} ({summary['bytes'] / 1024:.0f} KiB)")
+
+
+def serve(
+    lens: LensSpec = "logit",
+    model: LensModel = None,
+    eval_files: ResultFiles = None,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but localhost exposes the model."),
+    port: int = typer.Option(8765, help="Port to listen on."),
+    max_tokens: int = typer.Option(128, help="Longest prompt (in tokens) a request may send."),
+    device: Device = "cpu",
+) -> None:
+    """Serve the web explorer: type a prompt, see every head's tokens, click a head for top-k and attention."""
+    try:
+        from ..web import LOCAL_HOSTS, Limits, bind, create_app, run_server
+    except ImportError as error:
+        raise AttentionLensError(f"serve needs the web extra ({error.name} is missing): "
+                                 "pip install 'attention-lens[web]'") from None
+    sock = bind(host, port)  # before the model loads, so a busy port fails at once
+    with sock:
+        lens_obj, loaded = lens_and_model(lens, model, device)
+        app_ = create_app(loaded, lens_obj, _read_results(eval_files, loaded), Limits(max_tokens=max_tokens))
+        if host not in LOCAL_HOSTS:
+            err.print(f"warning: listening on {host}: anyone who can reach this machine can run the model")
+        err.print(f"attention-lens explorer on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C to stop)")
+        run_server(app_, sock)
+
+
+def _read_results(eval_files: list[Path] | None, model: Model):
+    return read_results(eval_files, model.n_layers, model.n_heads) if eval_files else None
