@@ -160,7 +160,7 @@ def search(lens: Lens, concept: Concept, data: DataConfig, tokens: int = 2048, b
         if seen >= tokens:
             break
         _, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
-                                    final_residual=lens.kind == "dla")
+                                    final_residual=lens.kind_spec.needs_final_residual)
         final_scale = capture.final_scale()  # (token,) or None
         for i, layer in enumerate(lens.config.layers):
             z = capture.heads.pop(layer).z.flatten(0, 1)  # (token, head, d_head)
@@ -182,7 +182,7 @@ def concept_logits(lens: Lens, z: Tensor, layer: int, ids: Tensor, final_scale: 
     vocabulary-sized is made. The full lens and soft-capped models need every logit: made in token blocks.
     """
     unembed = lens.model.unembed
-    if lens.kind == "full" or unembed.softcap is not None:
+    if not lens.kind_spec.to_unembedding or unembed.softcap is not None:
         block = max(1, block_rows // len(lens.config.heads))
         out = []
         for start in range(0, z.shape[0], block):
@@ -192,7 +192,7 @@ def concept_logits(lens: Lens, z: Tensor, layer: int, ids: Tensor, final_scale: 
         return torch.cat(out)
     W_U = torch.cat([unembed.W_U[ids], unembed.W_U.mean(0, keepdim=True)])  # (concept + 1, d_model)
     y = lens.unembed_input(lens.hidden(z, layer).float(), final_scale)  # (token, head, d_model): what meets W_U
-    if lens.kind == "dla":
+    if not lens.kind_spec.model_readout:
         return y @ W_U.T  # as Lens.readout: a linear attribution, no bias
     b_U = None if unembed.b_U is None else torch.cat([unembed.b_U[ids], unembed.b_U.mean(0, keepdim=True)])
     return dataclasses.replace(unembed, W_U=W_U, b_U=b_U).logits(y)
@@ -205,7 +205,7 @@ def prompt_lift(lens: Lens, concept: Concept, input_ids: Tensor) -> Tensor:
     The same score as `search`, averaged over the prompt's positions instead of a corpus.
     """
     model = lens.model
-    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
+    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind_spec.needs_final_residual)
     scale = capture.final_scale()
     ids = torch.tensor(concept.ids, device=model.device)
     lifts = []

@@ -81,14 +81,14 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     input_ids = model.encode(text)
     length = input_ids.shape[1]
     positions = _positions(position, length)
-    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
+    _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind_spec.needs_final_residual)
     final_scale = capture.final_scale(positions)  # one prompt: its tokens are the positions
     result = DecodeResult(text=text, tokens=[model.token_text(int(i)) for i in input_ids[0]],
                           positions=positions, kind=lens.kind)
     k = min(k, model.vocab)
     tops = []
     # A full lens's hidden vectors already are (rows x vocab) logits: bound their memory per group.
-    max_rows = 2048 if lens.kind == "full" else 1 << 20
+    max_rows = 1 << 20 if lens.kind_spec.to_unembedding else 2048
     for group in _layer_groups(lens.config.layers, len(positions) * len(lens.config.heads), max_rows):
         hidden = torch.stack([lens.hidden(capture.heads.pop(layer).z[0, positions], layer) for layer in group])
         top = _top_k(lens, hidden, final_scale, k, exact)  # rows: (layer, position, lens head) flattened
@@ -112,10 +112,11 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
 def _top_k(lens: Lens, hidden: Tensor, final_scale: Tensor | None, k: int, exact: bool) -> VocabTopK:
     """Top-k of the lens's logits for each row of hidden (..., d_model | vocab), flattened to rows."""
     unembed = lens.model.unembed
-    if lens.kind == "full" or (lens.kind != "dla" and unembed.softcap is not None):
+    kind = lens.kind_spec
+    if not kind.to_unembedding or (kind.model_readout and unembed.softcap is not None):
         return VocabTopK.of_logits(lens.readout(hidden, final_scale).float().flatten(0, -2), k)  # rows x vocab
     y = lens.unembed_input(hidden, final_scale).flatten(0, -2)  # (rows, d_model)
-    bias = None if lens.kind == "dla" else unembed.b_U
+    bias = unembed.b_U if kind.model_readout else None
     screen = unembed.derived(("decode screen", bias is None), lambda: Screen(unembed.W_U, bias))
     return vocab_topk(y, unembed.W_U, bias, k, exact, screen)
 

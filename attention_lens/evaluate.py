@@ -339,7 +339,7 @@ def heldout_kl(lens: Lens, data: DataConfig, tokens: int = 2048, batch_size: int
         if seen >= tokens:
             break
         logits, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
-                                         final_residual=lens.kind == "dla")
+                                         final_residual=lens.kind_spec.needs_final_residual)
         p, neg_entropy = target_distribution(logits.flatten(0, 1))
         final_scale = capture.final_scale()
         for i, layer in enumerate(lens.config.layers):

@@ -18,6 +18,9 @@ HEAD_SCORES = ("kl", "top1", "top10", "cross_entropy", "entropy", "logit", "dla"
 TOKEN_SCORES = ("uniform", "constant", "model_cross_entropy", "model_entropy")
 """Scored per token, the same for every head: the head-free baselines' KL and the model's own numbers."""
 BOOTSTRAPPED = ("kl", "logit", "dla", "uniform", "constant")
+HEAD_BASELINES = ("logit", "dla")
+"""The per-head baselines: lenses of these kinds, scored next to every lens (a lens of one of them reuses its
+scores)."""
 GROUPS = ("main", "sink")
 
 
@@ -60,7 +63,9 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
     z_aug = torch.cat([z[:, heads], ones], dim=-1)  # (tokens, head, d_head + 1)
     base_factors, base_constant = baseline.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
     base_factors = base_factors.transpose(1, 2)  # (head, d_head + 1, vocab)
-    own_factors, own_constant = (None, None) if lens.kind in ("logit", "dla") else lens.vocab_factors(layer)
+    # A logit or dla lens is one of the per-head baselines computed anyway: its scores reuse their logits.
+    is_baseline = lens.kind in HEAD_BASELINES
+    own_factors, own_constant = (None, None) if is_baseline else lens.vocab_factors(layer)
     own_factors = None if own_factors is None else own_factors.transpose(1, 2)
     block = max(1, block_rows // len(heads))
     parts: dict[str, list[Tensor]] = defaultdict(list)
@@ -69,14 +74,14 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
         shared = torch.bmm(z_aug[rows].transpose(0, 1), base_factors)  # (head, rows, vocab): W_U (gamma * C o_h)
         logit = _finish(shared / baseline.divisor(z[rows], layer).T[..., None], base_constant, lens, cap=True)
         dla = shared.div_(targets.final_scale[None, rows, None])  # attribution: no constant, no cap
-        own = {"logit": logit, "dla": dla}.get(lens.kind)
-        if own is None:
-            own = factored_logits(lens, z_aug[rows], lens.divisor(z[rows], layer), own_factors, own_constant)
+        baselines = {"logit": logit, "dla": dla}  # HEAD_BASELINES
+        own = baselines[lens.kind] if is_baseline else factored_logits(lens, z_aug[rows], lens.divisor(z[rows], layer),
+                                                                       own_factors, own_constant)
         scores = _lens_scores(own, targets, rows)
         for name, value in scores.items():
             parts[name].append(value)
-        parts["logit"].append(scores["kl"] if lens.kind == "logit" else _kl(logit, targets, rows))
-        parts["dla"].append(scores["kl"] if lens.kind == "dla" else _kl(dla, targets, rows))
+        for name, logits in baselines.items():
+            parts[name].append(scores["kl"] if name == lens.kind else _kl(logits, targets, rows))
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
@@ -85,7 +90,7 @@ def factored_logits(lens: Lens, z_aug: Tensor, divisor: Tensor, factors: Tensor,
     and factors (head, d_head + 1, vocab). The divisor goes on the d_head-sized input, not the vocabulary-sized
     output; the soft-cap applies where the lens ends in the model's readout (logit, affine)."""
     scaled = (z_aug / divisor[..., None]).transpose(0, 1)  # (head, rows, d_head + 1)
-    return _finish(torch.bmm(scaled, factors), constant, lens, cap=lens.kind in ("logit", "affine"))
+    return _finish(torch.bmm(scaled, factors), constant, lens, cap=lens.kind_spec.model_readout)
 
 
 def _finish(logits: Tensor, constant: Tensor | None, lens: Lens, cap: bool) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 from .data import DataConfig, batches, load_documents, split_by_document, token_windows
 from .errors import AttentionLensError
 from .heads import run_with_heads
+from .kinds import kind_names
 from .lens import Lens
 
 
@@ -59,8 +60,8 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
     x_h = z_h M_h + b_h with M_h = (Cov(z) + lambda I)^-1 Cov(z, t) and b_h = b* - mean(z_h) M_h: at its average
     input every head predicts the best constant distribution, and deviations carry what the head knows.
     """
-    if lens.kind != "affine":
-        raise AttentionLensError(f"fit makes affine lenses; got a {lens.kind} lens")
+    if not lens.kind_spec.closed_form:
+        raise AttentionLensError(f"fit makes {' or '.join(kind_names(closed_form=True))} lenses; got a {lens.kind} lens")
     model = lens.model
     documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
     windows = token_windows(documents, model.tokenizer, data.seq_len, config.seed)
@@ -120,10 +121,7 @@ def _solve_into(lens: Lens, layer: int, moments: _Moments, constant: Tensor, rid
     eye = torch.eye(d_head, dtype=cov_zz.dtype, device=cov_zz.device)
     M = torch.linalg.solve(cov_zz + strength[:, None, None] * eye, cov_zt)  # (head, d_head, d_model)
     b = constant.double() - torch.einsum("hd,hdm->hm", mean_z, M)
-    i = lens.layer_index(layer)
-    W_O = lens.model.W_O[layer, lens.config.heads].double()
-    lens.delta[i] = (M - W_O).float()
-    lens.bias[i] = b.float()
+    lens.kind_spec.set_affine(lens, layer, M, b)
 
 
 def best_constant(model, mean_p: Tensor, steps: int = 25, start: Tensor | None = None) -> tuple[Tensor, float]:

@@ -8,18 +8,13 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import AttentionLensError
+from .kinds import get_kind
 from .lens_config import CONFIG_FILE, WEIGHTS_FILE, LensConfig, parameter_bytes
 from .storage import atomic_write
 
 CARD_FILE = "README.md"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 """owner/name, as the Hub spells repo ids; a path that does not exist locally and looks like this is fetched."""
-DESCRIPTIONS = {
-    "logit": "final norm + W_U applied to each head's output o_h = z_h W_O_h (untrained, self-normalized)",
-    "dla": "direct logit attribution of each head's output (untrained); heads + rest = the model's logits",
-    "affine": "final norm + W_U of o_h + z_h B_h + b_h: a per-head correction of the logit lens, trained",
-    "full": "z_h W_h + c_h straight to the vocabulary: the Attention Lens paper's map, on z_h",
-}
 
 
 def write_card(directory: Path, config: LensConfig, evaluation: dict | None = None) -> Path:
@@ -75,7 +70,7 @@ def model_card(config: LensConfig, evaluation: dict | None = None) -> str:
     rows = [
         ("model", f"`{model.get('name')}` ({model.get('model_type')}, {config.n_layers} layers x {config.n_heads} "
                   f"heads, d_head {config.d_head}, d_model {config.d_model}, vocab {config.vocab})"),
-        ("lens kind", f"`{config.kind}`: {DESCRIPTIONS[config.kind]}"),
+        ("lens kind", f"`{config.kind}`: {get_kind(config.kind).description}"),
         ("layers", _ranges(config.layers, config.n_layers)),
         ("heads per layer", _ranges(config.heads, config.n_heads)),
         ("parameters", f"{parameter_bytes(config) // 4:,}"),

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from . import hub
 from .errors import AttentionLensError
-from .lens_config import (CONFIG_FILE, IDENTITY_KEY, KINDS, WEIGHTS_FILE, LensConfig, check_fingerprint,
-                          identity_hash, parameter_bytes, read_config)
+from .kinds import LensKind, get_kind
+from .lens_config import (CONFIG_FILE, IDENTITY_KEY, WEIGHTS_FILE, LensConfig, check_fingerprint, identity_hash,
+                          parameter_bytes, read_config)
 from .models import Model
 from .storage import atomic_write, read_tensors, write_tensors
 
@@ -21,24 +22,19 @@ from .storage import atomic_write, read_tensors, write_tensors
 class Lens(nn.Module):
     """One lens per (layer, head), all of one kind, acting on the heads' d_head-dim outputs z_h.
 
-    - logit:  final norm + W_U applied to o_h = z_h W_O_h alone (self-normalized).
-    - dla:    W_U (gamma * C o_h) / sigma_final(pos): direct logit attribution; needs the final residual.
-    - affine: final norm + W_U of o_h + z_h B_h + b_h; B_h, b_h zero-init, so untrained it is `logit`.
-    - full:   z_h W_h + c_h straight to the vocabulary (the paper's lens, on z_h); init W_O_h W_U^T, b_U.
+    What the map is comes from the kind (`attention_lens.kinds`): logit, dla, affine, full, or any registered one.
+    The methods here select the lens's heads and layer, and ask the kind.
     """
 
     def __init__(self, config: LensConfig):
         super().__init__()
-        if config.kind not in KINDS:
-            raise AttentionLensError(f"unknown lens kind {config.kind!r}; choose one of {', '.join(KINDS)}")
+        self.kind_spec: LensKind = get_kind(config.kind)
+        """The kind's object: what the lens computes, and what it needs to."""
         self.config = config
-        shape = (len(config.layers), len(config.heads))
-        if config.kind == "affine":
-            self.delta = nn.Parameter(torch.zeros(*shape, config.d_head, config.d_model))
-            self.bias = nn.Parameter(torch.zeros(*shape, config.d_model))
-        elif config.kind == "full":
-            self.weight = nn.Parameter(torch.zeros(*shape, config.d_head, config.vocab))
-            self.bias = nn.Parameter(torch.zeros(*shape, config.vocab))
+        shapes = self.kind_spec.parameter_shapes(len(config.layers), len(config.heads), config.d_head,
+                                                 config.d_model, config.vocab)
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
         self._layer_index = {layer: i for i, layer in enumerate(config.layers)}
         self._model: Model | None = None
 
@@ -52,6 +48,7 @@ class Lens(nn.Module):
         heads: Sequence[int] | None = None,
     ) -> "Lens":
         """A fresh (untrained) lens of `kind` for `model`, covering `layers` x `heads` (default: all)."""
+        get_kind(kind)
         layers = sorted(set(range(model.n_layers) if layers is None else layers))
         heads = sorted(set(range(model.n_heads) if heads is None else heads))
         _check_range("layer", layers, model.n_layers)
@@ -67,12 +64,10 @@ class Lens(nn.Module):
             vocab=model.vocab,
             model=model.fingerprint(),
         )
-        if kind == "full":
-            check_memory(parameter_bytes(config), "the full lens's parameters")
+        check_memory(parameter_bytes(config), f"the {kind} lens's parameters")
         lens = cls(config).to(model.device)
         lens.bind(model)
-        if kind == "full":
-            lens._init_full(model)
+        lens.kind_spec.initialize(lens)
         return lens
 
     @classmethod
@@ -82,14 +77,6 @@ class Lens(nn.Module):
     @classmethod
     def dla(cls, model: Model) -> "Lens":
         return cls.from_model(model, "dla")
-
-    @torch.no_grad()
-    def _init_full(self, model: Model) -> None:
-        unembed = model.unembed
-        for i, layer in enumerate(self.config.layers):
-            self.weight[i] = model.W_O[layer, self.config.heads] @ unembed.W_U.T  # (head, d_head, vocab)
-            if unembed.b_U is not None:
-                self.bias[i] = unembed.b_U
 
     def bind(self, model: Model) -> "Lens":
         """Attach the frozen model parts (W_O, final norm, W_U); refuses a model with another fingerprint."""
@@ -119,81 +106,33 @@ class Lens(nn.Module):
     def hidden(self, z: Tensor, layer: int) -> Tensor:
         """The lens's pre-readout vector per head: (..., head, d_head) -> (..., lens head, d_model | vocab).
 
-        z holds all the layer's heads; the lens's heads are selected here. For `full` the result already
-        is the logits; for the others it lives in the residual stream.
+        z holds all the layer's heads; the lens's heads are selected here. For kinds that map straight to the
+        vocabulary (`full`) the result already is the logits; for the others it lives in the residual stream.
         """
-        z = z[..., self.config.heads, :]
-        W_O = self.model.W_O[layer, self.config.heads]  # (head, d_head, d_model)
-        if self.kind in ("logit", "dla"):
-            return torch.einsum("...hd,hdm->...hm", z, W_O.to(z.dtype))
-        i = self.layer_index(layer)
-        if self.kind == "affine":
-            return torch.einsum("...hd,hdm->...hm", z, (W_O + self.delta[i]).to(z.dtype)) + self.bias[i]
-        return torch.einsum("...hd,hdv->...hv", z, self.weight[i].to(z.dtype)) + self.bias[i]
+        return self.kind_spec.hidden(self, z[..., self.config.heads, :], layer)
 
     def vocab_factors(self, layer: int) -> tuple[Tensor, Tensor | None]:
         """The lens as one (head, vocab, d_head + 1) map of [z_h, 1], plus a per-vocab constant.
 
         Every kind's logits factor as ([z_h, 1] @ F_h^T) / divisor + constant: for logit/dla/affine,
         F_h = W_U diag(gamma) C [M_h; b_h] with M_h = W_O_h (+ B_h), because the final norm is linear up
-        to its per-position divisor. Building F_h costs vocab x d_model x d_head once per call; each
-        head-token then costs ~d_head x vocab instead of d_model x vocab. The result is a transposed view of
-        a (head, d_head + 1, vocab) tensor: that layout is what the blockwise KL multiplies by, chunk by chunk.
+        to its per-position divisor. The result is a transposed view of a (head, d_head + 1, vocab) tensor: that
+        layout is what the blockwise KL multiplies by, chunk by chunk.
         """
-        heads = self.config.heads
-        if self.kind == "full":
-            i = self.layer_index(layer)
-            return torch.cat([self.weight[i], self.bias[i][:, None, :]], dim=1).transpose(1, 2), None
-        unembed = self.model.unembed
-        M = self.model.W_O[layer, heads]  # (head, d_head, d_model)
-        b = torch.zeros(len(heads), unembed.d_model, device=M.device)
-        if self.kind == "affine":
-            i = self.layer_index(layer)
-            M, b = M + self.delta[i], self.bias[i]
-        M_b = unembed.center(torch.cat([M, b[:, None, :]], dim=1))  # (head, d_head + 1, d_model)
-        device = M_b.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else M_b.dtype
-        readout = unembed.readout_matrix(dtype)  # (vocab, d_model): W_U diag(gamma)
-        # One 2-D product; a batched einsum copied the (vocab, d_model) readout into its transpose every call.
-        factors = (M_b.to(dtype).flatten(0, 1) @ readout.T).view(*M_b.shape[:2], -1).transpose(1, 2)
-        if self.kind == "dla":
-            return factors, None  # attribution adds neither beta nor b_U per head
-        constant = None
-        if unembed.beta is not None:
-            constant = unembed.W_U @ unembed.beta
-        if unembed.b_U is not None:
-            constant = unembed.b_U if constant is None else constant + unembed.b_U
-        return factors, constant
+        return self.kind_spec.factors(self, layer)
 
     def divisor(self, z: Tensor, layer: int, final_scale: Tensor | None = None) -> Tensor:
         """Per (..., lens head) divisor of the factored logits: the final norm's sigma of the lens vector."""
-        shape = (*z.shape[:-2], len(self.config.heads))
-        if self.kind == "full":
-            return torch.ones(shape, device=z.device)
-        if self.kind == "dla":
-            if final_scale is None:
-                raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
-            return final_scale[..., None].expand(shape)
-        return self.model.unembed.scale(self.hidden(z, layer))
+        return self.kind_spec.divisor(self, z[..., self.config.heads, :], layer, final_scale)
 
     def readout(self, hidden: Tensor, final_scale: Tensor | None = None) -> Tensor:
         """Logits (..., head, vocab) from `hidden`; `dla` needs the final norm's scale (...,) per position."""
-        if self.kind == "full":
-            return hidden
-        y = self.unembed_input(hidden, final_scale)
-        if self.kind == "dla":
-            return y @ self.model.unembed.W_U.T  # a linear attribution: no bias, no soft-cap
-        return self.model.unembed.logits(y)
+        return self.kind_spec.readout(self, hidden, final_scale)
 
     def unembed_input(self, hidden: Tensor, final_scale: Tensor | None = None) -> Tensor:
         """What meets W_U (logit, affine, dla): the final norm of `hidden`, or for dla the final norm's
         linear action on the head's share of the residual, gamma * C·hidden / sigma(final residual)."""
-        unembed = self.model.unembed
-        if self.kind == "dla":
-            if final_scale is None:
-                raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
-            return unembed.center(hidden) * unembed.gamma / final_scale[..., None, None]
-        return unembed.normalize(hidden)
+        return self.kind_spec.unembed_input(self, hidden, final_scale)
 
     def logits(self, z: Tensor, layer: int, final_scale: Tensor | None = None) -> Tensor:
         """Per-head logits: z (..., head, d_head) of all the layer's heads -> (..., lens head, vocab).
@@ -285,7 +224,7 @@ def check_memory(needed: int, what: str) -> None:
     if available is not None and needed > 0.8 * available:
         raise AttentionLensError(
             f"{what} need ~{needed / 2**30:.1f} GiB but only {available / 2**30:.1f} GiB of memory is "
-            "available; select fewer layers/heads (--layers, --heads) or use the affine kind"
+            "available; select fewer layers or heads, or use the affine kind"
         )
 
 

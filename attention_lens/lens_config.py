@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
 from .errors import AttentionLensError
+from .kinds import REGISTRY, get_kind
 from .storage import check_version
 
-KINDS = ("logit", "dla", "affine", "full")
-TRAINABLE_KINDS = ("affine", "full")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "lens.safetensors"
 IDENTITY_KEY = "config_identity"
@@ -74,8 +74,8 @@ def _config_from_dict(raw: Any, path: Path) -> LensConfig:
     for name in ("layers", "heads"):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in raw[name]):
             raise AttentionLensError(f"{path}: field {name!r} must be a list of integers")
-    if raw["kind"] not in KINDS:
-        raise AttentionLensError(f"{path}: unknown lens kind {raw['kind']!r}; it should be one of {', '.join(KINDS)}")
+    if raw["kind"] not in REGISTRY:
+        raise AttentionLensError(f"{path}: unknown lens kind {raw['kind']!r}; it should be one of {', '.join(REGISTRY)}")
     for name in ("n_layers", "n_heads", "d_model", "d_head", "vocab"):
         if not 1 <= raw[name] < 2**31:
             raise AttentionLensError(f"{path}: field {name!r} must be a count from 1 to 2**31 - 1, not {raw[name]}")
@@ -105,5 +105,7 @@ def check_fingerprint(expected: dict, actual: dict) -> None:
 
 
 def parameter_bytes(config: LensConfig) -> int:
-    per_head = {"affine": (config.d_head + 1) * config.d_model, "full": (config.d_head + 1) * config.vocab}
-    return 4 * len(config.layers) * len(config.heads) * per_head.get(config.kind, 0)
+    """Bytes of the lens's fp32 parameters."""
+    shapes = get_kind(config.kind).parameter_shapes(len(config.layers), len(config.heads), config.d_head,
+                                                    config.d_model, config.vocab)
+    return 4 * sum(math.prod(shape) for shape in shapes.values())

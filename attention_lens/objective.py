@@ -46,7 +46,7 @@ def head_kl(
     with torch.set_grad_enabled(train), _autocast(z.device, dtype):
         # In bf16 runs the vocab x d_model x d_head product (and its backward) runs in bf16 too: ~4x the fp32 rate.
         factors, constant = lens.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
-    if lens.kind in ("logit", "affine") and lens.model.unembed.softcap is not None:
+    if lens.kind_spec.model_readout and lens.model.unembed.softcap is not None:
         return _capped_head_kl(lens, z, layer, p, neg_entropy, factors, constant, backward_scale, dtype, block_rows)
     ones = torch.ones(*z.shape[:-2], len(lens.config.heads), 1, device=z.device)
     z_aug = torch.cat([z[..., lens.config.heads, :], ones], dim=-1)  # (tokens, head, d_head + 1)

@@ -160,7 +160,7 @@ def _lens_distributions(
     seen = 0
     for batch in batches(windows, config.batch_size):
         input_ids = batch.to(model.device)
-        _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind == "dla")
+        _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind_spec.needs_final_residual)
         keep = ~sink_mask(input_ids, model.tokenizer).flatten()  # attention sinks are not what a head writes
         scale = capture.final_scale(keep)
         for i, layer in enumerate(lens.config.layers):

@@ -18,7 +18,8 @@ from .distributed import World, average_, shard
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens, check_memory
-from .lens_config import TRAINABLE_KINDS, parameter_bytes
+from .kinds import kind_names
+from .lens_config import parameter_bytes
 from .objective import DEFAULT_BLOCK_ROWS, _autocast, head_kl, target_distribution
 from .sharding import exchange, gather_parameters, load_shard, owned_layers, save_shard
 
@@ -77,8 +78,9 @@ def train(
     `config.batch_size` counts windows per step over all processes of `world`; each rank trains on its shard
     and the gradients are averaged, so N processes follow the same trajectory as one.
     """
-    if lens.kind not in TRAINABLE_KINDS:
-        raise AttentionLensError(f"the {lens.kind} lens has no parameters to train; use --kind affine or full")
+    if not lens.kind_spec.trainable:
+        raise AttentionLensError(f"the {lens.kind} lens has no parameters to train; trainable kinds: "
+                                 f"{', '.join(kind_names(trainable=True))}")
     if config.optimizer not in ("adam", "sgd"):
         raise AttentionLensError(f"unknown optimizer {config.optimizer!r}; use adam or sgd")
     if config.objective not in OBJECTIVES:

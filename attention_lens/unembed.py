@@ -8,6 +8,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+CENTERED = {"layer": True, "rms": False}
+"""Norm kind -> whether the norm subtracts the mean (LayerNorm) before dividing by sigma (RMSNorm does not)."""
+
 
 @dataclass
 class Unembed:
@@ -50,7 +53,7 @@ class Unembed:
 
     def center(self, x: Tensor) -> Tensor:
         """Mean-centering C·x for LayerNorm models; identity for RMSNorm."""
-        return x - x.mean(-1, keepdim=True) if self.norm_kind == "layer" else x
+        return x - x.mean(-1, keepdim=True) if CENTERED[self.norm_kind] else x
 
     def scale(self, x: Tensor) -> Tensor:
         """The norm's divisor sigma(x), shape x.shape[:-1], computed as the model's module does."""

@@ -7,6 +7,7 @@ import torch
 
 from attention_lens import AttentionLensError, DataConfig, Lens
 from attention_lens.concepts import Concept, concept_logits, make_concept, read_concept_words, search
+from attention_lens.kinds import kind_names
 from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 
 TOKEN, WRITER = 17, (1, 2)
@@ -98,7 +99,7 @@ def test_search_ranks_the_only_path_head_first(corpus, kind):
     assert scores[0] > scores[1] + 5  # nats: no other head comes close
 
 
-@pytest.mark.parametrize("kind", ["logit", "dla", "affine", "full"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_concept_logits_are_the_lens_logits(tiny_model, kind):
     """The cheap path (concept rows + mean row of W_U) equals slicing the lens's vocabulary-sized logits."""
     model = tiny_model

@@ -10,6 +10,7 @@ from attention_lens import AttentionLensError, DataConfig, Lens
 from attention_lens.data import load_documents, split_by_document, token_windows
 from attention_lens.evaluate import EvalConfig, evaluate, sink_mask
 from attention_lens.heads import run_with_heads
+from attention_lens.kinds import get_kind, kind_names
 from conftest import make_corpus, make_tiny_model
 from test_lens import TARGET_TOKEN, WRITER_HEAD, WRITER_LAYER, make_token_writer
 
@@ -86,12 +87,12 @@ def streamed(result, name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
-@pytest.mark.parametrize("kind", ["logit", "dla", "affine", "full"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_every_score_matches_a_direct_computation(corpus, model_type, kind):
     """llama: RMSNorm; gpt2: LayerNorm with bias and value biases; gemma2: post-attention norm and soft-cap."""
     model = make_tiny_model(model_type)
     lens = Lens.from_model(model, kind, layers=[0, 1], heads=[1, 3])
-    if kind in ("affine", "full"):
+    if get_kind(kind).trainable:
         torch.manual_seed(1)
         with torch.no_grad():
             for parameter in lens.parameters():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from attention_lens import Lens
 from attention_lens.objective import head_kl, target_distribution
+from attention_lens.kinds import get_kind, kind_names
 from conftest import make_tiny_model
 
 
@@ -15,7 +16,7 @@ def _naive_kl(lens, z, layer, model_logits, final_scale):
     return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # (tokens, head)
 
 
-@pytest.mark.parametrize("kind", ["logit", "dla", "affine", "full"])
+@pytest.mark.parametrize("kind", kind_names())
 def test_factored_kl_matches_naive(tiny_model, kind, monkeypatch):
     monkeypatch.setattr("attention_lens.objective.VOCAB_CHUNK", 7)  # many chunks: the online logsumexp
     torch.manual_seed(1)
@@ -31,7 +32,7 @@ def test_factored_kl_matches_naive(tiny_model, kind, monkeypatch):
     got = head_kl(lens, z, 1, p, neg_entropy, final_scale, block_rows=6)  # several blocks
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
-    if kind in ("affine", "full"):
+    if get_kind(kind).trainable:
         expected.sum().backward()
         naive_grads = [parameter.grad.clone() for parameter in lens.parameters()]
         lens.zero_grad()
@@ -50,7 +51,7 @@ def test_bfloat16_stays_close_to_float32():
     torch.testing.assert_close(rounded, exact, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("kind", ["affine", "full"])
+@pytest.mark.parametrize("kind", kind_names(trainable=True))
 def test_bfloat16_gradients_follow_float32(kind, monkeypatch):
     """bf16 runs keep the logits, exps and q - p in bf16: the gradient must still point where fp32's does."""
     monkeypatch.setattr("attention_lens.objective.VOCAB_CHUNK", 16)  # several chunks: the online logsumexp

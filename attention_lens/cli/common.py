@@ -12,7 +12,8 @@ from ..data import DataConfig
 from ..errors import AttentionLensError
 from ..evaluate import default_holdout
 from ..lens import Lens
-from ..lens_config import KINDS, read_config
+from ..kinds import REGISTRY
+from ..lens_config import read_config
 from ..models import DEFAULT_MODEL, Model, load_model
 
 err = Console(stderr=True)
@@ -53,10 +54,11 @@ def parse_indices(text: str | None, count: int, what: str) -> list[int] | None:
 
 def lens_and_model(lens: str, model: str | None, device: str) -> tuple[Lens, Model]:
     """--lens logit|dla|DIR with an optional --model (a lens directory knows its model)."""
-    if lens in ("logit", "dla"):
+    kind = REGISTRY.get(lens)
+    if kind is not None and not kind.trainable:
         loaded = load_model(model or DEFAULT_MODEL, device=device)
         return Lens.from_model(loaded, lens), loaded
-    if lens in KINDS:
+    if kind is not None:
         raise AttentionLensError(f"--lens {lens} needs training; give a lens directory made by `attention-lens train`")
     source = model or read_config(Path(lens)).model.get("name")
     if not source:

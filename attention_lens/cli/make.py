@@ -17,6 +17,7 @@ from ..distributed import close, finish, init_world, rank_device
 from ..errors import AttentionLensError
 from ..evaluate import heldout_kl
 from ..fit import FitConfig, fit as fit_lens
+from ..kinds import kind_names
 from ..lens import Lens
 from ..models import DEFAULT_MODEL, load_model
 from ..train import TrainConfig, existing_run, train as train_lens
@@ -28,7 +29,7 @@ def train(
     out: Path = typer.Option(..., help="Lens directory to write (config.json, lens.safetensors, checkpoints/)."),
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
-    kind: str = typer.Option("affine", help="Lens kind: affine or full."),
+    kind: str = typer.Option("affine", help=f"Lens kind: {' or '.join(kind_names(trainable=True))}."),
     layers: Layers = None,
     heads: Heads = None,
     tokens: int = typer.Option(20_000, help="Token budget; at least one step runs."),
