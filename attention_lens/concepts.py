@@ -10,12 +10,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .data import DataConfig
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
 from .notebook import Cell, Grid, NotebookDisplay
 from .objective import DEFAULT_BLOCK_ROWS
+from .stream import HeadStream
 
 
 @dataclass
@@ -151,24 +152,19 @@ def search(lens: Lens, concept: Concept, data: DataConfig, tokens: int = 2048, b
     columns and the vocabulary mean of the lens logits are needed, never (tokens x heads x vocab).
     """
     model = lens.model
-    train_documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
-    windows = token_windows(train_documents, model.tokenizer, data.seq_len, seed)
+    stream = HeadStream(model, data, lens.config.layers, split="train", seed=seed, batch_size=batch_size,
+                        final_residual=lens.kind_spec.needs_final_residual)
     ids = torch.tensor(concept.ids, device=model.device)
     total = torch.zeros(len(lens.config.layers), len(lens.config.heads), len(ids), device=model.device)
     seen = 0
-    for batch in batches(windows, batch_size):
+    for batch in stream:
+        final_scale = batch.final_scale()  # (token,) or None
+        for i, layer, z in batch.layers(lens.config.layers):
+            logits = concept_logits(lens, z.flatten(0, 1), layer, ids, final_scale, block_rows)  # (token, head, concept + 1)
+            total[i] += (logits[..., :-1] - logits[..., -1:]).sum(0)
+        seen += batch.tokens
         if seen >= tokens:
             break
-        _, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
-                                    final_residual=lens.kind_spec.needs_final_residual)
-        final_scale = capture.final_scale()  # (token,) or None
-        for i, layer in enumerate(lens.config.layers):
-            z = capture.heads.pop(layer).z.flatten(0, 1)  # (token, head, d_head)
-            logits = concept_logits(lens, z, layer, ids, final_scale, block_rows)  # (token, head, concept + 1)
-            total[i] += (logits[..., :-1] - logits[..., -1:]).sum(0)
-        seen += batch.numel()
-    if seen == 0:
-        raise AttentionLensError(f"the data is smaller than one window of {data.seq_len} tokens; lower --seq-len")
     return SearchResult(concept=concept, kind=lens.kind, layers=list(lens.config.layers),
                         heads=list(lens.config.heads), token_lift=(total / seen).cpu(), tokens=seen)
 

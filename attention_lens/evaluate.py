@@ -5,21 +5,20 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .data import DataConfig, Document, batches, load_documents, split_by_document, token_windows
+from .data import DataConfig, Document, load_documents, split_by_document
 from .errors import AttentionLensError
 from .fidelity import HEAD_SCORES, FidelityTotals, Targets, score_layer
-from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
 from .notebook import Cell, Grid, NotebookDisplay, visible
 from .objective import head_kl, target_distribution
+from .stream import HeadBatch, HeadStream
 
 BASELINES = ("logit", "dla", "uniform", "constant")
 REPORTED_HEADS = 5
@@ -105,20 +104,18 @@ def evaluate(
     model = lens.model
     train_documents, held_documents = scored_split(lens, data)
     log_constant, constant_setup = constant_distribution(lens, data, train_documents, config)
-    windows = islice(token_windows(held_documents, model.tokenizer, data.seq_len, config.seed),
-                     math.ceil(config.tokens / data.seq_len))
+    stream = HeadStream(model, data, lens.config.layers, documents=held_documents, seed=config.seed,
+                        batch_size=config.batch_size, windows=math.ceil(config.tokens / data.seq_len),
+                        final_residual=True)
     totals = FidelityTotals(len(lens.config.layers), len(lens.config.heads), model.vocab, config.bootstrap,
                             config.seed)
     baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)  # its F_h serves dla too
     planned, seen = math.ceil(config.tokens / data.seq_len) * data.seq_len, 0
-    for batch in batches(windows, config.batch_size):
-        _score_batch(lens, baseline, batch.to(model.device), log_constant, totals, config.block_rows)
-        seen += batch.numel()
+    for batch in stream:
+        _score_batch(lens, baseline, batch, log_constant, totals, config.block_rows)
+        seen += batch.tokens
         if on_progress is not None:
             on_progress(seen, planned)
-    if seen == 0:
-        raise AttentionLensError(f"the held-out split is smaller than one window of {data.seq_len} tokens; "
-                                 "lower --seq-len or use more text")
     heads = head_records(lens, totals, config.margin)
     setup = {"lens": lens.kind, "model": model.name, "data": data.data, "holdout": data.holdout,
              "seq_len": data.seq_len, "tokens": seen, "seed": config.seed, "margin": config.margin,
@@ -138,14 +135,14 @@ def _check(config: EvalConfig, data: DataConfig) -> None:
         raise AttentionLensError(f"--margin must be >= 0 nats; got {config.margin}")
 
 
-def _score_batch(lens: Lens, baseline: Lens, input_ids: Tensor, log_constant: Tensor, totals: FidelityTotals,
+def _score_batch(lens: Lens, baseline: Lens, batch: HeadBatch, log_constant: Tensor, totals: FidelityTotals,
                  block_rows: int) -> None:
-    """One forward pass of the model, then every lens layer in blocks; adds the batch to `totals`."""
+    """Every lens layer of one forward pass, in blocks; adds the batch to `totals`."""
     model = lens.model
-    logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
-    targets = Targets.build(model, input_ids, logits, capture.final_residual)
-    per_layer = [score_layer(lens, baseline, layer, capture.heads.pop(layer).z.flatten(0, 1), targets, block_rows)
-                 for layer in lens.config.layers]
+    input_ids, logits = batch.input_ids, batch.logits
+    targets = Targets.build(model, input_ids, logits, batch.capture.final_residual)
+    per_layer = [score_layer(lens, baseline, layer, z.flatten(0, 1), targets, block_rows)
+                 for _, layer, z in batch.layers(lens.config.layers)]
     head_scores = {name: torch.stack([scores[name] for scores in per_layer], dim=1).unflatten(0, input_ids.shape)
                    for name in (*HEAD_SCORES, "top_id")}  # each (batch, pos, layer, head)
     model_cross_entropy = torch.log_softmax(logits.float(), dim=-1).flatten(0, 1).gather(
@@ -210,17 +207,14 @@ def constant_distribution(
     else:
         documents = load_documents(source, data.skip_bad_lines)
     model = lens.model
-    windows = islice(token_windows(documents, model.tokenizer, data.seq_len, config.seed),
-                     math.ceil(config.constant_tokens / data.seq_len))
+    stream = HeadStream(model, data, documents=documents, seed=config.seed, batch_size=config.batch_size,
+                        windows=math.ceil(config.constant_tokens / data.seq_len),
+                        what=f"constant baseline's text ({source})")  # no layers: the model's logits only
     total = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
     seen = 0
-    for batch in batches(windows, config.batch_size):
-        logits = model.hf(input_ids=batch.to(model.device), use_cache=False).logits
-        total += torch.softmax(logits.float(), dim=-1).flatten(0, 1).sum(0).double()
-        seen += batch.numel()
-    if seen == 0:
-        raise AttentionLensError(f"the constant baseline's text ({source}) is smaller than one window of "
-                                 f"{data.seq_len} tokens; pass --constant-data with more text")
+    for batch in stream:
+        total += torch.softmax(batch.logits.float(), dim=-1).flatten(0, 1).sum(0).double()
+        seen += batch.tokens
     return (total / seen).log().float(), {"data": source, "tokens": seen}
 
 
@@ -329,23 +323,18 @@ class HeadKL:
 def heldout_kl(lens: Lens, data: DataConfig, tokens: int = 2048, batch_size: int = 4, seed: int = 0) -> HeadKL:
     """Mean per-head KL on the by-document held-out split of `data`, all positions: training's quick check."""
     model: Model = lens.model
-    _, held = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
-    if not held:
+    stream = HeadStream(model, data, lens.config.layers, split="held", seed=seed, batch_size=batch_size,
+                        final_residual=lens.kind_spec.needs_final_residual)
+    if not stream.documents:
         raise AttentionLensError("no held-out documents to evaluate on; use --holdout > 0")
-    windows = token_windows(held, model.tokenizer, data.seq_len, seed)
     total = torch.zeros(len(lens.config.layers), len(lens.config.heads), device=model.device)
     seen = 0
-    for batch in batches(windows, batch_size):
+    for batch in stream:
+        p, neg_entropy = target_distribution(batch.logits.flatten(0, 1))
+        final_scale = batch.final_scale()
+        for i, layer, z in batch.layers(lens.config.layers):
+            total[i] += head_kl(lens, z.flatten(0, 1), layer, p, neg_entropy, final_scale).sum(0)
+        seen += batch.tokens
         if seen >= tokens:
             break
-        logits, capture = run_with_heads(model, batch.to(model.device), lens.config.layers,
-                                         final_residual=lens.kind_spec.needs_final_residual)
-        p, neg_entropy = target_distribution(logits.flatten(0, 1))
-        final_scale = capture.final_scale()
-        for i, layer in enumerate(lens.config.layers):
-            z = capture.heads.pop(layer).z.flatten(0, 1)
-            total[i] += head_kl(lens, z, layer, p, neg_entropy, final_scale).sum(0)
-        seen += batch.numel()
-    if seen == 0:
-        raise AttentionLensError(f"the held-out split is smaller than one window of {data.seq_len} tokens")
     return HeadKL(kl=total / seen, tokens=seen)

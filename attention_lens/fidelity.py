@@ -59,8 +59,7 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
     head is one plain matmul. Only one block of vocabulary-sized logits per lens exists at a time.
     """
     heads = lens.config.heads
-    ones = torch.ones(*z.shape[:-2], len(heads), 1, device=z.device)
-    z_aug = torch.cat([z[:, heads], ones], dim=-1)  # (tokens, head, d_head + 1)
+    z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
     base_factors, base_constant = baseline.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
     base_factors = base_factors.transpose(1, 2)  # (head, d_head + 1, vocab)
     # A logit or dla lens is one of the per-head baselines computed anyway: its scores reuse their logits.

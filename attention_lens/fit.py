@@ -8,11 +8,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .data import DataConfig, batches, load_documents, split_by_document, token_windows
+from .data import DataConfig
 from .errors import AttentionLensError
-from .heads import run_with_heads
 from .kinds import kind_names
 from .lens import Lens
+from .stream import HeadStream
 
 
 @dataclass
@@ -63,31 +63,28 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
     if not lens.kind_spec.closed_form:
         raise AttentionLensError(f"fit makes {' or '.join(kind_names(closed_form=True))} lenses; got a {lens.kind} lens")
     model = lens.model
-    documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
-    windows = token_windows(documents, model.tokenizer, data.seq_len, config.seed)
     if data.seq_len <= config.skip_positions:
         raise AttentionLensError(f"--seq-len must exceed the {config.skip_positions} skipped leading positions")
+    stream = HeadStream(model, data, lens.config.layers, split="train", seed=config.seed,
+                        batch_size=config.batch_size, final_residual=True)
     moments = {layer: _empty_moments(lens) for layer in lens.config.layers}
     mean_p = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
     sum_target = torch.zeros(model.d_model, dtype=torch.float64, device=model.device)
     seen = 0
-    for batch in batches(windows, config.batch_size):
-        if seen >= config.tokens:
-            break
-        logits, capture = run_with_heads(model, batch.to(model.device), lens.config.layers, final_residual=True)
+    for batch in stream:
         keep = slice(config.skip_positions, None)
-        residual = capture.final_residual[:, keep].flatten(0, 1)  # (tokens, d_model)
+        residual = batch.capture.final_residual[:, keep].flatten(0, 1)  # (tokens, d_model)
         target = model.unembed.center(residual) / model.unembed.scale(residual)[:, None]
-        mean_p += torch.softmax(logits[:, keep].flatten(0, 1).float(), dim=-1).sum(0).double()
+        mean_p += torch.softmax(batch.logits[:, keep].flatten(0, 1).float(), dim=-1).sum(0).double()
         sum_target += target.sum(0).double()
-        for layer in lens.config.layers:
-            z = capture.heads.pop(layer).z[:, keep][..., lens.config.heads, :].flatten(0, 1)  # (tokens, head, d_head)
+        for _, layer, z in batch.layers(lens.config.layers):
+            z = z[:, keep][..., lens.config.heads, :].flatten(0, 1)  # (tokens, head, d_head)
             _accumulate(moments[layer], z.double(), target.double())
         seen += residual.shape[0]
         if on_batch is not None:
             on_batch(seen)
-    if seen == 0:
-        raise AttentionLensError(f"the training data is too small for one window of {data.seq_len} tokens")
+        if seen >= config.tokens:
+            break
     constant, constant_kl = best_constant(model, (mean_p / seen).float(), config.constant_steps,
                                           start=(sum_target / seen).float())
     for layer in lens.config.layers:

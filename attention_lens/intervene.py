@@ -16,9 +16,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from .data import DataConfig, load_documents, split_by_document, token_windows
+from .data import DataConfig
 from .errors import AttentionLensError
 from .models import Model
+from .stream import HeadStream
 
 Head = tuple[int, int]
 """(layer, head)."""
@@ -150,11 +151,10 @@ def concept_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], 
     enough target positions for the same forward-pass budget. Held-out documents (all documents when
     data.holdout is 0) keep the text the heads are verified on apart from the text they were found on.
     """
-    documents = load_documents(data.data, data.skip_bad_lines)
-    train, held = split_by_document(documents, data.holdout)
+    stream = HeadStream(model, data, split="held" if data.holdout > 0 else "all", seed=seed)
     ids = torch.tensor(list(concept_ids))
     kept: list[Tensor] = []
-    for window in token_windows(held or train, model.tokenizer, data.seq_len, seed):
+    for window in stream.windows():
         if torch.isin(window[1:], ids).any():
             kept.append(window)
         if len(kept) * data.seq_len >= tokens:

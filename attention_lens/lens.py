@@ -121,6 +121,12 @@ class Lens(nn.Module):
         """
         return self.kind_spec.factors(self, layer)
 
+    def augmented(self, z: Tensor) -> Tensor:
+        """[z_h, 1] of the lens's heads, what the factored form multiplies: (..., head, d_head) of all the layer's
+        heads -> (..., lens head, d_head + 1)."""
+        z = z[..., self.config.heads, :]
+        return torch.cat([z, torch.ones(*z.shape[:-1], 1, dtype=z.dtype, device=z.device)], dim=-1)
+
     def divisor(self, z: Tensor, layer: int, final_scale: Tensor | None = None) -> Tensor:
         """Per (..., lens head) divisor of the factored logits: the final norm's sigma of the lens vector."""
         return self.kind_spec.divisor(self, z[..., self.config.heads, :], layer, final_scale)

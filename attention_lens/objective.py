@@ -48,8 +48,7 @@ def head_kl(
         factors, constant = lens.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
     if lens.kind_spec.model_readout and lens.model.unembed.softcap is not None:
         return _capped_head_kl(lens, z, layer, p, neg_entropy, factors, constant, backward_scale, dtype, block_rows)
-    ones = torch.ones(*z.shape[:-2], len(lens.config.heads), 1, device=z.device)
-    z_aug = torch.cat([z[..., lens.config.heads, :], ones], dim=-1)  # (tokens, head, d_head + 1)
+    z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
     # Cast once per layer, and laid out (head, d_head + 1, vocab) so each chunk is a plain strided matrix for
     # bmm (a transposed (head, chunk, d_head + 1) slice made bmm copy it: ~1.8x slower per chunk).
     factors_t = factors.detach().to(dtype).transpose(1, 2).contiguous()  # a no-op for the lens's own layout
@@ -136,8 +135,7 @@ def _capped_head_kl(lens, z, layer, p, neg_entropy, factors, constant, backward_
     """Soft-capped models (Gemma-2): plain autograd through cap * tanh(logits / cap), block by block."""
     train = backward_scale is not None
     factors_leaf = factors.detach().requires_grad_(train)
-    ones = torch.ones(*z.shape[:-2], len(lens.config.heads), 1, device=z.device)
-    z_aug = torch.cat([z[..., lens.config.heads, :], ones], dim=-1).to(dtype)
+    z_aug = lens.augmented(z).to(dtype)
     rows_per_block = max(1, block_rows // len(lens.config.heads))
     out = []
     with torch.set_grad_enabled(train):

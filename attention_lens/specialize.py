@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from .data import DataConfig, batches, token_windows
+from .data import DataConfig
 from .errors import AttentionLensError
 from .evaluate import scored_split, sink_mask
 from .fidelity import factored_logits
-from .heads import run_with_heads
 from .lens import Lens
 from .notebook import Cell, Grid, NotebookDisplay, visible
+from .stream import HeadStream
 from .token_classes import describe, token_class
 
 MOST_SPECIALIZED = 10
@@ -120,8 +119,10 @@ def specialize(
             if on_progress is not None:
                 on_progress(done + seen, planned)
 
-        windows = islice(token_windows(held, model.tokenizer, data.seq_len, config.seed), n_windows)
-        return _lens_distributions(lens, windows, config, report)
+        stream = HeadStream(model, data, lens.config.layers, documents=held, seed=config.seed,
+                            batch_size=config.batch_size, windows=n_windows,
+                            final_residual=lens.kind_spec.needs_final_residual)
+        return _lens_distributions(lens, stream, config, report)
 
     average = torch.zeros(model.vocab, dtype=torch.float64, device=model.device)
     predictions = 0
@@ -148,7 +149,7 @@ def specialize(
 
 
 def _lens_distributions(
-    lens: Lens, windows: Iterator[Tensor], config: SpecializeConfig, on_tokens: Callable[[int], None]
+    lens: Lens, stream: HeadStream, config: SpecializeConfig, on_tokens: Callable[[int], None]
 ) -> Iterator[tuple[int, Tensor]]:
     """(lens layer index, q (lens head, rows, vocab)) for every non-sink position, one block at a time.
 
@@ -158,21 +159,19 @@ def _lens_distributions(
     heads = lens.config.heads
     block = max(1, config.block_rows // len(heads))
     seen = 0
-    for batch in batches(windows, config.batch_size):
-        input_ids = batch.to(model.device)
-        _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind_spec.needs_final_residual)
-        keep = ~sink_mask(input_ids, model.tokenizer).flatten()  # attention sinks are not what a head writes
-        scale = capture.final_scale(keep)
-        for i, layer in enumerate(lens.config.layers):
-            z = capture.heads.pop(layer).z.flatten(0, 1)[keep]  # (rows, head, d_head)
-            z_aug = torch.cat([z[:, heads], torch.ones(z.shape[0], len(heads), 1, device=z.device)], dim=-1)
+    for batch in stream:
+        keep = ~sink_mask(batch.input_ids, model.tokenizer).flatten()  # attention sinks are not what a head writes
+        scale = batch.final_scale(keep)
+        for i, layer, z in batch.layers(lens.config.layers):
+            z = z.flatten(0, 1)[keep]  # (rows, head, d_head)
+            z_aug = lens.augmented(z)  # (rows, head, d_head + 1)
             factors, constant = lens.vocab_factors(layer)  # (head, vocab, d_head + 1), (vocab,)
             factors = factors.transpose(1, 2)
             for start in range(0, z.shape[0], block):
                 rows = slice(start, start + block)
                 divisor = lens.divisor(z[rows], layer, None if scale is None else scale[rows])
                 yield i, torch.softmax(factored_logits(lens, z_aug[rows], divisor, factors, constant), dim=-1)
-        seen += batch.numel()
+        seen += batch.tokens
         on_tokens(seen)
 
 

@@ -13,15 +13,15 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import Progress, checkpoint_path, load_checkpoint, save_checkpoint
-from .data import DataConfig, batches, load_documents, split_by_document, token_windows
-from .distributed import World, average_, shard
+from .data import DataConfig
+from .distributed import World, average_
 from .errors import AttentionLensError
-from .heads import run_with_heads
-from .lens import Lens, check_memory
 from .kinds import kind_names
+from .lens import Lens, check_memory
 from .lens_config import parameter_bytes
 from .objective import DEFAULT_BLOCK_ROWS, _autocast, head_kl, target_distribution
 from .sharding import exchange, gather_parameters, load_shard, owned_layers, save_shard
+from .stream import HeadBatch, HeadStream
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OBJECTIVES = ("per-head", "paper")
@@ -87,9 +87,10 @@ def train(
         raise AttentionLensError(f"unknown objective {config.objective!r}; use {' or '.join(OBJECTIVES)}")
     if config.dtype not in DTYPES:
         raise AttentionLensError(f"unknown dtype {config.dtype!r}; use {' or '.join(DTYPES)}")
-    model = lens.model
-    documents, _ = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
     full, sharded = lens, config.shard_heads and world.distributed
+    # Sharded: every rank runs the forward pass over all layers and sends each layer's z to its owner.
+    stream = HeadStream(lens.model, data, full.config.layers, split="train", seed=config.seed,
+                        batch_size=config.batch_size, final_residual=sharded, world=world)
     if sharded:
         lens = _local_shard(full, config, world)
     check_memory(4 * parameter_bytes(lens.config), "the lens parameters with their gradients and Adam state")
@@ -104,34 +105,27 @@ def train(
 
     tokens_per_step = config.batch_size * data.seq_len
     steps = max(1, math.ceil(config.tokens / tokens_per_step))
-    windows = token_windows(documents, model.tokenizer, data.seq_len, config.seed, start=progress.windows)
-    stream = batches(windows, config.batch_size)
+    stream.start = progress.windows  # a resumed run sees exactly the windows it would have seen
+    forward = iter(stream)
     dtype = DTYPES[config.dtype]
     while progress.step < steps:
-        batch = next(stream, None)
+        started = time.perf_counter()
+        batch = next(forward, None)
         if batch is None:
             break  # data exhausted: progress.tokens says how much was used
-        started = time.perf_counter()
-        if batch.shape[0] < world.size:
-            break  # a last partial batch too small to give every rank a window
-        local = shard(batch, world).to(model.device)
         if sharded:
-            loss = _sharded_step(lens, optimizer, local, dtype, config.block_rows, progress.step, world, full)
+            loss = _sharded_step(lens, optimizer, batch, dtype, config.block_rows, progress.step, world, full)
         else:
             step = _paper_step if config.objective == "paper" else _step
-            loss = step(lens, optimizer, local, dtype, config.block_rows, progress.step, world)
+            loss = step(lens, optimizer, batch, dtype, config.block_rows, progress.step, world)
         progress.step += 1
-        progress.windows += batch.shape[0]
-        progress.tokens += batch.numel()
+        progress.windows += batch.windows
+        progress.tokens += batch.tokens
         progress.loss = loss
         if on_step is not None:
             on_step(StepReport(progress.step, steps, progress.tokens, loss, time.perf_counter() - started))
         if out is not None and progress.step % config.checkpoint_every == 0:
             _checkpoint(out, lens, optimizer, progress, run, world, sharded)
-    if progress.tokens == 0:
-        raise AttentionLensError(
-            f"the training data is too small for one window of {data.seq_len} tokens; add text or lower --seq-len"
-        )
     if out is not None:
         _checkpoint(out, lens, optimizer, progress, run, world, sharded)
     if sharded:
@@ -172,16 +166,15 @@ def _make_optimizer(lens: Lens, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(lens.parameters(), lr=config.lr)
 
 
-def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int,
+def _step(lens: Lens, optimizer, batch: HeadBatch, dtype: torch.dtype, block_rows: int, step: int,
           world: World = World()) -> float:
-    """One forward of the frozen model, then each layer's heads in vocabulary-sized blocks."""
-    logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
-    p, neg_entropy = target_distribution(logits.flatten(0, 1))  # (tokens, vocab)
+    """Each layer's heads of one forward pass of the frozen model, in vocabulary-sized blocks."""
+    p, neg_entropy = target_distribution(batch.logits.flatten(0, 1))  # (tokens, vocab)
     tokens = p.shape[0]
     optimizer.zero_grad(set_to_none=True)
     losses = []
-    for layer in lens.config.layers:
-        z = capture.heads.pop(layer).z.flatten(0, 1)  # (tokens, head, d_head)
+    for _, layer, z in batch.layers(lens.config.layers):
+        z = z.flatten(0, 1)  # (tokens, head, d_head)
         # Mean over positions, summed over heads: each head's lens gets its own gradient.
         kl = head_kl(lens, z, layer, p, neg_entropy, backward_scale=1.0 / tokens, dtype=dtype, block_rows=block_rows)
         losses.append(kl.mean(0))
@@ -190,12 +183,11 @@ def _step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_
     return per_head.mean().item()
 
 
-def _sharded_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int,
+def _sharded_step(lens: Lens, optimizer, batch: HeadBatch, dtype: torch.dtype, block_rows: int, step: int,
                   world: World, full: Lens) -> float:
-    """Forward on this rank's windows, send each layer's z to its owner, train the owned layers on all windows."""
-    _, capture = run_with_heads(lens.model, batch, full.config.layers, final_residual=True)
-    z = {layer: heads.z for layer, heads in capture.heads.items()}
-    owned, residual = exchange(z, capture.final_residual, full.config.layers, world)
+    """This rank's windows' forward pass: each layer's z to its owner, then train the owned layers on all windows."""
+    z = {layer: batch.z(layer) for layer in full.config.layers}
+    owned, residual = exchange(z, batch.capture.final_residual, full.config.layers, world)
     p, neg_entropy = target_distribution(lens.model.unembed(residual.flatten(0, 1)))
     optimizer.zero_grad(set_to_none=True)
     losses = []
@@ -229,18 +221,17 @@ def _finish_step(lens: Lens, optimizer, losses: torch.Tensor, step: int, world: 
     optimizer.step()
 
 
-def _paper_step(lens: Lens, optimizer, batch: torch.Tensor, dtype: torch.dtype, block_rows: int, step: int,
+def _paper_step(lens: Lens, optimizer, batch: HeadBatch, dtype: torch.dtype, block_rows: int, step: int,
                 world: World = World()) -> float:
     """The original Attention Lens objective: KL to the model at the last position of the layer's summed lens logits.
 
     Heads are trained jointly, so no single head's lens is asked to match the model on its own.
     """
-    logits, capture = run_with_heads(lens.model, batch, lens.config.layers)
-    p, neg_entropy = target_distribution(logits[:, -1])  # (batch, vocab)
+    p, neg_entropy = target_distribution(batch.logits[:, -1])  # (batch, vocab)
     optimizer.zero_grad(set_to_none=True)
     losses = []
-    for layer in lens.config.layers:
-        z = capture.heads.pop(layer).z[:, -1]  # (batch, head, d_head)
+    for _, layer, z in batch.layers(lens.config.layers):
+        z = z[:, -1]  # (batch, head, d_head)
         with _autocast(z.device, dtype):
             summed = lens.logits(z, layer).float().sum(-2)  # (batch, vocab)
         kl = (neg_entropy - (p * summed).sum(-1) + torch.logsumexp(summed, dim=-1)).mean()

@@ -11,7 +11,7 @@ from conftest import make_corpus, make_model_dir
 pytestmark = pytest.mark.robustness
 
 POISONED_STEP, LAYER, HEAD = 3, 1, 2
-train_module = importlib.import_module("attention_lens.train")  # the package exports a function of that name
+stream_module = importlib.import_module("attention_lens.stream")  # where every corpus forward pass runs
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def paths(tmp_path_factory):
 
 def poison_one_head(monkeypatch):
     """Fault injection: z of (LAYER, HEAD) becomes inf in the POISONED_STEP-th forward pass, nothing else does."""
-    real = train_module.run_with_heads
+    real = stream_module.run_with_heads
     calls = 0
 
     def poisoned(*args, **kwargs):
@@ -33,7 +33,7 @@ def poison_one_head(monkeypatch):
             capture.heads[LAYER].z[..., HEAD, :] = float("inf")  # (batch, pos, head, d_head)
         return logits, capture
 
-    monkeypatch.setattr(train_module, "run_with_heads", poisoned)
+    monkeypatch.setattr(stream_module, "run_with_heads", poisoned)
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(paths, tmp_path, monkeypatch, capsys):
