@@ -10,6 +10,7 @@ from .lens import Lens, LensConfig
 from .models import Model, load_model
 from .specialize import SpecializeConfig, Specialization, specialize
 from .train import TrainConfig, train
+from . import notebook  # noqa: E402,F401,I001 (last: it attaches the notebook display to the results above)
 
 __all__ = [
     "__version__", "AttentionLensError", "DataConfig", "DecodeResult", "EvalConfig", "Evaluation", "HeadCapture",

@@ -62,7 +62,7 @@ def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run
     """Restore what save_checkpoint wrote; refuses a checkpoint of a different run, model or version."""
     path = path or checkpoint_path(out)
     if not path.is_file():
-        raise AttentionLensError(f"nothing to resume: {path} does not exist; start without --resume")
+        raise AttentionLensError(f"nothing to resume: {path} does not exist; start without `resume`")
     remedy = "delete it or use --overwrite"
     tensors, metadata = read_tensors(path, remedy)
     try:

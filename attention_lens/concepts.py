@@ -14,8 +14,8 @@ from .data import DataConfig
 from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
-from .notebook import Cell, Grid, NotebookDisplay
 from .objective import DEFAULT_BLOCK_ROWS
+from .results import ConceptHead, ConceptToken
 from .stream import HeadStream
 
 
@@ -88,7 +88,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 @dataclass
-class SearchResult(NotebookDisplay):
+class SearchResult:
     """How much every lens head promotes a concept, averaged over the corpus positions seen; a grid in notebooks."""
 
     concept: Concept
@@ -117,28 +117,15 @@ class SearchResult(NotebookDisplay):
                 for i, layer in enumerate(self.layers) for j, head in enumerate(self.heads)
                 for t, token_id in enumerate(self.concept.ids)]
 
-    def grid(self) -> Grid:
-        """The lift of the concept per head (nats over the head's average token)."""
-        words = ", ".join(self.concept.words)
-        grid = Grid(title=f"lift of the concept ({words}) per head, {self.kind} lens", value_name="lift (nats)",
-                    layers=list(self.layers), heads=list(self.heads))
-        rank = {head: i for i, head in enumerate(self.ranked())}
-        for i, layer in enumerate(self.layers):
-            for j, head in enumerate(self.heads):
-                score = float(self.scores[i, j])
-                grid.cells[layer, head] = Cell(score, f"{score:+.2f}",
-                                               f"L{layer}.H{head}: lift {score:+.3f} nats, rank {rank[layer, head] + 1}")
-        return grid
-
-    def records(self, top: int, tokenizer, tokens_per_head: int = 5) -> list[dict]:
-        """The best `top` heads as {layer, head, score, top_tokens: [{token, id, lift}]}."""
+    def records(self, top: int, tokenizer, tokens_per_head: int = 5) -> list[ConceptHead]:
+        """The best `top` heads, each with its `tokens_per_head` most lifted concept tokens."""
         out = []
         for layer, head in self.ranked()[:top]:
             lift = self.token_lift[self.layers.index(layer), self.heads.index(head)]
             best = lift.argsort(descending=True)[:tokens_per_head].tolist()
-            out.append({"layer": layer, "head": head, "score": round(float(lift.mean()), 4),
-                        "top_tokens": [{"token": tokenizer.decode([self.concept.ids[i]]), "id": self.concept.ids[i],
-                                        "lift": round(float(lift[i]), 4)} for i in best]})
+            tokens = [ConceptToken(token=tokenizer.decode([self.concept.ids[i]]), id=self.concept.ids[i],
+                                   lift=round(float(lift[i]), 4)) for i in best]
+            out.append(ConceptHead(layer=layer, head=head, score=round(float(lift.mean()), 4), top_tokens=tokens))
         return out
 
 

@@ -113,7 +113,7 @@ def _jsonl_documents(path: Path, skip_bad_lines: bool) -> list[Document]:
                 skipped.append(number)
                 continue
             raise AttentionLensError(
-                f"{path}:{number}: not a JSON object with a string 'text' field (use --skip-bad-lines to skip it)"
+                f"{path}:{number}: not a JSON object with a string 'text' field (set `skip_bad_lines` to skip it)"
             )
         if text.strip():
             documents.append(Document(f"{path.name}:{number}", text))
@@ -163,7 +163,7 @@ def split_by_document(documents: Sequence[Document], holdout: float) -> tuple[li
     Stable whatever the seed or the order, and no window ever mixes the two sides.
     """
     if not 0 <= holdout < 1:
-        raise AttentionLensError(f"--holdout must be in [0, 1); got {holdout}")
+        raise AttentionLensError(f"`holdout` must be in [0, 1); got {holdout}")
     if holdout == 0:
         return list(documents), []
     ranked = sorted(documents, key=lambda d: _unit_hash(d.id))
@@ -174,7 +174,7 @@ def split_by_document(documents: Sequence[Document], holdout: float) -> tuple[li
     train = [d for d in documents if d.id not in held_ids]
     if not train or not held:
         raise AttentionLensError(
-            "the data has a single document, so no by-document held-out split exists; add text or use --holdout 0"
+            "the data has a single document, so no by-document held-out split exists; add text or use `holdout` 0"
         )
     return train, [d for d in documents if d.id in held_ids]
 

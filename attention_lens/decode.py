@@ -11,12 +11,12 @@ from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
-from .notebook import Cell, Grid, NotebookDisplay, visible
+from .results import HeadTop, TokenScore
 from .vocab_topk import Screen, VocabTopK, vocab_topk
 
 
 @dataclass
-class DecodeResult(NotebookDisplay):
+class DecodeResult:
     """Per-(layer, head, position) top-k of a lens on one prompt; `heads` is the --json document's list.
 
     In a notebook it shows itself as a layers x heads grid of each head's top token at the last decoded
@@ -28,41 +28,25 @@ class DecodeResult(NotebookDisplay):
     """The prompt's tokens as text."""
     positions: list[int]
     kind: str
-    heads: list[dict] = field(default_factory=list)
-    """Records {layer, head, position, top: [{token, id, logit, prob}]}."""
+    heads: list[HeadTop] = field(default_factory=list)
+    """One record per (layer, head, position)."""
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "positions": self.positions, "lens": self.kind,
-                "heads": self.heads}
+                "heads": [record.to_json() for record in self.heads]}
 
     def top_token(self, layer: int, head: int, position: int) -> str:
         for record in self.heads:
-            if (record["layer"], record["head"], record["position"]) == (layer, head, position):
-                return record["top"][0]["token"]
+            if (record.layer, record.head, record.position) == (layer, head, position):
+                return record.top[0].token
         raise KeyError((layer, head, position))
 
     def to_records(self) -> list[dict]:
         """One row per (layer, head, position, rank): token, id, logit and probability."""
-        return [{"layer": r["layer"], "head": r["head"], "position": r["position"],
-                 "position_token": self.tokens[r["position"]], "rank": rank, **entry}
-                for r in self.heads for rank, entry in enumerate(r["top"])]
+        return [{"layer": r.layer, "head": r.head, "position": r.position,
+                 "position_token": self.tokens[r.position], "rank": rank, **entry.to_json()}
+                for r in self.heads for rank, entry in enumerate(r.top)]
 
-    def grid(self, position: int | None = None) -> Grid:
-        """Top token and its probability per head at `position` (default: the last decoded one)."""
-        position = self.positions[-1] if position is None else position % len(self.tokens)
-        if position not in self.positions:
-            raise AttentionLensError(f"position {position} was not decoded; decoded: {self.positions}")
-        records = [r for r in self.heads if r["position"] == position]
-        grid = Grid(title=f"{self.kind} lens, position {position} ({visible(self.tokens[position])}): "
-                          "top token and its probability",
-                    value_name="top-token probability", low=0.0, high=1.0,
-                    layers=sorted({r["layer"] for r in records}), heads=sorted({r["head"] for r in records}))
-        for r in records:
-            best = r["top"][0]
-            hover = "\n".join(f"{visible(t['token'])}  {t['prob']:.1%}" for t in r["top"])
-            grid.cells[r["layer"], r["head"]] = Cell(best["prob"], f"{visible(best['token'])} {best['prob']:.0%}",
-                                                     f"L{r['layer']}.H{r['head']}\n{hover}")
-        return grid
 
 
 @torch.no_grad()
@@ -101,11 +85,9 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     for layer, ids, logits, probs in tops:
         for p_index, pos in enumerate(positions):
             for h_index, head in enumerate(lens.config.heads):
-                result.heads.append({
-                    "layer": layer, "head": head, "position": pos,
-                    "top": [{"token": texts[i], "id": i, "logit": lg, "prob": pr}
-                            for i, lg, pr in zip(ids[p_index][h_index], logits[p_index][h_index], probs[p_index][h_index])],
-                })
+                top = [TokenScore(token=texts[i], id=i, logit=lg, prob=pr)
+                       for i, lg, pr in zip(ids[p_index][h_index], logits[p_index][h_index], probs[p_index][h_index])]
+                result.heads.append(HeadTop(layer=layer, head=head, position=pos, top=top))
     return result
 
 
@@ -140,7 +122,7 @@ def _positions(position: int | str, length: int) -> list[int]:
     try:
         index = int(position)
     except ValueError:
-        raise AttentionLensError(f"--position must be an integer or 'all'; got {position!r}") from None
+        raise AttentionLensError(f"`position` must be an integer or 'all'; got {position!r}") from None
     if not -length <= index < length:
         raise AttentionLensError(f"position {index} is outside the prompt's {length} tokens")
     return [index % length]

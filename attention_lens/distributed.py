@@ -60,7 +60,7 @@ def shard(batch: Tensor, world: World) -> Tensor:
     if batch.shape[0] < world.size:
         raise AttentionLensError(
             f"a batch of {batch.shape[0]} windows cannot be split over {world.size} processes; "
-            "raise --batch-size to at least the number of processes"
+            "raise `batch_size` to at least the number of processes"
         )
     return batch[world.rank :: world.size]
 

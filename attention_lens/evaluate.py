@@ -16,8 +16,8 @@ from .errors import AttentionLensError
 from .fidelity import HEAD_SCORES, FidelityTotals, Targets, score_layer
 from .lens import Lens
 from .models import Model
-from .notebook import Cell, Grid, NotebookDisplay, visible
 from .objective import head_kl, target_distribution
+from .results import BaselineComparison, HeadScore, TopToken
 from .stream import HeadBatch, HeadStream
 
 BASELINES = ("logit", "dla", "uniform", "constant")
@@ -48,20 +48,20 @@ class EvalConfig:
 
 
 @dataclass
-class Evaluation(NotebookDisplay):
+class Evaluation:
     """Per-head records and their summary; `to_json()` is the --json document; a KL grid in notebooks."""
 
     summary: dict
-    heads: list[dict]
+    heads: list[HeadScore]
     setup: dict = field(default_factory=dict)
     """What was scored: lens, model, data, split, tokens, constant baseline, seed."""
 
     def to_json(self) -> dict:
-        return {"summary": self.summary, "heads": self.heads, **self.setup}
+        return {"summary": self.summary, "heads": [record.to_json() for record in self.heads], **self.setup}
 
-    def head(self, layer: int, head: int) -> dict:
+    def head(self, layer: int, head: int) -> HeadScore:
         for record in self.heads:
-            if (record["layer"], record["head"]) == (layer, head):
+            if (record.layer, record.head) == (layer, head):
                 return record
         raise KeyError((layer, head))
 
@@ -69,24 +69,13 @@ class Evaluation(NotebookDisplay):
         """One row per head: its scores, top token, and each baseline's KL, gain and whether it is beaten."""
         rows = []
         for r in self.heads:
-            row = {k: v for k, v in r.items() if not isinstance(v, dict)}
-            row.update(top_token=r["top_token"]["token"], top_token_share=r["top_token"]["share"])
-            for name, baseline in r["baselines"].items():
-                row.update({f"{name}_kl": baseline["kl"], f"{name}_gain": baseline["gain"],
-                            f"beats_{name}": baseline["beats"]})
+            row = {k: v for k, v in r.to_json().items() if not isinstance(v, dict)}
+            row.update(top_token=r.top_token.token, top_token_share=r.top_token.share)
+            for name, baseline in r.baselines.items():
+                row.update({f"{name}_kl": baseline.kl, f"{name}_gain": baseline.gain, f"beats_{name}": baseline.beats})
             rows.append(row)
         return rows
 
-    def grid(self) -> Grid:
-        """Held-out KL per head (nats; lower is better), hover: top-1 and the gain over each baseline."""
-        grid = Grid(title="held-out KL(model || lens) per head, nats", value_name="KL (nats)",
-                    layers=sorted({r["layer"] for r in self.heads}), heads=sorted({r["head"] for r in self.heads}))
-        for r in self.heads:
-            gains = ", ".join(f"{name} {b['gain']:+.2f}" for name, b in r["baselines"].items() if b["gain"] is not None)
-            hover = (f"L{r['layer']}.H{r['head']}  KL {r['kl']} [{r['kl_low']}, {r['kl_high']}]\n"
-                     f"top-1 {r['top1']}  top token {visible(r['top_token']['token'])}\ngain over: {gains}")
-            grid.cells[r["layer"], r["head"]] = Cell(r["kl"], "-" if r["kl"] is None else f"{r['kl']:.2f}", hover)
-        return grid
 
 
 @torch.no_grad()
@@ -126,13 +115,13 @@ def evaluate(
 
 def _check(config: EvalConfig, data: DataConfig) -> None:
     if data.seq_len < 2:
-        raise AttentionLensError(f"--seq-len must be at least 2 (a position and its next token); got {data.seq_len}")
+        raise AttentionLensError(f"`seq_len` must be at least 2 (a position and its next token); got {data.seq_len}")
     if min(config.tokens, config.batch_size, config.constant_tokens, config.block_rows) < 1:
-        raise AttentionLensError("--tokens, --batch-size and --constant-tokens must be at least 1")
+        raise AttentionLensError("`tokens`, `batch_size` and `constant_tokens` must be at least 1")
     if config.bootstrap < 2:
-        raise AttentionLensError(f"--bootstrap must be at least 2 replicates; got {config.bootstrap}")
+        raise AttentionLensError(f"`bootstrap` must be at least 2 replicates; got {config.bootstrap}")
     if not config.margin >= 0:
-        raise AttentionLensError(f"--margin must be >= 0 nats; got {config.margin}")
+        raise AttentionLensError(f"`margin` must be >= 0 nats; got {config.margin}")
 
 
 def _score_batch(lens: Lens, baseline: Lens, batch: HeadBatch, log_constant: Tensor, totals: FidelityTotals,
@@ -176,12 +165,12 @@ def scored_split(lens: Lens, data: DataConfig) -> tuple[list[Document], list[Doc
     trained = lens.config.training.get("data") or {}
     if _same_source(trained.get("data"), data.data) and data.holdout > trained.get("holdout", data.holdout):
         raise AttentionLensError(
-            f"--holdout {data.holdout} would score documents this lens was trained on (it held out "
-            f"{trained['holdout']}); use --holdout {trained['holdout']} or less"
+            f"`holdout` {data.holdout} would score documents this lens was trained on (it held out "
+            f"{trained['holdout']}); use `holdout` {trained['holdout']} or less"
         )
     train_documents, held_documents = split_by_document(load_documents(data.data, data.skip_bad_lines), data.holdout)
     if not held_documents:
-        raise AttentionLensError("no held-out documents to score; use --holdout > 0")
+        raise AttentionLensError("no held-out documents to score; use `holdout` > 0")
     return train_documents, held_documents
 
 
@@ -229,7 +218,7 @@ def _same_source(a: str | None, b: str | None) -> bool:
 # ----- records and summary ----------------------------------------------------------------------------
 
 
-def head_records(lens: Lens, totals: FidelityTotals, margin: float) -> list[dict]:
+def head_records(lens: Lens, totals: FidelityTotals, margin: float) -> list[HeadScore]:
     """One record per (layer, head): the lens's scores, its interval, each baseline and whether it beats it."""
     scores = ("kl", "top1", "top10", "cross_entropy", "entropy")
     main = {name: totals.mean("main", name) for name in (*scores, *BASELINES)}  # (layer, head) or () per name
@@ -241,23 +230,22 @@ def head_records(lens: Lens, totals: FidelityTotals, margin: float) -> list[dict
         for j, head in enumerate(lens.config.heads):
             top_counts = totals.top_ids[i * len(lens.config.heads) + j]
             top_id = int(top_counts.argmax())
-            record = {
-                "layer": layer, "head": head,
-                "kl": _round(main["kl"][i, j]), "kl_low": _round(low[i, j]), "kl_high": _round(high[i, j]),
+            record = HeadScore(
+                layer=layer, head=head,
+                kl=_round(main["kl"][i, j]), kl_low=_round(low[i, j]), kl_high=_round(high[i, j]),
                 **{name: _round(main[name][i, j]) for name in scores[1:]},
-                "top_token": {"id": top_id, "token": lens.model.token_text(top_id),
-                              "share": _round(top_counts[top_id] / max(1, int(top_counts.sum())))},
-                "baselines": {},
-                "sink": {name: _round(_at(sink[name], i, j)) for name in scores}
-                        | {f"{name}_kl": _round(_at(sink[name], i, j)) for name in BASELINES},
-            }
+                top_token=TopToken(id=top_id, token=lens.model.token_text(top_id),
+                                   share=_round(top_counts[top_id] / max(1, int(top_counts.sum())))),
+                sink={name: _round(_at(sink[name], i, j)) for name in scores}
+                     | {f"{name}_kl": _round(_at(sink[name], i, j)) for name in BASELINES},
+            )
             for name, (base_low, base_high, gain_low, gain_high) in intervals.items():
                 base = _at(main[name], i, j)
-                record["baselines"][name] = {
-                    "kl": _round(base), "kl_low": _round(base_low[i, j]), "kl_high": _round(base_high[i, j]),
-                    "gain": _round(base - main["kl"][i, j]), "gain_low": _round(gain_low[i, j]),
-                    "gain_high": _round(gain_high[i, j]), "beats": bool(gain_low[i, j] > margin),
-                }
+                record.baselines[name] = BaselineComparison(
+                    kl=_round(base), kl_low=_round(base_low[i, j]), kl_high=_round(base_high[i, j]),
+                    gain=_round(base - main["kl"][i, j]), gain_low=_round(gain_low[i, j]),
+                    gain_high=_round(gain_high[i, j]), beats=bool(gain_low[i, j] > margin),
+                )
             records.append(record)
     return records
 
@@ -267,25 +255,25 @@ def _at(value: Tensor, i: int, j: int) -> Tensor:
     return value if value.dim() == 0 else value[i, j]
 
 
-def summarize(heads: list[dict], totals: FidelityTotals) -> dict:
+def summarize(heads: list[HeadScore], totals: FidelityTotals) -> dict:
     """Means and medians over heads, best and worst heads, and the fraction beating each baseline."""
-    kl = [h["kl"] for h in heads if h["kl"] is not None]
-    ranked = sorted((h for h in heads if h["kl"] is not None), key=lambda h: h["kl"])
-    named = [{"layer": h["layer"], "head": h["head"], "kl": h["kl"], "top_token": h["top_token"]["token"]}
-             for h in ranked]
+    kl = [h.kl for h in heads if h.kl is not None]
+    ranked = sorted((h for h in heads if h.kl is not None), key=lambda h: h.kl)
+    named = [{"layer": h.layer, "head": h.head, "kl": h.kl, "top_token": h.top_token.token} for h in ranked]
     summary = {
         "heads": len(heads),
         "tokens": int(totals.count["main"]),
         "sink_tokens": int(totals.count["sink"]),
         "kl_mean": _mean(kl), "kl_median": _round(statistics.median(kl)) if kl else None,
-        **{f"{name}_mean": _mean([h[name] for h in heads]) for name in ("top1", "top10", "cross_entropy", "entropy")},
+        **{f"{name}_mean": _mean([getattr(h, name) for h in heads])
+           for name in ("top1", "top10", "cross_entropy", "entropy")},
     }
     for name in BASELINES:
-        summary[f"{name}_kl_mean"] = _mean([h["baselines"][name]["kl"] for h in heads])
-        summary[f"frac_beats_{name}"] = _round(sum(h["baselines"][name]["beats"] for h in heads) / len(heads))
+        summary[f"{name}_kl_mean"] = _mean([h.baselines[name].kl for h in heads])
+        summary[f"frac_beats_{name}"] = _round(sum(h.baselines[name].beats for h in heads) / len(heads))
     summary.update({
-        "sink_kl_mean": _mean([h["sink"]["kl"] for h in heads]),
-        "sink_top1_mean": _mean([h["sink"]["top1"] for h in heads]),
+        "sink_kl_mean": _mean([h.sink["kl"] for h in heads]),
+        "sink_top1_mean": _mean([h.sink["top1"] for h in heads]),
         "model_cross_entropy": _round(totals.mean("main", "model_cross_entropy")),
         "model_entropy": _round(totals.mean("main", "model_entropy")),
         "best": named[:REPORTED_HEADS],
@@ -326,7 +314,7 @@ def heldout_kl(lens: Lens, data: DataConfig, tokens: int = 2048, batch_size: int
     stream = HeadStream(model, data, lens.config.layers, split="held", seed=seed, batch_size=batch_size,
                         final_residual=lens.kind_spec.needs_final_residual)
     if not stream.documents:
-        raise AttentionLensError("no held-out documents to evaluate on; use --holdout > 0")
+        raise AttentionLensError("no held-out documents to evaluate on; use `holdout` > 0")
     total = torch.zeros(len(lens.config.layers), len(lens.config.heads), device=model.device)
     seen = 0
     for batch in stream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,7 +54,8 @@ class _Moments:
 
 @torch.no_grad()
 def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int], None] | None = None) -> FitReport:
-    """Set every head of an affine `lens` to its ridge solution, with the bias at the best constant lens.
+    """Set every head of an affine `lens` to its ridge solution, with the bias at the best constant lens; record
+    how (data, split, tokens, seed, settings) in `lens.config.training`.
 
     Target: the final residual normalized as the final norm does (C r / sigma(r)), so the positions with
     massive activations do not dominate, and a lens vector x ~ target decodes like the model. Then
@@ -64,7 +66,7 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
         raise AttentionLensError(f"fit makes {' or '.join(kind_names(closed_form=True))} lenses; got a {lens.kind} lens")
     model = lens.model
     if data.seq_len <= config.skip_positions:
-        raise AttentionLensError(f"--seq-len must exceed the {config.skip_positions} skipped leading positions")
+        raise AttentionLensError(f"`seq_len` must exceed the {config.skip_positions} skipped leading positions")
     stream = HeadStream(model, data, lens.config.layers, split="train", seed=config.seed,
                         batch_size=config.batch_size, final_residual=True)
     moments = {layer: _empty_moments(lens) for layer in lens.config.layers}
@@ -89,6 +91,8 @@ def fit(lens: Lens, data: DataConfig, config: FitConfig, on_batch: Callable[[int
                                           start=(sum_target / seen).float())
     for layer in lens.config.layers:
         _solve_into(lens, layer, moments[layer], constant, config.ridge)
+    lens.config.training = {"method": "fit", "data": dataclasses.asdict(data), "split": "train",
+                            **dataclasses.asdict(config), "tokens_seen": seen, "constant_kl_train": constant_kl}
     return FitReport(tokens=seen, constant_kl=constant_kl)
 
 

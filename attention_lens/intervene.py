@@ -43,7 +43,7 @@ class Edit:
                 return cls("scale", float(value))
             except ValueError:
                 pass
-        raise AttentionLensError(f"--mode {text!r}: use zero, mean, or scale=X (e.g. scale=-1, scale=3)")
+        raise AttentionLensError(f"`mode` {text!r}: use zero, mean, or scale=X (e.g. scale=-1, scale=3)")
 
     def __str__(self) -> str:
         return f"scale={self.factor:g}" if self.mode == "scale" else self.mode
@@ -55,7 +55,7 @@ def parse_heads(text: str, model: Model) -> list[Head]:
     for part in text.split(","):
         layer, dot, head = part.strip().partition(".")
         if not (dot and layer.isdigit() and head.isdigit()):
-            raise AttentionLensError(f"--heads {text!r}: use LAYER.HEAD pairs like 12.3,14.0")
+            raise AttentionLensError(f"`heads` {text!r}: use LAYER.HEAD pairs like 12.3,14.0")
         pair = (int(layer), int(head))
         if pair[0] >= model.n_layers or pair[1] >= model.n_heads:
             raise AttentionLensError(f"head {part.strip()} is out of range: the model has {model.n_layers} layers "
@@ -161,7 +161,7 @@ def concept_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], 
             break
     if not kept:
         raise AttentionLensError("no concept token occurs as a next token in the held-out text; "
-                                 "use more data, other words, or --holdout 0")
+                                 "use more data, other words, or `holdout` 0")
     return torch.stack(kept)
 
 
@@ -286,7 +286,7 @@ def ablate(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], wind
     Means for mode 'mean' come from the unmodified pass over the same windows.
     """
     if not heads:
-        raise AttentionLensError("no heads to intervene on; give --heads like 12.3,14.0")
+        raise AttentionLensError("no heads to intervene on; give `heads` like 12.3,14.0")
     passes = 2 + repeats
     with HeadMeans(model) as recorder:
         clean = measure(model, windows, concept_ids)
@@ -336,7 +336,7 @@ def generate(model: Model, prompt: str, heads: Sequence[Head], edit: Edit,
              max_new_tokens: int = 30) -> tuple[str, str]:
     """(unmodified, intervened) greedy continuations of `prompt`, so a person can see what the heads do."""
     if edit.mode == "mean":
-        raise AttentionLensError("generate needs no corpus, so it has no head means: use --mode zero or --scale X")
+        raise AttentionLensError("generate needs no corpus, so it has no head means: use `mode` zero or scale=X")
     plain = greedy(model, prompt, max_new_tokens)
     with HeadIntervention(model, heads, edit):
         edited = greedy(model, prompt, max_new_tokens)

@@ -25,7 +25,7 @@ class LensConfig:
     """What a lens is and which model it belongs to; saved as config.json."""
 
     kind: str
-    """logit | dla | affine | full."""
+    """The kind's registered name (logit, dla, affine, full, or one added to attention_lens.kinds)."""
     layers: list[int]
     """Layers the lens covers, ascending."""
     heads: list[int]
@@ -45,7 +45,7 @@ class LensConfig:
 def read_config(directory: Path) -> LensConfig:
     path = directory / CONFIG_FILE
     if not directory.is_dir():
-        raise AttentionLensError(f"lens directory {directory} does not exist; train one or use --lens logit")
+        raise AttentionLensError(f"lens directory {directory} does not exist; train one or use the logit lens")
     if not path.is_file():
         raise AttentionLensError(f"{directory} has no {CONFIG_FILE}; it is not a lens directory")
     try:

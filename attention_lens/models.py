@@ -271,7 +271,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttentionLensError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+        raise AttentionLensError("`device` cuda asked for, but no CUDA GPU is visible; use `device` cpu")
     if device != "cpu" and not device.startswith("cuda"):
         raise AttentionLensError(f"unknown device {device!r}; use cpu, cuda or auto")
     return device

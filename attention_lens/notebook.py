@@ -1,21 +1,25 @@
 """Results in a notebook: a layers x heads HTML grid, a plotly heatmap, and tidy rows for pandas.
 
-A result class inherits `NotebookDisplay` and says what its grid and its rows are; Jupyter then shows it
-as a compact grid (plain HTML and CSS, nothing fetched from the network), `.plot()` draws the same grid
-as an interactive plotly heatmap and `.to_pandas()` turns the rows into a DataFrame. plotly and pandas
-are optional (the `notebook` extra) and imported only when asked for.
+The analysis results (DecodeResult, Evaluation, Specialization, SearchResult) hold data and know nothing of
+display; this module says what each one's grid is and attaches `grid()`, `_repr_html_`, `.plot()` and
+`.to_pandas()` to them (importing attention_lens does it). Jupyter then shows a result as a compact grid (plain
+HTML and CSS, nothing fetched from the network), `.plot()` draws the same grid as an interactive plotly heatmap
+and `.to_pandas()` turns the result's `to_records()` rows into a DataFrame. plotly and pandas are optional (the
+`notebook` extra) and imported only when asked for.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import html
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from .concepts import SearchResult
+from .decode import DecodeResult
 from .errors import AttentionLensError
+from .evaluate import Evaluation
+from .specialize import Specialization
 
 LABEL_CHARS = 12
 """Longer cell labels are cut in the HTML grid; the hover text holds the whole of them."""
@@ -53,16 +57,8 @@ class Grid:
         return low, high if high > low else low + 1.0
 
 
-class NotebookDisplay(ABC):
-    """Mixin: `_repr_html_`, `plot()` and `to_pandas()` for a result that defines `grid()` and `to_records()`."""
-
-    @abstractmethod
-    def grid(self) -> Grid:
-        """The layers x heads cells to draw."""
-
-    @abstractmethod
-    def to_records(self) -> list[dict]:
-        """Tidy rows: one dict of plain values per observation."""
+class NotebookDisplay:
+    """What `attach` gives a result class that has `grid()` and `to_records()`."""
 
     def _repr_html_(self) -> str:
         return grid_html(self.grid())
@@ -75,6 +71,13 @@ class NotebookDisplay(ABC):
         """`to_records()` as a pandas DataFrame."""
         pandas = optional_import("pandas", "to_pandas()")
         return pandas.DataFrame.from_records(self.to_records())
+
+
+def attach(result_class: type, grid: Callable[..., Grid]) -> None:
+    """Give `result_class` its notebook display: `grid()` (from `grid(result, ...)`), the HTML grid, plot, pandas."""
+    result_class.grid = grid
+    for name in ("_repr_html_", "plot", "to_pandas"):
+        setattr(result_class, name, vars(NotebookDisplay)[name])
 
 
 def optional_import(module: str, what: str) -> Any:
@@ -142,3 +145,72 @@ def grid_figure(grid: Grid) -> Any:
     figure.update_yaxes(autorange="reversed", type="category")
     figure.update_xaxes(type="category", side="top")
     return figure
+
+
+# ----- each result's grid -----------------------------------------------------------------------------
+
+
+def decode_grid(result: DecodeResult, position: int | None = None) -> Grid:
+    """Top token and its probability per head at `position` (default: the last decoded one)."""
+    position = result.positions[-1] if position is None else position % len(result.tokens)
+    if position not in result.positions:
+        raise AttentionLensError(f"position {position} was not decoded; decoded: {result.positions}")
+    records = [r for r in result.heads if r.position == position]
+    grid = Grid(title=f"{result.kind} lens, position {position} ({visible(result.tokens[position])}): "
+                      "top token and its probability",
+                value_name="top-token probability", low=0.0, high=1.0,
+                layers=sorted({r.layer for r in records}), heads=sorted({r.head for r in records}))
+    for r in records:
+        best = r.top[0]
+        hover = "\n".join(f"{visible(t.token)}  {t.prob:.1%}" for t in r.top)
+        grid.cells[r.layer, r.head] = Cell(best.prob, f"{visible(best.token)} {best.prob:.0%}",
+                                           f"L{r.layer}.H{r.head}\n{hover}")
+    return grid
+
+
+def evaluation_grid(result: Evaluation) -> Grid:
+    """Held-out KL per head (nats; lower is better), hover: top-1 and the gain over each baseline."""
+    grid = Grid(title="held-out KL(model || lens) per head, nats", value_name="KL (nats)",
+                layers=sorted({r.layer for r in result.heads}), heads=sorted({r.head for r in result.heads}))
+    for r in result.heads:
+        gains = ", ".join(f"{name} {b.gain:+.2f}" for name, b in r.baselines.items() if b.gain is not None)
+        hover = (f"L{r.layer}.H{r.head}  KL {r.kl} [{r.kl_low}, {r.kl_high}]\n"
+                 f"top-1 {r.top1}  top token {visible(r.top_token.token)}\ngain over: {gains}")
+        grid.cells[r.layer, r.head] = Cell(r.kl, "-" if r.kl is None else f"{r.kl:.2f}", hover)
+    return grid
+
+
+def specialization_grid(result: Specialization) -> Grid:
+    """Most promoted token per head, coloured by the share of positions its top tokens take."""
+    grid = Grid(title="what each head promotes (most frequent lens top token)", value_name="top-token mass",
+                layers=sorted({r.layer for r in result.heads}), heads=sorted({r.head for r in result.heads}),
+                low=0.0, high=1.0)
+    for r in result.heads:
+        promoted = r.promoted
+        label = f"{visible(promoted[0].token)} {promoted[0].share:.0%}" if promoted else "-"
+        tokens = ", ".join(f"{visible(p.token)} {p.share:.0%}" for p in promoted[:8])
+        hover = (f"L{r.layer}.H{r.head}: {r.description}\nentropy {r.entropy_bits:.2f} bits, "
+                 f"top mass {r.top_mass:.0%}, group {r.group}\n{tokens}")
+        grid.cells[r.layer, r.head] = Cell(r.top_mass, label, hover)
+    return grid
+
+
+def search_grid(result: SearchResult) -> Grid:
+    """The lift of the concept per head (nats over the head's average token)."""
+    words = ", ".join(result.concept.words)
+    grid = Grid(title=f"lift of the concept ({words}) per head, {result.kind} lens", value_name="lift (nats)",
+                layers=list(result.layers), heads=list(result.heads))
+    rank = {head: i for i, head in enumerate(result.ranked())}
+    for i, layer in enumerate(result.layers):
+        for j, head in enumerate(result.heads):
+            score = float(result.scores[i, j])
+            grid.cells[layer, head] = Cell(score, f"{score:+.2f}",
+                                           f"L{layer}.H{head}: lift {score:+.3f} nats, rank {rank[layer, head] + 1}")
+    return grid
+
+
+GRIDS = {DecodeResult: decode_grid, Evaluation: evaluation_grid, Specialization: specialization_grid,
+         SearchResult: search_grid}
+"""Result class -> its grid; `attach`ed when this module is imported."""
+for _result_class, _grid in GRIDS.items():
+    attach(_result_class, _grid)

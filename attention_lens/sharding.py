@@ -70,7 +70,7 @@ def load_shard(out: Path, lens: Lens, optimizer, run: dict, world: World) -> Pro
     if step < 0:
         raise AttentionLensError(
             f"nothing to resume: no complete set of {world.size} checkpoint shards in {out / CHECKPOINT_DIR}; "
-            "resume with the same number of processes, or start without --resume"
+            "resume with the same number of processes, or start without `resume`"
         )
     return load_checkpoint(out, lens, optimizer, run, path=shard_path(out, world, step))
 

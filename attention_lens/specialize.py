@@ -14,7 +14,7 @@ from .errors import AttentionLensError
 from .evaluate import scored_split, sink_mask
 from .fidelity import factored_logits
 from .lens import Lens
-from .notebook import Cell, Grid, NotebookDisplay, visible
+from .results import HeadProfile, PromotedToken
 from .stream import HeadStream
 from .token_classes import describe, token_class
 
@@ -41,27 +41,28 @@ class SpecializeConfig:
 
 
 @dataclass
-class Specialization(NotebookDisplay):
+class Specialization:
     """Per-head records, groups of similar heads, per-layer trends; `to_json()` is the --json document.
 
     In a notebook: a grid of each head's most promoted token, coloured by the mass of its top tokens.
     """
 
     summary: dict
-    heads: list[dict]
+    heads: list[HeadProfile]
     groups: list[dict]
     layers: list[dict]
     setup: dict = field(default_factory=dict)
 
     def to_json(self, layers: bool = True) -> dict:
-        document = {"summary": self.summary, "heads": self.heads, "groups": self.groups, **self.setup}
+        document = {"summary": self.summary, "heads": [record.to_json() for record in self.heads],
+                    "groups": self.groups, **self.setup}
         if layers:
             document["layers"] = self.layers
         return document
 
-    def head(self, layer: int, head: int) -> dict:
+    def head(self, layer: int, head: int) -> HeadProfile:
         for record in self.heads:
-            if (record["layer"], record["head"]) == (layer, head):
+            if (record.layer, record.head) == (layer, head):
                 return record
         raise KeyError((layer, head))
 
@@ -69,24 +70,11 @@ class Specialization(NotebookDisplay):
         """One row per (layer, head, promoted token), the head's own numbers repeated on each."""
         rows = []
         for r in self.heads:
-            shared = {"layer": r["layer"], "head": r["head"], "description": r["description"], "group": r["group"],
-                      "entropy_bits": r["entropy_bits"], "top_mass": r["top_mass"]}
-            rows += [{**shared, "rank": rank, **p} for rank, p in enumerate(r["promoted"])]
+            shared = {"layer": r.layer, "head": r.head, "description": r.description, "group": r.group,
+                      "entropy_bits": r.entropy_bits, "top_mass": r.top_mass}
+            rows += [{**shared, "rank": rank, **p.to_json()} for rank, p in enumerate(r.promoted)]
         return rows
 
-    def grid(self) -> Grid:
-        """Most promoted token per head, coloured by the share of positions its top tokens take."""
-        grid = Grid(title="what each head promotes (most frequent lens top token)", value_name="top-token mass",
-                    layers=sorted({r["layer"] for r in self.heads}), heads=sorted({r["head"] for r in self.heads}),
-                    low=0.0, high=1.0)
-        for r in self.heads:
-            promoted = r["promoted"]
-            label = f"{visible(promoted[0]['token'])} {promoted[0]['share']:.0%}" if promoted else "-"
-            tokens = ", ".join(f"{visible(p['token'])} {p['share']:.0%}" for p in promoted[:8])
-            hover = (f"L{r['layer']}.H{r['head']}: {r['description']}\nentropy {r['entropy_bits']:.2f} bits, "
-                     f"top mass {r['top_mass']:.0%}, group {r['group']}\n{tokens}")
-            grid.cells[r["layer"], r["head"]] = Cell(r["top_mass"], label, hover)
-        return grid
 
 
 @torch.no_grad()
@@ -103,11 +91,11 @@ def specialize(
     predicts (' the', ',') do not dominate every head. Memory is flat in `config.tokens`.
     """
     if min(config.tokens, config.batch_size, config.top, config.block_rows) < 1:
-        raise AttentionLensError("--tokens, --batch-size and --top must be at least 1")
+        raise AttentionLensError("`tokens`, `batch_size` and `top` must be at least 1")
     if data.seq_len < 2:
-        raise AttentionLensError(f"--seq-len must be at least 2; got {data.seq_len}")
+        raise AttentionLensError(f"`seq_len` must be at least 2; got {data.seq_len}")
     if not 0 <= config.group_similarity <= 1:
-        raise AttentionLensError(f"--group-similarity is a Jaccard index in [0, 1]; got {config.group_similarity}")
+        raise AttentionLensError(f"`group_similarity` is a Jaccard index in [0, 1]; got {config.group_similarity}")
     model = lens.model
     _, held = scored_split(lens, data)
     n_windows = math.ceil(config.tokens / data.seq_len)
@@ -131,18 +119,16 @@ def specialize(
         predictions += q.shape[0] * q.shape[1]
     if predictions == 0:
         raise AttentionLensError(f"the held-out split has no scorable position in windows of {data.seq_len} tokens; "
-                                 "lower --seq-len or use more text")
+                                 "use shorter windows (`seq_len`) or more text")
     average = (average / predictions).float()
     counts = torch.zeros(len(lens.config.layers), len(lens.config.heads), model.vocab, dtype=torch.int32)
     for i, q in passes(planned // 2):
         promoted = (q - average).argmax(-1).cpu()  # (head, rows)
         counts[i].scatter_add_(1, promoted, torch.ones_like(promoted, dtype=counts.dtype))
     heads = _head_records(lens, counts, config.top)
-    similarity = jaccard([set(h["set"]) for h in heads])
+    similarity = jaccard([set(promoted_ids(h)) for h in heads])
     groups = _groups(heads, similarity, config.group_similarity)
     layers = _layer_trends(heads, similarity)
-    for record in heads:
-        del record["set"]
     setup = {"lens": lens.kind, "model": model.name, "data": data.data, "holdout": data.holdout,
              "seq_len": data.seq_len, "tokens": planned // 2, "seed": config.seed, "top": config.top}
     return Specialization(summary=_summary(heads, groups), heads=heads, groups=groups, layers=layers, setup=setup)
@@ -175,7 +161,7 @@ def _lens_distributions(
         on_tokens(seen)
 
 
-def _head_records(lens: Lens, counts: Tensor, top: int) -> list[dict]:
+def _head_records(lens: Lens, counts: Tensor, top: int) -> list[HeadProfile]:
     """Per head: promoted tokens with counts, entropy of that histogram (bits), mass in its top, description."""
     model = lens.model
     classes: dict[int, str] = {}
@@ -194,19 +180,23 @@ def _head_records(lens: Lens, counts: Tensor, top: int) -> list[dict]:
             class_shares: dict[str, float] = {}
             for token_id in ids.tolist():
                 class_shares[classes[token_id]] = class_shares.get(classes[token_id], 0.0) + int(histogram[token_id]) / total
-            promoted = [{"id": t, "token": model.token_text(t), "count": int(histogram[t]),
-                         "share": round(int(histogram[t]) / total, 6), "class": classes[t]} for t in order[:top]]
-            records.append({
-                "layer": layer, "head": head, "positions": total,
-                "entropy_bits": round(entropy, 6),
-                "top_mass": round(sum(p["count"] for p in promoted) / max(1, total), 6),
-                "promoted": promoted,
-                "classes": {name: round(share, 6) for name, share in sorted(class_shares.items(), key=lambda x: -x[1])},
-                "description": describe(class_shares, promoted[0]["token"], promoted[0]["share"]) if promoted else "nothing",
-                "group": None,
-                "set": order[:top],
-            })
+            promoted = [PromotedToken(id=t, token=model.token_text(t), count=int(histogram[t]),
+                                      share=round(int(histogram[t]) / total, 6), token_class=classes[t])
+                        for t in order[:top]]
+            records.append(HeadProfile(
+                layer=layer, head=head, positions=total,
+                entropy_bits=round(entropy, 6),
+                top_mass=round(sum(p.count for p in promoted) / max(1, total), 6),
+                promoted=promoted,
+                classes={name: round(share, 6) for name, share in sorted(class_shares.items(), key=lambda x: -x[1])},
+                description=describe(class_shares, promoted[0].token, promoted[0].share) if promoted else "nothing",
+            ))
     return records
+
+
+def promoted_ids(record: HeadProfile) -> list[int]:
+    """The ids of a head's promoted tokens (its top `top`), most promoted first: what heads are grouped by."""
+    return [p.id for p in record.promoted]
 
 
 def jaccard(sets: list[set]) -> Tensor:
@@ -243,57 +233,57 @@ def average_linkage(similarity: Tensor, threshold: float) -> list[list[int]]:
     return [sorted(group) for group in members if group]
 
 
-def _groups(heads: list[dict], similarity: Tensor, threshold: float) -> list[dict]:
+def _groups(heads: list[HeadProfile], similarity: Tensor, threshold: float) -> list[dict]:
     """Groups of two or more heads with similar promoted sets, largest first; marks each head's group."""
     clusters = sorted((c for c in average_linkage(similarity, threshold) if len(c) > 1), key=lambda c: (-len(c), c))
     groups = []
     for number, members in enumerate(clusters):
         votes: dict[int, int] = {}
         for index in members:
-            heads[index]["group"] = number
-            for token_id in heads[index]["set"]:
+            heads[index].group = number
+            for token_id in promoted_ids(heads[index]):
                 votes[token_id] = votes.get(token_id, 0) + 1
         shared = sorted((t for t, v in votes.items() if 2 * v > len(members)), key=lambda t: -votes[t])
-        names = {p["id"]: p["token"] for index in members for p in heads[index]["promoted"]}
+        names = {p.id: p.token for index in members for p in heads[index].promoted}
         pairs = similarity[members][:, members]
         groups.append({
             "id": number,
-            "heads": [{"layer": heads[i]["layer"], "head": heads[i]["head"]} for i in members],
+            "heads": [{"layer": heads[i].layer, "head": heads[i].head} for i in members],
             "similarity": round(float((pairs.sum() - len(members)) / (len(members) * (len(members) - 1))), 6),
             "shared_tokens": [names[t] for t in shared[:10]],
         })
     return groups
 
 
-def _layer_trends(heads: list[dict], similarity: Tensor) -> list[dict]:
+def _layer_trends(heads: list[HeadProfile], similarity: Tensor) -> list[dict]:
     """Specialization against depth: per layer, mean concentration, share of described heads, agreement."""
     trends = []
-    for layer in sorted({h["layer"] for h in heads}):
-        index = [i for i, h in enumerate(heads) if h["layer"] == layer]
+    for layer in sorted({h.layer for h in heads}):
+        index = [i for i, h in enumerate(heads) if h.layer == layer]
         members = [heads[i] for i in index]
         pairs = similarity[index][:, index]
         within = float((pairs.sum() - len(index)) / (len(index) * (len(index) - 1))) if len(index) > 1 else None
         trends.append({
             "layer": layer,
             "heads": len(members),
-            "entropy_bits_mean": round(sum(h["entropy_bits"] for h in members) / len(members), 6),
-            "top_mass_mean": round(sum(h["top_mass"] for h in members) / len(members), 6),
-            "described": round(sum(not h["description"].startswith("mixed") for h in members) / len(members), 6),
+            "entropy_bits_mean": round(sum(h.entropy_bits for h in members) / len(members), 6),
+            "top_mass_mean": round(sum(h.top_mass for h in members) / len(members), 6),
+            "described": round(sum(not h.description.startswith("mixed") for h in members) / len(members), 6),
             "jaccard_within": None if within is None else round(within, 6),
         })
     return trends
 
 
-def _summary(heads: list[dict], groups: list[dict]) -> dict:
-    ranked = sorted(heads, key=lambda h: (h["entropy_bits"], -h["top_mass"]))
+def _summary(heads: list[HeadProfile], groups: list[dict]) -> dict:
+    ranked = sorted(heads, key=lambda h: (h.entropy_bits, -h.top_mass))
     return {
         "heads": len(heads),
-        "positions": heads[0]["positions"] if heads else 0,
-        "entropy_bits_mean": round(sum(h["entropy_bits"] for h in heads) / len(heads), 6),
-        "top_mass_mean": round(sum(h["top_mass"] for h in heads) / len(heads), 6),
+        "positions": heads[0].positions if heads else 0,
+        "entropy_bits_mean": round(sum(h.entropy_bits for h in heads) / len(heads), 6),
+        "top_mass_mean": round(sum(h.top_mass for h in heads) / len(heads), 6),
         "groups": len(groups),
         "grouped_heads": sum(len(g["heads"]) for g in groups),
-        "most_specialized": [{"layer": h["layer"], "head": h["head"], "entropy_bits": h["entropy_bits"],
-                              "top_mass": h["top_mass"], "description": h["description"],
-                              "tokens": [p["token"] for p in h["promoted"][:5]]} for h in ranked[:MOST_SPECIALIZED]],
+        "most_specialized": [{"layer": h.layer, "head": h.head, "entropy_bits": h.entropy_bits,
+                              "top_mass": h.top_mass, "description": h.description,
+                              "tokens": [p.token for p in h.promoted[:5]]} for h in ranked[:MOST_SPECIALIZED]],
     }

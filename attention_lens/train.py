@@ -73,7 +73,8 @@ def train(
     on_step: Callable[[StepReport], None] | None = None,
     world: World = World(),
 ) -> Progress:
-    """Train `lens` (bound to its model) in place; with `out`, checkpoint there and save the lens at the end.
+    """Train `lens` (bound to its model) in place; with `out`, checkpoint there and save the lens at the end. How it
+    was trained (data, split, tokens, seed, settings) goes to `lens.config.training`.
 
     `config.batch_size` counts windows per step over all processes of `world`; each rank trains on its shard
     and the gradients are averaged, so N processes follow the same trajectory as one.
@@ -130,8 +131,9 @@ def train(
         _checkpoint(out, lens, optimizer, progress, run, world, sharded)
     if sharded:
         gather_parameters(lens, full, world)
-    full.config.training = {"data": dataclasses.asdict(data), **dataclasses.asdict(config), "world_size": world.size,
-                            "tokens_seen": progress.tokens, "steps": progress.step, "final_loss": progress.loss}
+    full.config.training = {"method": "train", "data": dataclasses.asdict(data), "split": "train",
+                            **dataclasses.asdict(config), "world_size": world.size, "tokens_seen": progress.tokens,
+                            "steps": progress.step, "final_loss": progress.loss}
     if out is not None and world.is_main:
         full.save(out)
     return progress
@@ -147,9 +149,9 @@ def _checkpoint(out: Path, lens: Lens, optimizer, progress: Progress, run: dict,
 def _local_shard(full: Lens, config: TrainConfig, world: World) -> Lens:
     """This rank's part of `full`: the lenses of its layers, starting from full's parameters."""
     if config.objective != "per-head":
-        raise AttentionLensError("--shard-heads trains the per-head objective only")
+        raise AttentionLensError("`shard_heads` trains the per-head objective only")
     if config.batch_size % world.size:
-        raise AttentionLensError(f"--shard-heads needs --batch-size divisible by the {world.size} processes")
+        raise AttentionLensError(f"`shard_heads` needs `batch_size` divisible by the {world.size} processes")
     layers = owned_layers(full.config.layers, world)
     if not layers:
         raise AttentionLensError(f"{world.size} processes but only {len(full.config.layers)} layers to shard")
@@ -202,7 +204,7 @@ def _sharded_step(lens: Lens, optimizer, batch: HeadBatch, dtype: torch.dtype, b
     if summary[2] > 0:
         bad = (~torch.isfinite(per_head)).nonzero()
         where = f"layer {lens.config.layers[int(bad[0, 0])]} head {lens.config.heads[int(bad[0, 1])]}" if len(bad) else "another rank"
-        raise AttentionLensError(f"non-finite loss at step {step + 1}, {where}; lower --lr (the last good checkpoint is kept)")
+        raise AttentionLensError(f"non-finite loss at step {step + 1}, {where}; lower `lr` (the last good checkpoint is kept)")
     optimizer.step()
     return float(summary[0] / summary[1])
 
@@ -216,7 +218,7 @@ def _finish_step(lens: Lens, optimizer, losses: torch.Tensor, step: int, world: 
         if losses.dim() == 2:
             where += f" head {lens.config.heads[int(bad[0, 1])]}"
         raise AttentionLensError(
-            f"non-finite loss at step {step + 1}, {where}; lower --lr (the last good checkpoint is kept)"
+            f"non-finite loss at step {step + 1}, {where}; lower `lr` (the last good checkpoint is kept)"
         )
     optimizer.step()
 

@@ -20,9 +20,8 @@ from pathlib import Path
 import attention_lens
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
-SKIPPED_MODULES = {"render", "distributed"}
-"""The CLI's rendering (the cli package itself is not a module here) has its own generated reference (docs/cli.md);
-torchrun plumbing is not user API."""
+SKIPPED_MODULES = {"distributed"}
+"""torchrun plumbing is not user API (the cli package, with its rendering, has its own reference: docs/cli.md)."""
 
 
 class _Text:

@@ -94,7 +94,7 @@ def test_search_ranks_the_only_path_head_first(corpus, kind):
     assert result.ranked()[0] == WRITER
     assert result.tokens >= 128 and result.scores.shape == (model.n_layers, model.n_heads)
     best = result.records(1, model.tokenizer)[0]
-    assert (best["layer"], best["head"]) == WRITER and best["top_tokens"][0]["id"] == TOKEN
+    assert (best.layer, best.head) == WRITER and best.top_tokens[0].id == TOKEN
     scores = result.scores.flatten().sort(descending=True).values
     assert scores[0] > scores[1] + 5  # nats: no other head comes close
 

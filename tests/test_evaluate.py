@@ -80,8 +80,8 @@ def direct_scores(lens: Lens, data: DataConfig, config: EvalConfig) -> dict[str,
 
 def streamed(result, name: str) -> torch.Tensor:
     """A score of every head from the evaluation's records, as (layer, head)."""
-    layers = sorted({h["layer"] for h in result.heads})
-    values = [h["baselines"][name]["kl"] if name in ("logit", "dla", "uniform", "constant") else h[name]
+    layers = sorted({h.layer for h in result.heads})
+    values = [h.baselines[name].kl if name in ("logit", "dla", "uniform", "constant") else getattr(h, name)
               for h in result.heads]
     return torch.tensor(values, dtype=torch.float32).view(len(layers), -1)
 
@@ -114,9 +114,9 @@ def test_token_writer_head_reads_its_token(corpus):
     data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
     result = evaluate(Lens.logit(model), data, small_config())
     record = result.head(WRITER_LAYER, WRITER_HEAD)
-    assert record["top_token"]["id"] == TARGET_TOKEN and record["top_token"]["share"] == 1.0
-    assert record["entropy"] < min(h["entropy"] for h in result.heads if h["layer"] != WRITER_LAYER)
-    assert isinstance(record["layer"], int) and isinstance(record["head"], int)
+    assert record.top_token.id == TARGET_TOKEN and record.top_token.share == 1.0
+    assert record.entropy < min(h.entropy for h in result.heads if h.layer != WRITER_LAYER)
+    assert isinstance(record.layer, int) and isinstance(record.head, int)
 
 
 def test_a_head_beats_a_baseline_only_when_its_whole_interval_clears_the_margin(corpus):
@@ -124,10 +124,10 @@ def test_a_head_beats_a_baseline_only_when_its_whole_interval_clears_the_margin(
     data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
     result = evaluate(Lens.logit(model), data, small_config(margin=0.0))
     for record in result.heads:
-        for name, baseline in record["baselines"].items():
-            assert baseline["beats"] == (baseline["gain_low"] > 0.0)
-            assert baseline["gain_low"] <= baseline["gain"] + 1e-6 <= baseline["gain_high"] + 2e-6
-        assert not record["baselines"]["logit"]["beats"]  # the logit lens ties with itself
+        for name, baseline in record.baselines.items():
+            assert baseline.beats == (baseline.gain_low > 0.0)
+            assert baseline.gain_low <= baseline.gain + 1e-6 <= baseline.gain_high + 2e-6
+        assert not record.baselines["logit"].beats  # the logit lens ties with itself
     wide = evaluate(Lens.logit(model), data, small_config(margin=1e6))
     assert all(wide.summary[f"frac_beats_{name}"] == 0 for name in ("logit", "dla", "uniform", "constant"))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attention_lens import AttentionLensError, DataConfig, Lens, heldout_kl, load_model
+from attention_lens import AttentionLensError, DataConfig, EvalConfig, Lens, evaluate, heldout_kl, load_model
 from attention_lens.fit import FitConfig, _accumulate, _empty_moments, _solve_into, best_constant, fit
 from conftest import make_corpus, make_model_dir, make_tiny_model
 
@@ -52,6 +52,15 @@ def test_fit_beats_logit_lens_on_heldout(tmp_path):
     fitted = heldout_kl(lens, data, tokens=256).kl
     logit = heldout_kl(Lens.logit(model), data, tokens=256).kl
     assert (fitted < logit).all()
+
+    # The library records how the lens was made, whoever calls it: eval's guard against scoring training text
+    # then holds for a lens fitted from Python too.
+    training = lens.config.training
+    assert training["method"] == "fit" and training["split"] == "train" and training["data"]["holdout"] == 0.25
+    assert training["tokens_seen"] == report.tokens and training["seed"] == 0 and training["ridge"] == 0.01
+    wider = DataConfig(data=data.data, seq_len=16, holdout=0.5)
+    with pytest.raises(AttentionLensError, match="trained on"):
+        evaluate(lens, wider, EvalConfig(tokens=32))
 
 
 def test_fit_refuses_other_kinds():

@@ -100,9 +100,9 @@ def test_decode_gives_the_top_k_of_its_logits(setup):
     result = decode(model, lens, "The quick brown fox", k=3, position="all")
     _, capture = run_with_heads(model, model.encode("The quick brown fox"), lens.config.layers)
     for record in result.heads:
-        logits = lens.logits(capture.heads[record["layer"]].z[0, record["position"]], record["layer"])
-        expected = logits[lens.config.heads.index(record["head"])].topk(3).indices.tolist()
-        assert [t["id"] for t in record["top"]] == expected
+        logits = lens.logits(capture.heads[record.layer].z[0, record.position], record.layer)
+        expected = logits[lens.config.heads.index(record.head)].topk(3).indices.tolist()
+        assert [t.id for t in record.top] == expected
 
 
 def test_evaluation_matches_a_direct_computation(setup):

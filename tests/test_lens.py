@@ -39,8 +39,8 @@ def test_logit_lens_decodes_the_token_a_head_was_built_to_write():
     model = make_token_writer()
     result = decode(model, Lens.logit(model), "any prompt at all", k=3, position="all")
     for position in result.positions:
-        top = [r for r in result.heads if (r["layer"], r["head"], r["position"]) == (1, 2, position)][0]["top"]
-        assert top[0]["id"] == TARGET_TOKEN
+        top = [r for r in result.heads if (r.layer, r.head, r.position) == (1, 2, position)][0].top
+        assert top[0].id == TARGET_TOKEN
 
 
 def test_dla_of_all_heads_plus_rest_reproduces_logits(tiny_model):

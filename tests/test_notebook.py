@@ -43,9 +43,9 @@ def test_decode_shows_a_layers_by_heads_grid_of_top_tokens(model):
     shown = cells(page)
     assert len(shown) == model.n_layers * model.n_heads
     for record in result.heads:  # every head's top token and probability, tokens escaped
-        best = record["top"][0]
-        label = al.notebook.visible(best["token"])
-        assert any(html.escape(label[:5]) in cell and f"{best['prob']:.0%}" in cell for cell in shown)
+        best = record.top[0]
+        label = al.notebook.visible(best.token)
+        assert any(html.escape(label[:5]) in cell and f"{best.prob:.0%}" in cell for cell in shown)
     assert "<script" not in page and "http" not in page  # self-contained: nothing fetched
 
 
@@ -65,7 +65,7 @@ def test_decode_records_are_tidy_and_match_the_json(model):
     assert all(set(row) == {"layer", "head", "position", "position_token", "rank", "token", "id", "logit", "prob"}
                for row in rows)
     first = result.heads[0]
-    assert rows[0]["token"] == first["top"][0]["token"] and rows[0]["rank"] == 0
+    assert rows[0]["token"] == first.top[0].token and rows[0]["rank"] == 0
     frame = result.to_pandas()
     assert len(frame) == len(rows) and frame.groupby(["layer", "head", "position"]).size().eq(4).all()
 
@@ -76,11 +76,11 @@ def test_plot_is_a_plotly_heatmap_with_top_k_hover(model):
     heatmap = figure.data[0]
     assert heatmap.type == "heatmap"
     assert len(heatmap.z) == model.n_layers and len(heatmap.z[0]) == model.n_heads
-    record = next(r for r in result.heads if (r["layer"], r["head"]) == (1, 2))
-    assert heatmap.z[1][2] == record["top"][0]["prob"]
+    record = next(r for r in result.heads if (r.layer, r.head) == (1, 2))
+    assert heatmap.z[1][2] == record.top[0].prob
     hover = heatmap.customdata[1][2]
     assert hover.count("<br>") == 3  # the head's name, then its top-3 tokens
-    assert all(al.notebook.visible(t["token"]) in hover for t in record["top"])
+    assert all(al.notebook.visible(t.token) in hover for t in record.top)
 
 
 def test_missing_plotly_or_pandas_says_which_extra_to_install(model, monkeypatch):
@@ -105,10 +105,10 @@ def test_eval_specialize_and_search_results_show_grids_and_rows(model, data):
         assert len(result.plot().data[0].z) == model.n_layers
         assert len(result.to_pandas()) == len(result.to_records()) > 0
     kl = {(r["layer"], r["head"]): r["kl"] for r in evaluation.to_records()}
-    assert kl == {(r["layer"], r["head"]): r["kl"] for r in evaluation.heads}
-    assert f"{evaluation.head(1, 3)['kl']:.2f}" in cells(evaluation._repr_html_())[model.n_heads + 3]
+    assert kl == {(r.layer, r.head): r.kl for r in evaluation.heads}
+    assert f"{evaluation.head(1, 3).kl:.2f}" in cells(evaluation._repr_html_())[model.n_heads + 3]
     assert {row["id"] for row in found.to_records()} == {17, 40}
-    assert len(specialization.to_records()) == sum(len(r["promoted"]) for r in specialization.heads)
+    assert len(specialization.to_records()) == sum(len(r.promoted) for r in specialization.heads)
 
 
 def test_quickstart_notebook_runs_headless_and_shows_the_grid(tmp_path):

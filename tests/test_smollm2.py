@@ -15,8 +15,8 @@ def smollm2():
 def test_logit_lens_decodes_every_head(smollm2):
     result = al.decode(smollm2, al.Lens.logit(smollm2), "The capital of France is", k=5)
     assert len(result.heads) == 30 * 9
-    assert {(r["layer"], r["head"]) for r in result.heads} == {(l, h) for l in range(30) for h in range(9)}
-    assert all(len(r["top"]) == 5 and r["position"] == len(result.tokens) - 1 for r in result.heads)
+    assert {(r.layer, r.head) for r in result.heads} == {(l, h) for l in range(30) for h in range(9)}
+    assert all(len(r.top) == 5 and r.position == len(result.tokens) - 1 for r in result.heads)
 
 
 @pytest.mark.parametrize("kind", ["logit", "dla"])
@@ -28,10 +28,10 @@ def test_fast_decode_equals_the_fp32_decode(smollm2, kind):
     fast = al.decode(smollm2, lens, text, k=10, position="all")
     exact = al.decode(smollm2, lens, text, k=10, position="all", exact=True)
     for ours, reference in zip(fast.heads, exact.heads, strict=True):
-        assert [t["id"] for t in ours["top"]] == [t["id"] for t in reference["top"]]
-        for a, b in zip(ours["top"], reference["top"]):
-            assert a["logit"] == pytest.approx(b["logit"], abs=2e-4, rel=1e-5)
-            assert a["prob"] == pytest.approx(b["prob"], rel=2e-2, abs=2e-6)  # probs are rounded to 6 decimals
+        assert [t.id for t in ours.top] == [t.id for t in reference.top]
+        for a, b in zip(ours.top, reference.top):
+            assert a.logit == pytest.approx(b.logit, abs=2e-4, rel=1e-5)
+            assert a.prob == pytest.approx(b.prob, rel=2e-2, abs=2e-6)  # probs are rounded to 6 decimals
 
 
 def test_shapes_follow_the_config(smollm2):

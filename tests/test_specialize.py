@@ -30,14 +30,14 @@ def test_token_writer_head_is_maximally_concentrated_on_its_token(data):
     model = make_token_writer()
     result = specialize(Lens.logit(model), data, SpecializeConfig(tokens=96))
     record = result.head(WRITER_LAYER, WRITER_HEAD)
-    assert record["promoted"][0]["id"] == TARGET_TOKEN
-    assert record["promoted"][0]["share"] == 1.0 and record["top_mass"] == 1.0
-    assert record["entropy_bits"] == 0.0  # the lowest possible: one token at every position
-    assert record["positions"] > 0 and record["description"].startswith("mostly")
+    assert record.promoted[0].id == TARGET_TOKEN
+    assert record.promoted[0].share == 1.0 and record.top_mass == 1.0
+    assert record.entropy_bits == 0.0  # the lowest possible: one token at every position
+    assert record.positions > 0 and record.description.startswith("mostly")
     first = result.summary["most_specialized"][0]
     assert (first["layer"], first["head"]) == (WRITER_LAYER, WRITER_HEAD)
-    others = [h for h in result.heads if h["layer"] != WRITER_LAYER]
-    assert all(h["entropy_bits"] > 0 for h in others)
+    others = [h for h in result.heads if h.layer != WRITER_LAYER]
+    assert all(h.entropy_bits > 0 for h in others)
 
 
 @pytest.mark.parametrize("kind", ["logit", "dla", "affine"])
@@ -64,10 +64,10 @@ def test_counts_match_a_direct_computation(data, kind):
             counts = torch.bincount(promoted[:, i, j], minlength=model.vocab)
             shares = counts[counts > 0].double() / counts.sum()
             record = result.head(layer, head)
-            assert record["entropy_bits"] == pytest.approx(float(-(shares * shares.log2()).sum()), abs=1e-6)
-            assert record["positions"] == int(keep.sum())
-            assert [p["count"] for p in record["promoted"]] == counts[counts > 0].sort(descending=True).values[:5].tolist()
-            assert all(counts[p["id"]] == p["count"] for p in record["promoted"])
+            assert record.entropy_bits == pytest.approx(float(-(shares * shares.log2()).sum()), abs=1e-6)
+            assert record.positions == int(keep.sum())
+            assert [p.count for p in record.promoted] == counts[counts > 0].sort(descending=True).values[:5].tolist()
+            assert all(counts[p.id] == p.count for p in record.promoted)
 
 
 def test_same_seed_same_result(data):

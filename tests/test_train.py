@@ -22,6 +22,9 @@ def test_training_lowers_heldout_kl(setup):
     train(lens, data, TrainConfig(tokens=2048, batch_size=4, lr=1e-2))
     after = heldout_kl(lens, data, tokens=256)
     assert after.kl.shape == (model.n_layers, model.n_heads)
+    training = lens.config.training  # recorded by the library, not only by the CLI
+    assert training["method"] == "train" and training["split"] == "train" and training["data"]["data"] == data.data
+    assert training["tokens_seen"] >= 2048 and training["seed"] == 0 and training["lr"] == 1e-2
     assert (after.kl < before.kl).all(), (before.kl, after.kl)
     assert after.mean < 0.8 * before.mean
 

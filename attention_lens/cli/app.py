@@ -8,7 +8,7 @@ import typer
 
 from .._version import __version__
 from ..errors import AttentionLensError
-from .common import err
+from .common import as_flags, err
 from .concepts import ablate, generate, search
 from .decode import decode
 from .make import fit, train
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="attention-lens", standalone_mode=False)
     except AttentionLensError as error:
-        print(f"error: {error}", file=sys.stderr)  # plain: one line, however wide the terminal
+        print(f"error: {as_flags(str(error))}", file=sys.stderr)  # plain: one line, however wide the terminal
         return 2
     except OSError as error:  # disk full, permission denied, --out is a file: the user's to fix, in one line
         where = f" ({error.filename})" if error.filename else ""

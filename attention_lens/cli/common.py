@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from ..models import DEFAULT_MODEL, Model, load_model
 
 err = Console(stderr=True)
 """Progress, logs and warnings: stderr, so stdout holds only results (one JSON document under --json)."""
+
+
+SETTING = re.compile(r"`([a-z][a-z0-9_]*)`")
+"""How library errors name a setting (`seq_len`); on the command line it is a flag (--seq-len)."""
+
+
+def as_flags(message: str) -> str:
+    """A library error message in the CLI's words: each `setting` becomes its --flag."""
+    return SETTING.sub(lambda match: "--" + match[1].replace("_", "-"), message)
 
 
 def emit_json(document: dict) -> None:
@@ -72,8 +82,3 @@ def scored_data(lens: Lens, data: str, seq_len: int, holdout: float | None, skip
     text it was trained on."""
     return DataConfig(data=data, seq_len=seq_len, skip_bad_lines=skip_bad_lines,
                       holdout=default_holdout(lens) if holdout is None else holdout)
-
-
-def visible(token: str) -> str:
-    """Spaces and newlines shown, so ' the' and 'the' differ on screen."""
-    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"

@@ -15,7 +15,8 @@ from ..data import DataConfig
 from ..errors import AttentionLensError
 from ..intervene import Edit, ablate as ablate_heads, concept_windows, generate as generate_text, parse_heads
 from ..models import DEFAULT_MODEL, Model, load_model
-from .common import emit_json, err, lens_and_model, visible
+from ..notebook import visible
+from .common import emit_json, err, lens_and_model
 from .options import Concept, Data, Device, HeadList, LensModel, LensSpec, ModelName, Scale, SeqLen
 
 
@@ -66,7 +67,7 @@ def search(
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout)
     result = search_heads(lens_obj, found, data_config, tokens=tokens, seed=seed)
     document = {"concept": found.to_json(loaded.tokenizer), "lens": lens_obj.kind, "tokens": result.tokens,
-                "heads": result.records(top, loaded.tokenizer)}
+                "heads": [record.to_json() for record in result.records(top, loaded.tokenizer)]}
     if verify:
         count = min(max(1, round(loaded.n_layers * loaded.n_heads / 100)), len(result.ranked()))
         windows = concept_windows(loaded, data_config, found.ids, tokens, seed)

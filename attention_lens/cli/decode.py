@@ -7,7 +7,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ..decode import DecodeResult, decode as decode_prompt
-from .common import emit_json, lens_and_model, visible
+from ..notebook import visible
+from ..results import TokenScore
+from .common import emit_json, lens_and_model
 from .options import Device, LensModel, LensSpec
 
 
@@ -35,16 +37,16 @@ def decode(
 
 
 def _decode_table(result: DecodeResult, position: int) -> Table:
-    records = [r for r in result.heads if r["position"] == position]
-    heads = sorted({r["head"] for r in records})
+    records = [r for r in result.heads if r.position == position]
+    heads = sorted({r.head for r in records})
     table = Table(title=f"{result.kind} lens, position {position} ({visible(result.tokens[position])}): top token and its probability",
                   show_lines=False)
     table.add_column("layer", justify="right", no_wrap=True, min_width=5)
     for head in heads:
         table.add_column(f"H{head}", no_wrap=True, overflow="ellipsis", max_width=14)
-    by_layer: dict[int, dict[int, dict]] = {}
+    by_layer: dict[int, dict[int, TokenScore]] = {}
     for r in records:
-        by_layer.setdefault(r["layer"], {})[r["head"]] = r["top"][0]
+        by_layer.setdefault(r.layer, {})[r.head] = r.top[0]
     for layer, cells in sorted(by_layer.items()):
-        table.add_row(str(layer), *(f"{visible(cells[h]['token'])} {cells[h]['prob']:.0%}" for h in heads))
+        table.add_row(str(layer), *(f"{visible(cells[h].token)} {cells[h].prob:.0%}" for h in heads))
     return table

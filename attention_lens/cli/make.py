@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -139,8 +138,6 @@ def fit(
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
         task = bar.add_task("fit", total=tokens)
         report = fit_lens(lens, data_config, config, on_batch=lambda seen: bar.update(task, completed=seen))
-    lens.config.training = {"method": "fit", "data": dataclasses.asdict(data_config), **dataclasses.asdict(config),
-                            "tokens_seen": report.tokens, "constant_kl_train": report.constant_kl}
     lens.save(out)
     result = {"out": str(out), "layers": lens.config.layers, "heads": lens.config.heads, "tokens": report.tokens,
               "seconds": round(time.perf_counter() - started, 2), "constant_kl_train": report.constant_kl}

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from ..evaluate import EvalConfig, evaluate
-from ..render import TokenBar, eval_tables, specialize_tables
+from .render import TokenBar, eval_tables, specialize_tables
 from ..specialize import SpecializeConfig, specialize as specialize_heads
 from .common import err, finish_results, lens_and_model, scored_data
 from .options import Data, Device, LensModel, LensSpec, ResultsOut, SeqLen, SkipBadLines

@@ -57,16 +57,16 @@ def compact_decode(result: DecodeResult) -> dict:
     cells: dict[str, list] = {}
     for record in result.heads:
         top = []
-        for entry in record["top"]:
-            strings[entry["id"]] = entry["token"]
-            top.append([entry["id"], round(entry["prob"], 4)])
-        cells[f"{record['position']},{record['layer']},{record['head']}"] = top
+        for entry in record.top:
+            strings[entry.id] = entry.token
+            top.append([entry.id, round(entry.prob, 4)])
+        cells[f"{record.position},{record.layer},{record.head}"] = top
     return {
         "text": result.text,
         "tokens": result.tokens,
         "positions": result.positions,
-        "layers": sorted({r["layer"] for r in result.heads}),
-        "heads": sorted({r["head"] for r in result.heads}),
+        "layers": sorted({r.layer for r in result.heads}),
+        "heads": sorted({r.head for r in result.heads}),
         "strings": {str(i): s for i, s in strings.items()},
         "cells": cells,
     }

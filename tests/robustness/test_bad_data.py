@@ -103,7 +103,7 @@ def write_jsonl(path, records: int = 12):
 
 def test_bad_jsonl_lines_are_reported_by_number(tmp_path, caplog):
     path = write_jsonl(tmp_path / "records.jsonl")
-    with pytest.raises(AttentionLensError, match=r"records.jsonl:3: .*--skip-bad-lines"):
+    with pytest.raises(AttentionLensError, match=r"records.jsonl:3: .*`skip_bad_lines`"):
         load_documents(str(path))
     with caplog.at_level(logging.WARNING):
         documents = load_documents(str(path), skip_bad_lines=True)

@@ -9,8 +9,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .evaluate import BASELINES, Evaluation
-from .specialize import Specialization
+from ..evaluate import BASELINES, Evaluation
+from ..notebook import visible
+from ..results import HeadScore
+from ..specialize import Specialization
 
 HEADS_SHOWN = 10
 """Best and worst heads listed in the eval table; --json and --out hold every head."""
@@ -59,24 +61,24 @@ def eval_tables(result: Evaluation) -> list[Table]:
                        f"{s['top10_mean']:.1%}; cross-entropy {_number(s['cross_entropy_mean'])} (model "
                        f"{_number(s['model_cross_entropy'])}); lens entropy {_number(s['entropy_mean'])}; "
                        f"sink positions: KL {_number(s['sink_kl_mean'])}, top-1 {_percent(s['sink_top1_mean'])}")
-    ranked = sorted(result.heads, key=lambda h: h["kl"])
+    ranked = sorted(result.heads, key=lambda h: h.kl)
     tables = [summary, _heads_table("best heads", ranked[:HEADS_SHOWN])]
     if len(ranked) > HEADS_SHOWN:
         tables.append(_heads_table("worst heads", ranked[::-1][:min(HEADS_SHOWN, len(ranked) - HEADS_SHOWN)]))
     return tables
 
 
-def _heads_table(title: str, heads: list[dict]) -> Table:
+def _heads_table(title: str, heads: list[HeadScore]) -> Table:
     table = Table(title=f"{title}: KL ± half its 95% interval, each baseline's KL (* beaten by the margin)",
                   box=box.SIMPLE_HEAD)
     for name in ("layer", "head", "KL", "logit", "dla", "constant", "top-1", "top token"):
         table.add_column(name, justify="left" if name == "top token" else "right", no_wrap=True)
     for h in heads:
-        spread = "" if h["kl_low"] is None else f"±{(h['kl_high'] - h['kl_low']) / 2:.3f}"
-        baselines = [_number(h["baselines"][n]["kl"]) + ("*" if h["baselines"][n]["beats"] else "")
+        spread = "" if h.kl_low is None else f"±{(h.kl_high - h.kl_low) / 2:.3f}"
+        baselines = [_number(h.baselines[n].kl) + ("*" if h.baselines[n].beats else "")
                      for n in ("logit", "dla", "constant")]
-        table.add_row(str(h["layer"]), str(h["head"]), f"{_number(h['kl'])}{spread}", *baselines,
-                      _percent(h["top1"]), f"{visible(h['top_token']['token'])} {h['top_token']['share']:.0%}")
+        table.add_row(str(h.layer), str(h.head), f"{_number(h.kl)}{spread}", *baselines,
+                      _percent(h.top1), f"{visible(h.top_token.token)} {h.top_token.share:.0%}")
     return table
 
 
@@ -109,11 +111,6 @@ def specialize_tables(result: Specialization, compare_layers: bool) -> list[Tabl
                            f"{row['top_mass_mean']:.0%}", f"{row['described']:.0%}", within)
         tables.append(layers)
     return tables
-
-
-def visible(token: str) -> str:
-    """Spaces and newlines shown, so ' the' and 'the' differ on screen."""
-    return token.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
 
 
 def _number(value: float | None) -> str:
