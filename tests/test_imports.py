@@ -62,3 +62,11 @@ def test_python_dash_m_runs_the_cli():
     done = subprocess.run([sys.executable, "-m", "attention_lens", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "train" in done.stdout and "generate" in done.stdout, done.stderr[-3000:]
+
+
+def test_lens_kinds_are_asked_not_compared_and_the_corpus_loop_exists_once():
+    """Outside kinds.py nothing branches on a kind's name (the kind object is asked), and only stream.py cuts a
+    corpus into windows (every consumer reads HeadStream)."""
+    numbers = layout().numbers()
+    assert [site for site in numbers["kind_branch_where"] if not site.startswith("attention_lens.kinds:")] == []
+    assert [site.split(":")[0] for site in numbers["corpus_loop_where"]] == ["attention_lens.stream"]
