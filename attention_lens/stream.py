@@ -57,6 +57,13 @@ class HeadBatch:
         return self.capture.final_scale(positions)
 
 
+def forward(model: Model, input_ids: Tensor, layers: Sequence[int], final_residual: bool = False) -> HeadBatch:
+    """One batch's forward pass (batch, pos) as a HeadBatch, for callers that bring their own windows."""
+    logits, capture = run_with_heads(model, input_ids, layers, final_residual=final_residual)
+    return HeadBatch(input_ids=input_ids, logits=logits, capture=capture, windows=input_ids.shape[0],
+                     tokens=input_ids.numel())
+
+
 class HeadStream:
     """Per-layer head outputs of `model` over a corpus, one batch at a time.
 
@@ -101,10 +108,10 @@ class HeadStream:
 
     def __iter__(self) -> Iterator[HeadBatch]:
         for batch in self.batches():
-            local = shard(batch, self.world).to(self.model.device)
-            logits, capture = run_with_heads(self.model, local, self.layers, final_residual=self.final_residual)
-            yield HeadBatch(input_ids=local, logits=logits, capture=capture, windows=batch.shape[0],
-                            tokens=batch.numel())
+            local = forward(self.model, shard(batch, self.world).to(self.model.device), self.layers,
+                            self.final_residual)
+            local.windows, local.tokens = batch.shape[0], batch.numel()  # the global batch's
+            yield local
 
     def too_small(self) -> AttentionLensError:
         return AttentionLensError(f"the {self.what} is too small for one window of {self.data.seq_len} tokens; "

@@ -25,6 +25,7 @@ from attention_lens.data import DataConfig, batches, load_documents, split_by_do
 from attention_lens.fit import FitConfig, fit
 from attention_lens.heads import head_contributions, run_with_heads
 from attention_lens.objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK, _autocast, head_kl, target_distribution
+from attention_lens.stream import forward as head_forward
 from attention_lens.train import _step
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,9 +154,9 @@ def step_flops(model: al.Model, heads: int, layers: int, tokens: int) -> dict:
 def measure_ours(model, batch, dtype, layers) -> dict:
     lens = al.Lens.from_model(model, "affine", layers=layers)
     optimizer = torch.optim.Adam(lens.parameters(), lr=1e-3)
-    _step(lens, optimizer, batch, dtype, DEFAULT_BLOCK_ROWS, 0)  # warm-up
+    _step(lens, optimizer, head_forward(model, batch, lens.config.layers), dtype, DEFAULT_BLOCK_ROWS, 0)  # warm-up
     started = time.perf_counter()
-    _step(lens, optimizer, batch, dtype, DEFAULT_BLOCK_ROWS, 1)
+    _step(lens, optimizer, head_forward(model, batch, lens.config.layers), dtype, DEFAULT_BLOCK_ROWS, 1)  # forward included
     elapsed = time.perf_counter() - started
     head_tokens = batch.numel() * len(layers) * model.n_heads
     return {"seconds": elapsed, "head_tokens_per_s": head_tokens / elapsed, "lens": lens}
@@ -179,9 +180,11 @@ def time_to_kl(model, target_kl: float, windows) -> dict:
 def rss_child(dtype_name: str) -> float:
     """Peak RSS (GB) of an all-heads training step, alone in its own process."""
     code = ("import torch, attention_lens as al; from attention_lens.train import _step; "
+            "from attention_lens.stream import forward; "
             "from bench.run import train_batches; m = al.load_model('smollm2-135m'); "
             "lens = al.Lens.from_model(m, 'affine'); opt = torch.optim.Adam(lens.parameters()); "
-            f"_step(lens, opt, train_batches(m, 1)[0], getattr(torch, '{dtype_name}'), {DEFAULT_BLOCK_ROWS}, 0); "
+            f"_step(lens, opt, forward(m, train_batches(m, 1)[0], lens.config.layers), getattr(torch, '{dtype_name}'), "
+            f"{DEFAULT_BLOCK_ROWS}, 0); "
             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
     # The child's own high-water mark: RUSAGE_CHILDREN would count this (large) process's pages the child
     # holds between fork and exec.
