@@ -29,7 +29,7 @@ def test_cpu_lens_loads_on_gpu_bf16_model_and_trains_there(tmp_path, capsys):
     assert gpu_model.fingerprint() == cpu_model.fingerprint()  # dtype-independent
     cpu = al.decode(cpu_model, al.Lens.load(out, cpu_model), "The quick brown fox", k=1, position="all")
     gpu = al.decode(gpu_model, al.Lens.load(out, gpu_model), "The quick brown fox", k=1, position="all")
-    agree = sum(a["top"][0]["id"] == b["top"][0]["id"] for a, b in zip(cpu.heads, gpu.heads))
+    agree = sum(a.top[0].id == b.top[0].id for a, b in zip(cpu.heads, gpu.heads))
     assert agree >= 0.8 * len(cpu.heads)  # bf16 weights move a few near-ties
     assert main(args[:-3] + ["--device", "cuda", "--dtype", "bfloat16", "--out", str(tmp_path / "gpu"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 4
