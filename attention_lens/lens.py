@@ -28,8 +28,7 @@ class Lens(nn.Module):
 
     def __init__(self, config: LensConfig):
         super().__init__()
-        self.kind_spec: LensKind = get_kind(config.kind)
-        """The kind's object: what the lens computes, and what it needs to."""
+        self.kind_spec: LensKind = get_kind(config.kind)  # what the lens computes and needs: ask it, not the name
         self.config = config
         shapes = self.kind_spec.parameter_shapes(len(config.layers), len(config.heads), config.d_head,
                                                  config.d_model, config.vocab)

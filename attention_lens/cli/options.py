@@ -11,11 +11,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..kinds import kind_names
+
 ModelName = Annotated[str, typer.Option(help="Registered name (smollm2-135m, gemma3-270m) or local HF directory.")]
 """The model a command runs on (default `DEFAULT_MODEL`)."""
 LensModel = Annotated[Optional[str], typer.Option(help="Model (default: the lens's own, or smollm2-135m).")]
 """The model of a command that takes a lens: optional, a lens directory knows its model."""
-LensSpec = Annotated[str, typer.Option(help="logit, dla, or a lens directory.")]
+LensSpec = Annotated[str, typer.Option(help=f"{', '.join(kind_names(trainable=False))}, or a lens directory.")]
 Data = Annotated[str, typer.Option(help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
