@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .lens import Lens
 from .models import Model
+from .objective import DEFAULT_BLOCK_ROWS, _autocast, _chunks
 
 TOP_K = 10
 HEAD_SCORES = ("kl", "top1", "top10", "cross_entropy", "entropy", "logit", "dla")
@@ -82,6 +83,127 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
         for name, logits in baselines.items():
             parts[name].append(scores["kl"] if name == lens.kind else _kl(logits, targets, rows))
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets,
+                      block_rows: int = DEFAULT_BLOCK_ROWS, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+    """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles in `dtype`, summed in fp32.
+
+    The trainer's tiled path, for scoring: the lens, the logit lens and DLA are three factored views of the same
+    z (the last two share the baseline's factors and differ only in divisor and constant), each streamed through
+    an online logsumexp and cross term, so no vocabulary-sized row of any of them is ever whole. The lens's view
+    also keeps its entropy and, per chunk, its top-k candidates, merged at the end. In bf16, logits round to
+    ~2^-8 relative before every sum (each sum accumulates in fp32): per-head KL means agree with `score_layer`'s
+    fp32 to ~1e-3 nats on SmolLM2, and a rank can differ from fp32's only between logits within that rounding.
+    Not for soft-capped readouts (the cap is not linear in the factors): `score_layer` serves those.
+    """
+    heads = lens.config.heads
+    z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
+    with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
+        own = _tile_factors(*lens.vocab_factors(layer), dtype)
+        base = _tile_factors(*baseline.vocab_factors(layer), dtype)
+    p_low = targets.p.to(dtype)
+    rows_per_tile = max(1, block_rows // len(heads))
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    for start in range(0, z.shape[0], rows_per_tile):
+        rows = slice(start, start + rows_per_tile)
+        final_scale = targets.final_scale[rows]
+        views = {
+            "own": _scaled(z_aug[rows], lens.divisor(z[rows], layer, final_scale), dtype),
+            "logit": _scaled(z_aug[rows], baseline.divisor(z[rows], layer), dtype),
+            "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads)), dtype),
+        }
+        stats = {name: _OnlineSoftmax(scaled.shape[:2], z.device, track=name == "own") for name, scaled in views.items()}
+        for chunk in _chunks(lens.model.vocab, z.device):
+            for name, scaled in views.items():
+                factors, constant = own if name == "own" else base
+                logits = torch.bmm(scaled, factors[:, :, chunk])  # (head, rows, chunk)
+                if constant is not None and name != "dla":  # attribution adds no constant
+                    logits += constant[chunk]
+                stats[name].add(logits, p_low[rows, chunk], chunk.start)
+        next_token = targets.next_token[rows]
+        picked = _picked_logits(views["own"], *own, next_token)
+        scores = stats["own"].scores(targets, rows, picked)
+        scores["logit"] = stats["logit"].kl(targets, rows)
+        scores["dla"] = stats["dla"].kl(targets, rows)
+        for name, value in scores.items():
+            parts[name].append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _tile_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Factors laid out (head, d_head + 1, vocab) in `dtype`, so each vocabulary chunk is a plain strided matrix."""
+    return factors.detach().to(dtype).transpose(1, 2).contiguous(), None if constant is None else constant.to(dtype)
+
+
+def _scaled(z_aug: Tensor, divisor: Tensor, dtype: torch.dtype) -> Tensor:
+    """(head, rows, d_head + 1) = [z_h, 1] / divisor: the divisor goes on the small side of the product."""
+    return (z_aug / divisor[..., None]).transpose(0, 1).to(dtype).contiguous()
+
+
+def _picked_logits(scaled: Tensor, factors: Tensor, constant: Tensor | None, next_token: Tensor) -> Tensor:
+    """The lens's logit of each row's next token (head, rows), from the factor columns of those tokens alone."""
+    columns = factors[:, :, next_token.clamp(min=0)].transpose(1, 2)  # (head, rows, d_head + 1)
+    picked = (scaled.float() * columns.float()).sum(-1)
+    return picked if constant is None else picked + constant[next_token.clamp(min=0)].float()
+
+
+class _OnlineSoftmax:
+    """Running per-(head, row) statistics of logits seen one vocabulary chunk at a time, in fp32.
+
+    max m, S = sum exp(l - m) and the cross term sum p * l give logsumexp and KL; with `track`, also
+    W = sum exp(l - m) (l - m) (entropy = log S - W / S) and the chunk-wise top-k candidates.
+    """
+
+    def __init__(self, shape: tuple[int, int], device: torch.device, track: bool):
+        self.top = torch.full(shape, -torch.inf, device=device)
+        self.sum_exp = torch.zeros(shape, device=device)
+        self.cross = torch.zeros(shape, device=device)
+        self.track = track
+        self.weighted = torch.zeros(shape, device=device)
+        self.candidates: list[tuple[Tensor, Tensor]] = []
+
+    def add(self, logits: Tensor, p: Tensor, offset: int) -> None:
+        """logits (head, rows, chunk) in the tile dtype, p (rows, chunk); `logits` is overwritten."""
+        self.cross += (logits * p).sum(-1).float()
+        if self.track:
+            values, ids = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
+            self.candidates.append((values, ids + offset))
+        new_top = torch.maximum(self.top, logits.amax(-1).float())
+        rescale = torch.exp(self.top - new_top)  # 0 on the first chunk (exp(-inf))
+        shifted = logits.sub_(new_top.to(logits.dtype)[..., None])  # in place: the logits are not needed again
+        terms = torch.exp(shifted)
+        chunk_sum = terms.sum(-1).float()
+        if self.track:
+            # sum e (l - m_new) = rescale * (W + (m_old - m_new) S) for what came before, plus this chunk.
+            gap = torch.where(torch.isfinite(self.top), self.top - new_top, 0.0)
+            self.weighted = rescale * (self.weighted + gap * self.sum_exp) + (terms * shifted).sum(-1).float()
+        self.sum_exp = self.sum_exp * rescale + chunk_sum
+        self.top = new_top
+
+    def log_sum_exp(self) -> Tensor:
+        return self.top + torch.log(self.sum_exp)  # (head, rows)
+
+    def kl(self, targets: Targets, rows: slice) -> Tensor:
+        """KL(P_model || softmax(logits)) (rows, head) = sum p log p - sum p * logits + logsumexp."""
+        return (targets.neg_entropy[rows, None].T - self.cross + self.log_sum_exp()).T
+
+    def scores(self, targets: Targets, rows: slice, picked: Tensor) -> dict[str, Tensor]:
+        """The lens's own scores, as `_lens_scores` gives them: each (rows, head)."""
+        values = torch.cat([v for v, _ in self.candidates], dim=-1)
+        ids = torch.cat([i for _, i in self.candidates], dim=-1)
+        model_top = targets.top[rows]  # (rows, k)
+        lens_top = ids.gather(-1, values.topk(model_top.shape[-1], dim=-1).indices).transpose(0, 1)  # (rows, head, k)
+        next_token = targets.next_token[rows]
+        log_sum_exp = self.log_sum_exp()
+        return {
+            "kl": self.kl(targets, rows),
+            "top1": (lens_top[..., 0] == model_top[:, None, 0]).float(),
+            "top10": (lens_top[..., :, None] == model_top[:, None, None, :]).any(-1).float().mean(-1),
+            "cross_entropy": torch.where(next_token[:, None] >= 0, (log_sum_exp - picked).T, 0.0),
+            "entropy": (torch.log(self.sum_exp) - self.weighted / self.sum_exp).T,
+            "top_id": lens_top[..., 0],
+        }
 
 
 def factored_logits(lens: Lens, z_aug: Tensor, divisor: Tensor, factors: Tensor, constant: Tensor | None) -> Tensor:
