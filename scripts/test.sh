@@ -3,7 +3,7 @@
 # pytest's exit code 5 (no tests collected) counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh || exit 1
+bash scripts/setup_test.sh || exit 1
 run() {
     .venv/bin/python -m pytest -q "$@"
     local status=$?

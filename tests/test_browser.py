@@ -29,7 +29,7 @@ PROMPT = "The quick brown fox jumps"
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
-        pytest.fail("the browser tests need Debian's chromium: apt-get install -y chromium (scripts/setup.sh does)")
+        pytest.fail("the browser tests need Debian's chromium: apt-get install -y chromium (scripts/setup_test.sh does)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser

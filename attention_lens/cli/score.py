@@ -29,6 +29,8 @@ def eval_(
     constant_tokens: int = typer.Option(8192, help="Tokens averaged into the constant baseline (training side only)."),
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
+    exact: bool = typer.Option(False, help="Score in fp32 with whole vocabulary rows (~8x slower on CPU). By default "
+                               "logits are formed in bf16 tiles with fp32 sums."),
     out: ResultsOut = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
 ) -> None:
@@ -36,7 +38,7 @@ def eval_(
     lens_obj, _ = lens_and_model(lens, model, device)
     data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
-                        constant_data=constant_data, constant_tokens=constant_tokens)
+                        constant_data=constant_data, constant_tokens=constant_tokens, exact=exact)
     with TokenBar(err, "eval") as bar:
         result = evaluate(lens_obj, data_config, config, on_progress=bar.update)
     finish_results(result.to_json(), out, as_json)
