@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 import attention_lens as al
 from attention_lens.data import DataConfig, batches, load_documents, split_by_document, token_windows
+from attention_lens.evaluate import EvalConfig, _layer_scorer, _score_batch
+from attention_lens.fidelity import FidelityTotals
 from attention_lens.fit import FitConfig, fit
 from attention_lens.heads import head_contributions, run_with_heads
 from attention_lens.objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK, _autocast, head_kl, target_distribution
@@ -177,6 +180,41 @@ def time_to_kl(model, target_kl: float, windows) -> dict:
     return {"fit_tokens": tokens, "seconds": elapsed, "heldout_kl": kl, "gap": kl - target_kl}
 
 
+def eval_speed(model, batch) -> dict:
+    """All heads of an affine lens scored on one batch, bf16 tiles and the fp32 whole-row path, same batch, same
+    process, interleaved so a change of machine load hits both; the fastest of two runs each."""
+    torch.manual_seed(0)
+    lens = al.Lens.from_model(model, "affine")
+    with torch.no_grad():
+        for parameter in lens.parameters():
+            parameter.normal_(std=0.003)  # scores depend on values, the work does not
+    baseline = al.Lens.from_model(model, "logit")
+    log_constant = torch.full((model.vocab,), -math.log(model.vocab))
+
+    def run(exact: bool) -> None:
+        totals = FidelityTotals(model.n_layers, model.n_heads, model.vocab, 20, 0)
+        _score_batch(lens, baseline, batch, log_constant, totals, _layer_scorer(model, EvalConfig(exact=exact)))
+
+    times = {True: [], False: []}
+    for _ in range(2):
+        for exact in (False, True):
+            started = time.perf_counter()
+            run(exact)
+            times[exact].append(time.perf_counter() - started)
+    tiled, exact = min(times[False]), min(times[True])
+    return {"eval_tokens_per_s": batch.numel() / tiled, "eval_exact_tokens_per_s": batch.numel() / exact,
+            "eval_speedup_vs_fp32": exact / tiled}
+
+
+def decode_floor(model, prompt_tokens: int, repeats: int = 5) -> float:
+    """Seconds of the bare bf16 vocabulary product for the rows decode reads (every head at every position):
+    the least any readout of those rows must cost."""
+    rows = model.n_layers * model.n_heads * prompt_tokens
+    y = torch.randn(rows, model.d_model, dtype=torch.bfloat16)
+    W_U = model.unembed.W_U.to(torch.bfloat16)
+    return seconds(lambda: y @ W_U.T, repeats)
+
+
 def rss_child(dtype_name: str) -> float:
     """Peak RSS (GB) of an all-heads training step, alone in its own process."""
     code = ("import torch, attention_lens as al; from attention_lens.train import _step; "
@@ -255,7 +293,11 @@ def main() -> None:
     decode_seconds = seconds(lambda: al.decode(model, logit, prompt, k=10, position="all"))
     decode_exact = seconds(lambda: al.decode(model, logit, prompt, k=10, position="all", exact=True))
     decode_last = seconds(lambda: al.decode(model, logit, prompt, k=10))
+    floor = decode_floor(model, prompt_tokens)
     peak_rss = rss_child(args.dtype)
+
+    log("eval: bf16 tiles vs the fp32 path, all heads ...")
+    evaluation = eval_speed(model, batches_[0][:1] if args.quick else batches_[0])
 
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
@@ -268,15 +310,22 @@ def main() -> None:
         "all_heads_tokens_per_s": round(all_heads["head_tokens_per_s"] / (model.n_layers * model.n_heads), 2),
         "speedup_vs_reference": round(all_heads["head_tokens_per_s"] / ref_rate, 2),
         "roofline_fraction": round(ideal / all_heads["seconds"], 3),
+        "roofline_divides_by": ("ideal time of one all-heads step: factor products at peaks.gemm_factors, tile "
+                                "products at peaks.gemm_logits and peaks.gemm_dfactors, the model's forward at "
+                                "peaks.gemm_4096_fp32, exps at peaks.exp_per_s; all measured in this run"),
         "mfu": round(matmul_flops / all_heads["seconds"] / peak, 3),
+        "mfu_divides_by": f"peaks.gemm_4096_{'bf16' if dtype == torch.bfloat16 else 'fp32'}",
         "time_split_s": {k: round(v, 2) for k, v in split.__dict__.items()},
         "time_to_reference_kl_ratio": round(reach["seconds"] / ref_wall, 4),
         "time_to_reference_kl": reach,
         "decode_seconds": round(decode_seconds, 3),
+        "decode_floor_seconds": round(floor, 3),
+        "decode_vs_floor": round(decode_seconds / floor, 2),
         "decode_exact_seconds": round(decode_exact, 3),
         "decode_prompt_tokens": prompt_tokens,
         "decode_last_position_seconds": round(decode_last, 3),
         "peak_rss_gb": round(peak_rss, 2),
+        **{key: round(value, 2) for key, value in evaluation.items()},
     }
     if args.json:
         print(json.dumps(result))
