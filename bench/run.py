@@ -193,7 +193,8 @@ def eval_speed(model, batch) -> dict:
 
     def run(exact: bool) -> None:
         totals = FidelityTotals(model.n_layers, model.n_heads, model.vocab, 20, 0)
-        _score_batch(lens, baseline, batch, log_constant, totals, _layer_scorer(model, EvalConfig(exact=exact)))
+        forward = head_forward(model, batch, lens.config.layers, final_residual=True)  # its z is handed out once
+        _score_batch(lens, baseline, forward, log_constant, totals, _layer_scorer(model, EvalConfig(exact=exact)))
 
     times = {True: [], False: []}
     for _ in range(2):
