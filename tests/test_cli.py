@@ -53,6 +53,41 @@ def test_decode_exact_gives_the_same_tokens(paths, capsys):
     assert ids(fast) == ids(exact)
 
 
+def test_decode_table_shows_every_head_whole_when_piped(paths, capsys):
+    """Not a terminal: one table as wide as all heads need, no token cut to an ellipsis."""
+    model, _, _ = paths
+    code, stdout, _ = run_cli(["decode", "--model", str(model), "--lens", "logit", "jumps over the"], capsys)
+    assert code == 0 and "…" not in stdout
+    header = next(line for line in stdout.splitlines() if "layer" in line)
+    assert all(f"H{head}" in header for head in range(4))
+
+
+def test_decode_tables_fit_a_narrow_terminal(paths, capsys, monkeypatch):
+    """A 40-column terminal: the heads wrap into several tables, none wider than the terminal."""
+    import re
+
+    model, _, _ = paths
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "40")
+    code, stdout, _ = run_cli(["decode", "--model", str(model), "--lens", "logit", "jumps over the"], capsys)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", stdout)
+    assert code == 0 and "…" not in plain
+    assert max(len(line) for line in plain.splitlines()) <= 40
+    headers = [line for line in plain.splitlines() if "layer" in line]
+    assert len(headers) >= 2 and all(any(f"H{head}" in h for h in headers) for head in range(4))
+
+
+def test_decode_layers_and_heads_select(paths, capsys):
+    model, _, _ = paths
+    args = ["decode", "--model", str(model), "--lens", "logit", "--layers", "1", "--heads", "0,2", "jumps over"]
+    code, stdout, _ = run_cli([*args, "--json"], capsys)
+    assert code == 0
+    assert {(r["layer"], r["head"]) for r in json.loads(stdout)["heads"]} == {(1, 0), (1, 2)}
+    code, stdout, _ = run_cli(args, capsys)
+    header = next(line for line in stdout.splitlines() if "layer" in line)
+    assert code == 0 and "H0" in header and "H2" in header and "H1" not in header
+
+
 def test_existing_lens_is_not_overwritten(paths, capsys):
     model, corpus, root = paths
     out = root / "kept"

@@ -7,10 +7,15 @@ from rich.console import Console
 from rich.table import Table
 
 from ..decode import DecodeResult, decode as decode_prompt
+from ..errors import AttentionLensError
 from ..notebook import visible
-from ..results import TokenScore
-from .common import emit_json, lens_and_model
-from .options import Device, LensModel, LensSpec
+from .common import emit_json, lens_and_model, parse_indices
+from .options import Device, Heads, Layers, LensModel, LensSpec
+
+LAYER_COLUMN = 5
+"""Width of the table's layer column."""
+CELL_PADDING = 3
+"""What rich adds around each cell: one space either side and the column rule."""
 
 
 def decode(
@@ -19,6 +24,8 @@ def decode(
     model: LensModel = None,
     k: int = typer.Option(10, "-k", "--k", help="Top-k tokens per head."),
     position: str = typer.Option("-1", help="Position to decode (0-based, negative from the end) or 'all'."),
+    layers: Layers = None,
+    heads: Heads = None,
     device: Device = "cpu",
     exact: bool = typer.Option(False, help="Compute the readout in fp32 throughout (~2.5x slower on CPU). By "
                                "default a bf16 screen + fp32 recheck gives the same tokens and logits, and "
@@ -27,26 +34,37 @@ def decode(
 ) -> None:
     """Show the tokens each head's lens reads from its output on a prompt."""
     lens_obj, loaded = lens_and_model(lens, model, device)
+    chosen_layers = parse_indices(layers, loaded.n_layers, "layer")
+    chosen_heads = parse_indices(heads, loaded.n_heads, "head")
     result = decode_prompt(loaded, lens_obj, text, k=k, position=position, exact=exact)
+    result.heads = [r for r in result.heads if (chosen_layers is None or r.layer in chosen_layers)
+                    and (chosen_heads is None or r.head in chosen_heads)]
+    if not result.heads:
+        raise AttentionLensError(f"the lens covers none of the chosen heads (it covers layers "
+                                 f"{lens_obj.config.layers}, heads {lens_obj.config.heads})")
     if as_json:
         emit_json(result.to_json())
         return
-    console = Console()
+    cells = {(r.position, r.layer, r.head): f"{visible(r.top[0].token)} {r.top[0].prob:.0%}" for r in result.heads}
+    # A terminal gets tables that fit its width; a file or pipe gets one table as wide as all heads need.
+    terminal = Console(stderr=False)
+    widest = max(len(cell) for cell in cells.values()) + CELL_PADDING
+    all_heads = sorted({r.head for r in result.heads})
+    needed = LAYER_COLUMN + CELL_PADDING + len(all_heads) * widest + 1
+    console = terminal if terminal.is_terminal else Console(width=max(needed, 80))
+    per_table = max(1, (console.width - LAYER_COLUMN - CELL_PADDING - 1) // widest)
     for pos in result.positions:
-        console.print(_decode_table(result, pos))
+        for start in range(0, len(all_heads), per_table):
+            console.print(_decode_table(result, pos, cells, all_heads[start:start + per_table]))
 
 
-def _decode_table(result: DecodeResult, position: int) -> Table:
-    records = [r for r in result.heads if r.position == position]
-    heads = sorted({r.head for r in records})
-    table = Table(title=f"{result.kind} lens, position {position} ({visible(result.tokens[position])}): top token and its probability",
-                  show_lines=False)
-    table.add_column("layer", justify="right", no_wrap=True, min_width=5)
+def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[int]) -> Table:
+    """Layers x `heads` at one position; every cell whole (a token is never cut: it folds onto a second line)."""
+    table = Table(title=f"{result.kind} lens, position {position} ({visible(result.tokens[position])}): top token "
+                        "and its probability", show_lines=False)
+    table.add_column("layer", justify="right", no_wrap=True, min_width=LAYER_COLUMN)
     for head in heads:
-        table.add_column(f"H{head}", no_wrap=True, overflow="ellipsis", max_width=14)
-    by_layer: dict[int, dict[int, TokenScore]] = {}
-    for r in records:
-        by_layer.setdefault(r.layer, {})[r.head] = r.top[0]
-    for layer, cells in sorted(by_layer.items()):
-        table.add_row(str(layer), *(f"{visible(cells[h].token)} {cells[h].prob:.0%}" for h in heads))
+        table.add_column(f"H{head}", overflow="fold")
+    for layer in sorted({r.layer for r in result.heads}):
+        table.add_row(str(layer), *(cells.get((position, layer, head), "") for head in heads))
     return table
