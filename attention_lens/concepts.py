@@ -42,10 +42,19 @@ def read_concept_words(text: str) -> list[str]:
     if "," not in text and path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
         text = ",".join(line.split("#", 1)[0] for line in lines)
+    elif "," not in text and _looks_like_a_path(text):  # searching the path's characters helps no one
+        raise AttentionLensError(f"concept file {text} does not exist; give a file of words or a comma list like "
+                                 f"'war, battle' (to search for {text!r} itself, end it with a comma)")
     words = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
     if not words:
         raise AttentionLensError("the concept has no words; give a comma list like 'war, battle' or a file of words")
     return words
+
+
+def _looks_like_a_path(text: str) -> bool:
+    text = text.strip()
+    return "/" in text or "\\" in text or text.startswith("~") or Path(text).suffix.lower() in (".txt", ".csv", ".tsv",
+                                                                                                ".list", ".words")
 
 
 def make_concept(tokenizer, words: Sequence[str]) -> Concept:

@@ -60,8 +60,8 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     """
     if lens._model is not model:
         lens.to(model.device).bind(model)
-    if k < 1:
-        raise AttentionLensError(f"k must be at least 1; got {k}")
+    if not 1 <= k <= model.vocab:  # a k past the vocabulary is a mistake, not a request for everything
+        raise AttentionLensError(f"`k` (top-k) must be from 1 to the vocabulary size, {model.vocab}; got {k}")
     input_ids = model.encode(text)
     length = input_ids.shape[1]
     positions = _positions(position, length)
@@ -69,7 +69,6 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     final_scale = capture.final_scale(positions)  # one prompt: its tokens are the positions
     result = DecodeResult(text=text, tokens=[model.token_text(int(i)) for i in input_ids[0]],
                           positions=positions, kind=lens.kind)
-    k = min(k, model.vocab)
     tops = []
     # A full lens's hidden vectors already are (rows x vocab) logits: bound their memory per group.
     max_rows = 1 << 20 if lens.kind_spec.to_unembedding else 2048

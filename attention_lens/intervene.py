@@ -21,6 +21,9 @@ from .errors import AttentionLensError
 from .models import Model
 from .stream import HeadStream
 
+MAX_SCALE = 1e6
+"""Largest |factor| a scale edit may multiply a head's output by (fp32 overflows not far beyond)."""
+
 Head = tuple[int, int]
 """(layer, head)."""
 
@@ -40,9 +43,14 @@ class Edit:
             return cls(name)
         if name == "scale":
             try:
-                return cls("scale", float(value))
+                factor = float(value)
             except ValueError:
-                pass
+                factor = None
+            if factor is not None:
+                if not (math.isfinite(factor) and abs(factor) <= MAX_SCALE):
+                    raise AttentionLensError(f"scale={value}: the factor must be a finite number from "
+                                             f"-{MAX_SCALE:g} to {MAX_SCALE:g}")
+                return cls("scale", factor)
         raise AttentionLensError(f"`mode` {text!r}: use zero, mean, or scale=X (e.g. scale=-1, scale=3)")
 
     def __str__(self) -> str:

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import hub
+from . import hub, strict_json
 from .errors import AttentionLensError
 from .kinds import LensKind, get_kind
 from .lens_config import (CONFIG_FILE, IDENTITY_KEY, WEIGHTS_FILE, LensConfig, check_fingerprint, identity_hash,
                           parameter_bytes, read_config)
-from .models import Model
+from .models import Model, available_memory
 from .storage import atomic_write, read_tensors, write_tensors
 
 
@@ -158,10 +157,14 @@ class Lens(nn.Module):
         cannot pair new weights with an old config unnoticed.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().contiguous().cpu() for name, p in self.state_dict().items()}
+        for name, tensor in tensors.items():  # load() refuses such a lens: never write one
+            if not torch.isfinite(tensor).all():
+                raise AttentionLensError(f"the {self.kind} lens's {name!r} holds non-finite values; nothing was "
+                                         "saved: the fit or training diverged, check its settings and data")
+        config_text = strict_json.dumps(dataclasses.asdict(self.config), indent=2)
+        directory.mkdir(parents=True, exist_ok=True)
         write_tensors(directory / WEIGHTS_FILE, tensors, {IDENTITY_KEY: identity_hash(self.config)})
-        config_text = json.dumps(dataclasses.asdict(self.config), indent=2)
         atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config_text))
         return directory
 
@@ -234,10 +237,4 @@ def check_memory(needed: int, what: str) -> None:
 
 
 def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return available_memory()

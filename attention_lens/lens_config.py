@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from . import strict_json
 from .errors import AttentionLensError
 from .kinds import REGISTRY, get_kind
 from .storage import check_version
@@ -44,12 +45,15 @@ class LensConfig:
 
 def read_config(directory: Path) -> LensConfig:
     path = directory / CONFIG_FILE
+    if directory.is_file():  # often config.json itself, or the weights file
+        raise AttentionLensError(f"{directory} is a file, not a lens directory; give the directory that holds "
+                                 f"{CONFIG_FILE} and {WEIGHTS_FILE} (here: {directory.parent})")
     if not directory.is_dir():
         raise AttentionLensError(f"lens directory {directory} does not exist; train one or use the logit lens")
     if not path.is_file():
         raise AttentionLensError(f"{directory} has no {CONFIG_FILE}; it is not a lens directory")
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        raw = strict_json.loads(path.read_bytes(), str(path))
     except OSError as error:
         raise AttentionLensError(f"cannot read {path}: {error.strerror}") from None
     except (ValueError, RecursionError) as error:  # ValueError: bad JSON, bad UTF-8, a 5000-digit number

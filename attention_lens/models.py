@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import ArchSpec, arch_spec
+from . import strict_json
 from .errors import AttentionLensError
 from .unembed import Unembed
 
@@ -290,15 +291,90 @@ def _local_directory(source: str) -> Path:
     return path
 
 
-def _from_pretrained(directory: Path, dtype: torch.dtype, gguf_file: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
+
+def _from_pretrained(directory: Path, dtype: torch.dtype, gguf_file: str | None = None):
+    """Tokenizer and model of a local directory (or a GGUF file in it); whatever goes wrong is one line.
+
+    transformers raises many exception types here, some with 70-line validation reports: each step's failure
+    becomes one AttentionLensError naming the step, the innermost reason and what to do.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if gguf_file is None:
+        _check_config_file(directory / "config.json")
+        if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+            raise AttentionLensError(
+                f"{directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:2])}); save the model's "
+                f"tokenizer there too (tokenizer.save_pretrained({str(directory)!r}))"
+            )
+    try:
+        config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception as error:
+        raise AttentionLensError(f"the model config in {directory} is not usable: {_reason(error)}; fix its "
+                                 "config.json or save the model again") from None
+    _check_model_memory(config, dtype, directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
-    except (OSError, ValueError, KeyError) as error:
-        raise AttentionLensError(f"could not load the model in {directory}: {error}") from None
+    except Exception as error:
+        raise AttentionLensError(f"could not load the tokenizer in {directory}: {_reason(error)}; check that its "
+                                 "tokenizer files are complete, or save them again") from None
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, config=config, dtype=dtype)
+    except Exception as error:
+        raise AttentionLensError(f"could not load the model in {directory}: {_reason(error)}; check its "
+                                 "config.json and weight files, or save the model again") from None
     return hf, tokenizer
+
+
+def _check_model_memory(config: Any, dtype: torch.dtype, directory: Path) -> None:
+    """Count the weights the config implies (on the meta device: nothing allocated) and refuse a model that
+    cannot fit, instead of being killed by the kernel mid-load (a config.json missing its sizes means 7B)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as error:
+        raise AttentionLensError(f"the model config in {directory} is not usable: {_reason(error)}; fix its "
+                                 "config.json or save the model again") from None
+    needed = sum(p.numel() for p in skeleton.parameters()) * torch.finfo(dtype).bits // 8
+    available = available_memory()
+    if available is not None and needed > 0.8 * available:
+        raise AttentionLensError(
+            f"the model in {directory} needs ~{needed / 2**30:.1f} GiB for its weights but only "
+            f"{available / 2**30:.1f} GiB of memory is available; check its config.json (sizes) or use a bigger machine"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux), or None where it cannot tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_config_file(path: Path) -> None:
+    """config.json must be strict JSON with finite numbers: a NaN epsilon loads fine and poisons every output."""
+    try:
+        strict_json.loads(path.read_bytes(), str(path))
+    except OSError as error:
+        raise AttentionLensError(f"cannot read {path}: {error.strerror}") from None
+    except (ValueError, RecursionError) as error:
+        raise AttentionLensError(f"{path} is not valid JSON ({_reason(error)}); fix or replace it") from None
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line: the validation error, not the wrapper's preamble."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__).rstrip(".:")
 
 
 def _converted_cache(name: str, gguf: Path) -> Path:

@@ -8,6 +8,7 @@ import typer
 
 from .._version import __version__
 from ..errors import AttentionLensError
+from ..interrupts import Interrupted, interruptible
 from .common import as_flags, err
 from .concepts import ablate, generate, search
 from .decode import decode
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. User mistakes print one line, never a traceback."""
     _quiet_libraries()
     try:
-        app(args=argv, prog_name="attention-lens", standalone_mode=False)
+        with interruptible():
+            app(args=argv, prog_name="attention-lens", standalone_mode=False)
+    except Interrupted as stop:
+        print(stop.message(), file=sys.stderr)
+        return stop.exit_code
     except AttentionLensError as error:
         print(f"error: {as_flags(str(error))}", file=sys.stderr)  # plain: one line, however wide the terminal
         return 2
@@ -45,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except typer.TyperException as error:  # usage errors: typer's own (vendored) click exceptions
-        error.show(file=sys.stderr)
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "attention-lens"
+        print(f"error: {error.format_message().rstrip('.')}; see `{command} --help`", file=sys.stderr)
         return error.exit_code
     return 0
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from rich.console import Console
 
+from .. import strict_json
 from ..data import DataConfig
 from ..errors import AttentionLensError
 from ..evaluate import default_holdout
@@ -31,17 +34,44 @@ def as_flags(message: str) -> str:
 
 
 def emit_json(document: dict) -> None:
-    sys.stdout.write(json.dumps(document) + "\n")
+    """The one JSON document of --json, strict: a NaN or Infinity in it is an error, never a bare `NaN` token."""
+    sys.stdout.write(strict_json.dumps(document) + "\n")
 
 
 def finish_results(document: dict, out: Path | None, as_json: bool) -> None:
-    """--out gets the JSON document whatever the output mode; --json puts it on stdout."""
+    """--out gets the JSON document whatever the output mode (written atomically); --json puts it on stdout."""
+    text = strict_json.dumps(document)  # a non-finite result fails here, before anything is written
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(document, indent=1) + "\n")
+        strict_json.write(out, document)
         err.print(f"wrote {out}")
     if as_json:
-        emit_json(document)
+        sys.stdout.write(text + "\n")
+
+
+def check_output(out: Path, overwrite: bool, directory: bool = False) -> None:
+    """The one rule for every command that writes, applied before any work: an existing --out is replaced only
+    with --overwrite (a lens directory: see `existing_run`), a file is not a directory nor the other way round,
+    and the place it goes must be writable (tried, not guessed from permission bits)."""
+    if out.exists():
+        if directory and not out.is_dir():
+            raise AttentionLensError(f"--out {out} is a file; give a directory for the lens")
+        if not directory and out.is_dir():
+            raise AttentionLensError(f"--out {out} is a directory; give a file name")
+        if not directory and not overwrite:
+            raise AttentionLensError(f"--out {out} already exists; pass --overwrite to replace it, or choose another name")
+    place = out if out.is_dir() else out.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise AttentionLensError(f"--out {out}: {place} is a file, so nothing can be written under it; choose another path")
+    try:
+        handle, probe = tempfile.mkstemp(dir=place, prefix=".attention-lens-probe.")
+    except OSError as error:
+        raise AttentionLensError(f"--out {out}: cannot write in {place} ({error.strerror}); choose a writable "
+                                 "directory") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def parse_indices(text: str | None, count: int, what: str) -> list[int] | None:
@@ -53,6 +83,8 @@ def parse_indices(text: str | None, count: int, what: str) -> list[int] | None:
         for part in text.split(","):
             low, _, high = part.strip().partition("-")
             start, stop = int(low), int(high) if high else int(low)
+            if stop < start:
+                raise AttentionLensError(f"--{what}s {text!r}: the range {part.strip()} is reversed; write {stop}-{start}")
             indices.update(range(start, stop + 1))
     except ValueError:
         raise AttentionLensError(f"--{what}s {text!r}: use a range like 20-29, a list like 3,7, or all") from None

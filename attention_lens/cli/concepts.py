@@ -17,6 +17,7 @@ from ..intervene import Edit, ablate as ablate_heads, concept_windows, generate 
 from ..models import DEFAULT_MODEL, Model, load_model
 from ..notebook import visible
 from .common import emit_json, err, lens_and_model
+from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
 from .options import Concept, Data, Device, HeadList, LensModel, LensSpec, ModelName, Scale, SeqLen
 
 
@@ -48,14 +49,16 @@ def search(
     lens: LensSpec = "logit",
     model: LensModel = None,
     data: Data = "sotu",
-    tokens: int = typer.Option(2048, help="Tokens to score heads on (training side of the split); also --verify's."),
+    tokens: int = typer.Option(2048, help="Tokens to score heads on (training side of the split); also --verify's.",
+                               callback=within(1, MAX_TOKENS)),
     seq_len: SeqLen = 128,
-    holdout: float = typer.Option(0.1, help="Fraction of documents held out: --verify measures on them."),
-    top: int = typer.Option(10, help="Heads to show."),
+    holdout: float = typer.Option(0.1, help="Fraction of documents held out: --verify measures on them.",
+                                  callback=within(0, 1, below=True)),
+    top: int = typer.Option(10, help="Heads to show.", callback=within(1, MAX_K)),
     verify: bool = typer.Option(False, help="Ablate the top 1% of heads; compare with random heads."),
     mode: str = typer.Option("zero", help="--verify's intervention: zero, mean or scale=X."),
-    repeats: int = typer.Option(10, help="--verify's draws of random heads."),
-    seed: int = typer.Option(0, help="Seed of the data order and the random heads."),
+    repeats: int = typer.Option(10, help="--verify's draws of random heads.", callback=within(0, MAX_REPEATS)),
+    seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify}."),
 ) -> None:
@@ -93,14 +96,16 @@ def ablate(
     concept: Concept,
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
-    tokens: int = typer.Option(2048, help="Held-out tokens to measure on (windows holding a concept target)."),
+    tokens: int = typer.Option(2048, help="Held-out tokens to measure on (windows holding a concept target).",
+                               callback=within(1, MAX_TOKENS)),
     seq_len: SeqLen = 128,
-    holdout: float = typer.Option(0.1, help="Fraction of documents held out; the measurement uses them."),
+    holdout: float = typer.Option(0.1, help="Fraction of documents held out; the measurement uses them.",
+                                  callback=within(0, 1, below=True)),
     mode: str = typer.Option("zero", help="zero, mean (over the measured windows) or scale=X."),
     scale: Scale = None,
     baseline: str = typer.Option("none", help="none, or random: the same number of random other heads."),
-    repeats: int = typer.Option(10, help="Random draws for --baseline random."),
-    seed: int = typer.Option(0, help="Seed of the data order and the random heads."),
+    repeats: int = typer.Option(10, help="Random draws for --baseline random.", callback=within(0, MAX_REPEATS)),
+    seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {clean, found, random, verify}."),
 ) -> None:
@@ -135,7 +140,7 @@ def generate(
     model: ModelName = DEFAULT_MODEL,
     mode: str = typer.Option("zero", help="zero or scale=X."),
     scale: Scale = None,
-    max_new_tokens: int = typer.Option(30, help="Tokens to generate (greedy)."),
+    max_new_tokens: int = typer.Option(30, help="Tokens to generate (greedy).", callback=within(1, MAX_NEW_TOKENS)),
     device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {prompt, plain, intervened}."),
 ) -> None:

@@ -10,6 +10,7 @@ from ..decode import DecodeResult, decode as decode_prompt
 from ..errors import AttentionLensError
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
+from .numbers import MAX_K, within
 from .options import Device, Heads, Layers, LensModel, LensSpec
 
 LAYER_COLUMN = 5
@@ -22,7 +23,7 @@ def decode(
     text: str = typer.Argument(..., help="The prompt."),
     lens: LensSpec = "logit",
     model: LensModel = None,
-    k: int = typer.Option(10, "-k", "--k", help="Top-k tokens per head."),
+    k: int = typer.Option(10, "-k", "--k", help="Top-k tokens per head.", callback=within(1, MAX_K)),
     position: str = typer.Option("-1", help="Position to decode (0-based, negative from the end) or 'all'."),
     layers: Layers = None,
     heads: Heads = None,

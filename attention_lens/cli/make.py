@@ -15,32 +15,38 @@ from ..data import DataConfig
 from ..distributed import close, finish, init_world, rank_device
 from ..errors import AttentionLensError
 from ..evaluate import heldout_kl
+from ..interrupts import Interrupted
 from ..fit import FitConfig, fit as fit_lens
 from ..kinds import kind_names
 from ..lens import Lens
 from ..models import DEFAULT_MODEL, load_model
+from ..render import TokenBar
 from ..train import TrainConfig, existing_run, train as train_lens
-from .common import emit_json, err, parse_indices
+from .common import check_output, emit_json, err, parse_indices
+from .numbers import MAX_BATCH, MAX_SEED, MAX_TOKENS, within
 from .options import Data, Device, EvalTokens, Heads, Layers, ModelName, Overwrite, SeqLen, SkipBadLines
 
 
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., help="Lens directory to write (config.json, lens.safetensors, checkpoints/)."),
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
     kind: str = typer.Option("affine", help=f"Lens kind: {' or '.join(kind_names(trainable=True))}."),
     layers: Layers = None,
     heads: Heads = None,
-    tokens: int = typer.Option(20_000, help="Token budget; at least one step runs."),
+    tokens: int = typer.Option(20_000, help="Token budget; at least one step runs.", callback=within(1, MAX_TOKENS)),
     seq_len: SeqLen = 128,
     batch_size: int = typer.Option(4, help="Windows per step, over all processes (global): under torchrun each "
-                                   "rank trains on batch-size / world-size of them; --tokens is global too."),
-    lr: float = typer.Option(1e-3, help="Learning rate."),
+                                   "rank trains on batch-size / world-size of them; --tokens is global too.",
+                                   callback=within(1, MAX_BATCH)),
+    lr: float = typer.Option(1e-3, help="Learning rate.", callback=within(0, 1e6, above=True)),
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     dtype: str = typer.Option("float32", help="float32 or bfloat16 (autocast for vocabulary-sized matmuls)."),
-    seed: int = typer.Option(0, help="Seed of the data order."),
-    holdout: float = typer.Option(0.1, help="Fraction of documents held out (never trained on)."),
-    checkpoint_every: int = typer.Option(50, help="Steps between checkpoints."),
+    seed: int = typer.Option(0, help="Seed of the data order.", callback=within(0, MAX_SEED)),
+    holdout: float = typer.Option(0.1, help="Fraction of documents held out (never trained on).",
+                                  callback=within(0, 1, below=True)),
+    checkpoint_every: int = typer.Option(50, help="Steps between checkpoints.", callback=within(1, 10**9)),
     eval_tokens: EvalTokens = 2048,
     objective: str = typer.Option("per-head", help="per-head (each head's own KL, every position) or paper "
                                   "(the original: heads' logits summed, last position only)."),
@@ -54,12 +60,11 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the results."),
 ) -> None:
     """Train per-head lenses against the model's own next-token distribution (KL)."""
+    if resume and overwrite:
+        raise AttentionLensError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     if existing_run(out) and not (resume or overwrite):
         raise AttentionLensError(f"{out} already holds a lens or checkpoint; pass --resume or --overwrite")
-    if checkpoint_every < 1 or tokens < 1 or seq_len < 2 or batch_size < 1:
-        raise AttentionLensError("--checkpoint-every, --tokens and --batch-size must be >= 1, --seq-len >= 2")
-    if not 0 < lr <= 1e6:  # nan fails this too; torch would raise a traceback on nan or a float32 overflow
-        raise AttentionLensError(f"--lr must be a positive number no larger than 1e6; got {lr}")
+    check_output(out, overwrite or resume, directory=True)
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
                          seed=seed, checkpoint_every=checkpoint_every, objective=objective, shard_heads=shard_heads)
@@ -68,13 +73,46 @@ def train(
         loaded = load_model(model, device=rank_device(device, world))
         if init is not None:
             lens = Lens.load(init, loaded)
+            _check_init_agrees(ctx, init, lens, kind, layers, heads)
         else:
             lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
                                    parse_indices(heads, loaded.n_heads, "head"))
         _train(world, lens, data_config, config, out, resume, overwrite, eval_tokens, as_json)
         finish(world)
+    except Interrupted as stop:
+        if (out / CHECKPOINT_DIR).is_dir() and any((out / CHECKPOINT_DIR).iterdir()):
+            stop.hint = "resume with --resume"
+        raise
     finally:
         close(world)
+
+
+def _check_init_agrees(ctx: typer.Context, init: Path, lens: Lens, kind: str, layers: str | None,
+                       heads: str | None) -> None:
+    """--init fixes the lens's kind, layers and heads: the same options given otherwise are refused, never dropped."""
+    model = lens.model
+    given = {
+        "kind": (kind, lens.kind) if _given(ctx, "kind") else None,
+        "layers": (parse_indices(layers, model.n_layers, "layer") or list(range(model.n_layers)), lens.config.layers)
+        if layers is not None else None,
+        "heads": (parse_indices(heads, model.n_heads, "head") or list(range(model.n_heads)), lens.config.heads)
+        if heads is not None else None,
+    }
+    for name, pair in given.items():
+        if pair is not None and pair[0] != pair[1]:
+            wanted = {"kind": kind, "layers": layers, "heads": heads}[name]
+            raise AttentionLensError(f"--{name} {wanted} conflicts with --init {init}, whose lens has {name} "
+                                     f"{_compact(pair[1])}; drop --{name} (the init lens fixes it) or make an init "
+                                     "lens with the coverage you want")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _compact(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _train(world, lens: Lens, data_config: DataConfig, config: TrainConfig, out: Path, resume: bool,
@@ -111,12 +149,14 @@ def fit(
     data: Data = "sotu",
     layers: Layers = None,
     heads: Heads = None,
-    tokens: int = typer.Option(65_536, help="Token budget for the statistics."),
-    ridge: float = typer.Option(1e-2, help="Ridge strength, relative to each head's mean z_h variance."),
+    tokens: int = typer.Option(65_536, help="Token budget for the statistics.", callback=within(1, MAX_TOKENS)),
+    ridge: float = typer.Option(1e-2, help="Ridge strength, relative to each head's mean z_h variance.",
+                                callback=within(0, 1e6)),
     seq_len: SeqLen = 128,
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    seed: int = typer.Option(0, help="Seed of the data order."),
-    holdout: float = typer.Option(0.1, help="Fraction of documents held out (never fitted on)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass.", callback=within(1, MAX_BATCH)),
+    seed: int = typer.Option(0, help="Seed of the data order.", callback=within(0, MAX_SEED)),
+    holdout: float = typer.Option(0.1, help="Fraction of documents held out (never fitted on).",
+                                  callback=within(0, 1, below=True)),
     eval_tokens: EvalTokens = 2048,
     overwrite: Overwrite = False,
     skip_bad_lines: SkipBadLines = False,
@@ -126,18 +166,15 @@ def fit(
     """Fit affine lenses in closed form (ridge regression per head); a starting point for `train --init`."""
     if existing_run(out) and not overwrite:
         raise AttentionLensError(f"{out} already holds a lens; pass --overwrite to replace it")
-    if tokens < 1 or seq_len < 2 or batch_size < 1 or ridge < 0:
-        raise AttentionLensError("--tokens and --batch-size must be >= 1, --seq-len >= 2, --ridge >= 0")
+    check_output(out, overwrite, directory=True)
     loaded = load_model(model, device=device)
     lens = Lens.from_model(loaded, "affine", parse_indices(layers, loaded.n_layers, "layer"),
                            parse_indices(heads, loaded.n_heads, "head"))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     config = FitConfig(tokens=tokens, batch_size=batch_size, ridge=ridge, seed=seed)
     started = time.perf_counter()
-    with Progress(TextColumn("[bold]fit"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task("fit", total=tokens)
-        report = fit_lens(lens, data_config, config, on_batch=lambda seen: bar.update(task, completed=seen))
+    with TokenBar(err, "fit") as bar:  # fit reads whole batches, so it may pass the budget: the bar says so
+        report = fit_lens(lens, data_config, config, on_batch=lambda seen: bar.update(seen, tokens))
     lens.save(out)
     result = {"out": str(out), "layers": lens.config.layers, "heads": lens.config.heads, "tokens": report.tokens,
               "seconds": round(time.perf_counter() - started, 2), "constant_kl_train": report.constant_kl}

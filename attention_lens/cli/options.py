@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..kinds import kind_names
+from .numbers import MAX_SCALE, MAX_SEQ_LEN, MAX_TOKENS, within
 
 ModelName = Annotated[str, typer.Option(help="Registered name (smollm2-135m, gemma3-270m) or local HF directory.")]
 """The model a command runs on (default `DEFAULT_MODEL`)."""
@@ -19,7 +20,7 @@ LensModel = Annotated[Optional[str], typer.Option(help="Model (default: the lens
 """The model of a command that takes a lens: optional, a lens directory knows its model."""
 LensSpec = Annotated[str, typer.Option(help=f"{', '.join(kind_names(trainable=False))}, or a lens directory.")]
 Data = Annotated[str, typer.Option(help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files.")]
-SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window.", callback=within(2, MAX_SEQ_LEN))]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
 SkipBadLines = Annotated[bool, typer.Option(help="Skip malformed .jsonl lines instead of failing.")]
 Layers = Annotated[Optional[str], typer.Option(help="Layers, e.g. 20-29 or 3,7 (default: all).")]
@@ -27,9 +28,13 @@ Heads = Annotated[Optional[str], typer.Option(help="Heads in each layer, e.g. 0-
 HeadList = Annotated[str, typer.Option(help="Heads as LAYER.HEAD, e.g. 12.3,14.0.")]
 Concept = Annotated[str, typer.Option(help="Words/phrases of the concept: a comma list ('war, battle') or a file.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace a lens already in --out.")]
-EvalTokens = Annotated[int, typer.Option(help="Held-out tokens to score the lens on at the end (0: skip).")]
+OverwriteFile = Annotated[bool, typer.Option(help="Replace the --out file if it exists (by default an existing file "
+                                             "is refused).")]
+EvalTokens = Annotated[int, typer.Option(help="Held-out tokens to score the lens on at the end (0: skip).",
+                                         callback=within(0, MAX_TOKENS))]
 ResultsOut = Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")]
 ResultFiles = Annotated[Optional[list[Path]], typer.Option(
     "--eval", help="Per-head results JSON (eval, specialize); repeatable.")]
-Scale = Annotated[Optional[float], typer.Option(help="Shorthand for --mode scale=X; X > 1 steers toward the heads.")]
+Scale = Annotated[Optional[float], typer.Option(help="Shorthand for --mode scale=X; X > 1 steers toward the heads.",
+                                                callback=within(-MAX_SCALE, MAX_SCALE))]
 

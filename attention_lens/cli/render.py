@@ -28,6 +28,7 @@ class TokenBar:
         self.bar: Progress | None = None
 
     def update(self, done: int, total: int) -> None:
+        total = max(total, done)  # work done in whole batches may pass the budget; never show "248/64 tokens"
         if self.bar is None:
             self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(),
                                 TextColumn("{task.completed}/{task.total} tokens"),

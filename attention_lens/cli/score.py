@@ -10,31 +10,39 @@ from rich.console import Console
 from ..evaluate import EvalConfig, evaluate
 from .render import TokenBar, eval_tables, specialize_tables
 from ..specialize import SpecializeConfig, specialize as specialize_heads
-from .common import err, finish_results, lens_and_model, scored_data
-from .options import Data, Device, LensModel, LensSpec, ResultsOut, SeqLen, SkipBadLines
+from .common import check_output, err, finish_results, lens_and_model, scored_data
+from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
+from .options import Data, Device, LensModel, LensSpec, OverwriteFile, ResultsOut, SeqLen, SkipBadLines
 
 
 def eval_(
     lens: LensSpec = "logit",
     model: LensModel = None,
     data: Data = "sotu",
-    tokens: int = typer.Option(2048, help="Held-out tokens to score (whole windows)."),
+    tokens: int = typer.Option(2048, help="Held-out tokens to score (whole windows).", callback=within(1, MAX_TOKENS)),
     seq_len: SeqLen = 128,
-    batch_size: int = typer.Option(4, help="Windows per forward pass."),
-    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1)."),
-    margin: float = typer.Option(0.05, help="Nats a head must beat a baseline by, its whole 95% interval above it."),
-    seed: int = typer.Option(0, help="Seed of the document order and the bootstrap."),
-    bootstrap: int = typer.Option(200, help="Bootstrap replicates behind the 95% intervals."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass.", callback=within(1, MAX_BATCH)),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1).",
+                                            callback=within(0, 1, below=True)),
+    margin: float = typer.Option(0.05, help="Nats a head must beat a baseline by, its whole 95% interval above it.",
+                                 callback=within(0, 1000)),
+    seed: int = typer.Option(0, help="Seed of the document order and the bootstrap.", callback=within(0, MAX_SEED)),
+    bootstrap: int = typer.Option(200, help="Bootstrap replicates behind the 95% intervals.",
+                                  callback=within(2, MAX_REPEATS)),
     constant_data: Optional[str] = typer.Option(None, help="Corpus for the constant baseline (default: the lens's training data)."),
-    constant_tokens: int = typer.Option(8192, help="Tokens averaged into the constant baseline (training side only)."),
+    constant_tokens: int = typer.Option(8192, help="Tokens averaged into the constant baseline (training side only).",
+                                        callback=within(1, MAX_TOKENS)),
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
     exact: bool = typer.Option(False, help="Score in fp32 with whole vocabulary rows (~8x slower on CPU). By default "
                                "logits are formed in bf16 tiles with fp32 sums."),
     out: ResultsOut = None,
+    overwrite: OverwriteFile = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
 ) -> None:
     """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
+    if out is not None:
+        check_output(out, overwrite)
     lens_obj, _ = lens_and_model(lens, model, device)
     data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
@@ -52,20 +60,27 @@ def specialize(
     lens: LensSpec = "logit",
     model: LensModel = None,
     data: Data = "sotu",
-    tokens: int = typer.Option(2048, help="Held-out tokens to read the heads on (whole windows)."),
+    tokens: int = typer.Option(2048, help="Held-out tokens to read the heads on (whole windows).",
+                               callback=within(1, MAX_TOKENS)),
     seq_len: SeqLen = 128,
-    batch_size: int = typer.Option(4, help="Windows per forward pass."),
-    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1)."),
-    seed: int = typer.Option(0, help="Seed of the document order."),
-    top: int = typer.Option(20, help="Promoted tokens per head kept for its concentration and similarity."),
-    group_similarity: float = typer.Option(0.25, help="Average Jaccard of promoted sets at which heads are grouped."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass.", callback=within(1, MAX_BATCH)),
+    holdout: Optional[float] = typer.Option(None, help="Fraction of documents held out (default: the lens's own, else 0.1).",
+                                            callback=within(0, 1, below=True)),
+    seed: int = typer.Option(0, help="Seed of the document order.", callback=within(0, MAX_SEED)),
+    top: int = typer.Option(20, help="Promoted tokens per head kept for its concentration and similarity.",
+                            callback=within(1, MAX_K)),
+    group_similarity: float = typer.Option(0.25, help="Average Jaccard of promoted sets at which heads are grouped.",
+                                           callback=within(0, 1, meaning="a Jaccard index")),
     compare_layers: bool = typer.Option(False, help="Show how specialization changes with depth."),
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
     out: ResultsOut = None,
+    overwrite: OverwriteFile = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads, groups}."),
 ) -> None:
     """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads."""
+    if out is not None:
+        check_output(out, overwrite)
     lens_obj, _ = lens_and_model(lens, model, device)
     data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = SpecializeConfig(tokens=tokens, batch_size=batch_size, seed=seed, top=top,

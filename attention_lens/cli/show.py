@@ -9,8 +9,9 @@ import typer
 from ..errors import AttentionLensError
 from ..models import Model
 from ..report import build_report, read_results, write_report
-from .common import emit_json, err, lens_and_model
-from .options import Device, LensModel, LensSpec, ResultFiles
+from .common import check_output, emit_json, err, lens_and_model
+from .numbers import MAX_K, MAX_SEQ_LEN, within
+from .options import Device, LensModel, LensSpec, OverwriteFile, ResultFiles
 
 REPORT_PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
@@ -21,11 +22,13 @@ def report(
     model: LensModel = None,
     eval_files: ResultFiles = None,
     prompt: str = typer.Option(REPORT_PROMPT, help="Prompt whose per-position token grid is shown ('' for none)."),
-    k: int = typer.Option(5, "-k", "--k", help="Top-k tokens per head kept for the prompt."),
+    k: int = typer.Option(5, "-k", "--k", help="Top-k tokens per head kept for the prompt.", callback=within(1, MAX_K)),
+    overwrite: OverwriteFile = False,
     device: Device = "cpu",
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document describing the written file."),
 ) -> None:
     """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity."""
+    check_output(out, overwrite)
     lens_obj, loaded = lens_and_model(lens, model, device)
     results = _read_results(eval_files, loaded)
     path = write_report(out, build_report(loaded, lens_obj, prompt or None, results, k=k))
@@ -42,8 +45,13 @@ def serve(
     model: LensModel = None,
     eval_files: ResultFiles = None,
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but localhost exposes the model."),
-    port: int = typer.Option(8765, help="Port to listen on."),
-    max_tokens: int = typer.Option(128, help="Longest prompt (in tokens) a request may send."),
+    port: int = typer.Option(8765, help="Port to listen on.", callback=within(0, 65535)),
+    max_tokens: int = typer.Option(128, help="Longest prompt (in tokens) a request may send.",
+                                   callback=within(1, MAX_SEQ_LEN)),
+    max_connections: int = typer.Option(32, help="Most connections served at once; more get 503 until some finish.",
+                                        callback=within(1, 4096)),
+    request_timeout: float = typer.Option(10.0, help="Seconds a client may take to send its request headers, and "
+                                          "again its body (then 408).", callback=within(0, 3600, above=True)),
     device: Device = "cpu",
 ) -> None:
     """Serve the web explorer: type a prompt, see every head's tokens, click a head for top-k and attention."""
@@ -55,7 +63,8 @@ def serve(
     sock = bind(host, port)  # before the model loads, so a busy port fails at once
     with sock:
         lens_obj, loaded = lens_and_model(lens, model, device)
-        app_ = create_app(loaded, lens_obj, _read_results(eval_files, loaded), Limits(max_tokens=max_tokens))
+        limits = Limits(max_tokens=max_tokens, request_timeout=request_timeout, max_connections=max_connections)
+        app_ = create_app(loaded, lens_obj, _read_results(eval_files, loaded), limits)
         if host not in LOCAL_HOSTS:
             err.print(f"warning: listening on {host}: anyone who can reach this machine can run the model")
         err.print(f"attention-lens explorer on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C to stop)")

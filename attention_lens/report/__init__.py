@@ -18,6 +18,7 @@ from .._version import __version__
 from ..decode import DecodeResult, decode
 from ..lens import Lens
 from ..models import Model
+from ..storage import atomic_write
 from .results import HeadResults, read_results
 
 __all__ = ["HeadResults", "build_report", "compact_decode", "read_results", "write_report"]
@@ -45,9 +46,10 @@ def build_report(model: Model, lens: Lens, prompt: str | None = None, results: H
 
 
 def write_report(path: str | Path, html_text: str) -> Path:
+    """Write the HTML atomically: an interrupted write leaves the old file (or none), never half a page."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html_text, encoding="utf-8")
+    atomic_write(path, lambda target: Path(target).write_text(html_text, encoding="utf-8"))
     return path
 
 

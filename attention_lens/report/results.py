@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import strict_json
 from ..errors import AttentionLensError
 
 TOKEN_KEYS = ("promoted", "top_tokens", "tokens")
@@ -72,8 +73,8 @@ def _load(path: Path) -> dict:
     if not path.is_file():
         raise AttentionLensError(f"results file {path} does not exist; run `attention-lens eval --out {path}` first")
     try:
-        document = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        document = strict_json.loads(path.read_bytes(), str(path))
+    except (ValueError, RecursionError) as error:  # bad JSON or bad UTF-8
         raise AttentionLensError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(document, dict) or not isinstance(document.get("heads"), list):
         raise AttentionLensError(f"{path} must be a JSON object with a 'heads' list (as `eval --json` writes)")

@@ -10,7 +10,6 @@ API (all answers are JSON; errors are {"error": "what was wrong"} with a 4xx sta
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Any, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .. import strict_json
 from ..concepts import make_concept, prompt_lift
 from ..decode import decode
 from ..errors import AttentionLensError
@@ -47,6 +47,11 @@ class Limits:
     """Most top-k tokens per head."""
     max_body_bytes: int = 64 * 1024
     """Largest request body."""
+    request_timeout: float = 10.0
+    """Seconds a client may take to send its request headers, and again its body; a slower one is dropped
+    (408 for a body)."""
+    max_connections: int = 32
+    """Most open connections (and requests in flight); further requests get 503 until some finish."""
 
 
 class RequestError(Exception):
@@ -135,19 +140,33 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     return value
 
 
-async def _json_body(request: Request, max_bytes: int) -> dict:
-    """The request's JSON object, read no further than `max_bytes` whatever Content-Length claims."""
+class ClientGone(Exception):
+    """The client closed the connection before its request body arrived: nothing to answer, no work to do."""
+
+
+async def _json_body(request: Request, limits: Limits) -> dict:
+    """The request's JSON object, read no further than `max_body_bytes` whatever Content-Length claims, and
+    within `request_timeout` seconds: a client that stalls mid-body must not hold a connection open forever."""
+    max_bytes = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise RequestError(413, f"the request body is over the {max_bytes}-byte limit")
     raw = bytearray()
-    async for chunk in request.stream():
-        raw.extend(chunk)
-        if len(raw) > max_bytes:
-            raise RequestError(413, f"the request body is over the {max_bytes}-byte limit")
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        with anyio.fail_after(limits.request_timeout):
+            async for chunk in request.stream():
+                raw.extend(chunk)
+                if len(raw) > max_bytes:
+                    raise RequestError(413, f"the request body is over the {max_bytes}-byte limit")
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {limits.request_timeout:g} s") from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    try:
+        body = strict_json.loads(raw, "the request body")
+    except AttentionLensError as error:
+        raise RequestError(400, str(error)) from None
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, nesting too deep
         raise RequestError(400, "the request body must be JSON, e.g. {\"text\": \"The capital of France is\"}") from None
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
@@ -157,27 +176,53 @@ async def _json_body(request: Request, max_bytes: int) -> dict:
 def _endpoint(explorer: Explorer, work: Callable[[dict], dict]):
     """A POST handler: parse, run `work` in a worker thread (the model blocks), map mistakes to 4xx."""
 
-    async def handler(request: Request) -> JSONResponse:
+    async def handler(request: Request) -> Response:
         try:
-            body = await _json_body(request, explorer.limits.max_body_bytes)
-            return JSONResponse(await anyio.to_thread.run_sync(work, body))
+            body = await _json_body(request, explorer.limits)
+            if await request.is_disconnected():
+                raise ClientGone()
+            result = await anyio.to_thread.run_sync(work, body)
+        except ClientGone:
+            return Response(status_code=400)  # no one reads it; the server drops it without a log entry
         except RequestError as error:
-            return JSONResponse({"error": str(error)}, status_code=error.status)
+            return _error(str(error), error.status)
         except AttentionLensError as error:
-            return JSONResponse({"error": str(error)}, status_code=422)
+            return _error(str(error), 422)
+        try:
+            return StrictJSONResponse(result)
+        except AttentionLensError as error:  # a non-finite number in the result: a failure, not a token
+            return _error(str(error), 500)
 
     return handler
 
 
+class StrictJSONResponse(JSONResponse):
+    """A JSON response that refuses NaN and Infinity with a one-line reason (starlette's raises a traceback)."""
+
+    def render(self, content: Any) -> bytes:
+        return strict_json.dumps(content).encode("utf-8")
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
 def create_app(model: Model, lens: Lens, results: HeadResults | None = None, limits: Limits | None = None) -> Starlette:
     """The explorer app; serve it with `run_server` (or any ASGI server)."""
-    explorer = Explorer(model, lens, results, limits or Limits())
+    limits = limits or Limits()
+    for name, value in dataclasses.asdict(limits).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise AttentionLensError(f"limit {name} must be a positive finite number; got {value!r}")
+    explorer = Explorer(model, lens, results, limits)
 
     async def index(request: Request) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     async def info(request: Request) -> JSONResponse:
-        return JSONResponse(explorer.info())
+        try:
+            return StrictJSONResponse(explorer.info())
+        except AttentionLensError as error:
+            return _error(str(error), 500)
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return JSONResponse({"error": error.detail}, status_code=error.status_code)
@@ -191,4 +236,6 @@ def create_app(model: Model, lens: Lens, results: HeadResults | None = None, lim
         # StaticFiles resolves each path and refuses any that leaves STATIC_DIR (404), symlinks included.
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app.state.limits = explorer.limits  # run_server caps connections with them
+    return app
