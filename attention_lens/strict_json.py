@@ -11,10 +11,11 @@ from .errors import AttentionLensError
 from .storage import atomic_write
 
 
-def dumps(document: Any, indent: int | None = None) -> str:
-    """`document` as strict JSON; a non-finite number in it is an error naming where it is, not a bare `NaN`."""
+def dumps(document: Any, indent: int | None = None, **options: Any) -> str:
+    """`document` as strict JSON; a non-finite number in it is an error naming where it is, not a bare `NaN`.
+    `options` go to json.dumps (separators, ensure_ascii)."""
     try:
-        return json.dumps(document, allow_nan=False, indent=indent)
+        return json.dumps(document, allow_nan=False, indent=indent, **options)
     except ValueError:
         where, value = _first_non_finite(document) or ("?", float("nan"))
         raise AttentionLensError(

@@ -15,8 +15,8 @@ from ..data import DataConfig
 from ..distributed import close, finish, init_world, rank_device
 from ..errors import AttentionLensError
 from ..evaluate import heldout_kl
-from ..interrupts import Interrupted
 from ..fit import FitConfig, fit as fit_lens
+from ..interrupts import Interrupted
 from ..kinds import kind_names
 from ..lens import Lens
 from ..models import DEFAULT_MODEL, load_model
@@ -91,22 +91,20 @@ def _check_init_agrees(ctx: typer.Context, init: Path, lens: Lens, kind: str, la
                        heads: str | None) -> None:
     """--init fixes the lens's kind, layers and heads: the same options given otherwise are refused, never dropped."""
     model = lens.model
-    given = {
-        "kind": (kind, lens.kind) if _given(ctx, "kind") else None,
-        "layers": (parse_indices(layers, model.n_layers, "layer") or list(range(model.n_layers)), lens.config.layers)
-        if layers is not None else None,
-        "heads": (parse_indices(heads, model.n_heads, "head") or list(range(model.n_heads)), lens.config.heads)
-        if heads is not None else None,
-    }
-    for name, pair in given.items():
-        if pair is not None and pair[0] != pair[1]:
-            wanted = {"kind": kind, "layers": layers, "heads": heads}[name]
-            raise AttentionLensError(f"--{name} {wanted} conflicts with --init {init}, whose lens has {name} "
-                                     f"{_compact(pair[1])}; drop --{name} (the init lens fixes it) or make an init "
-                                     "lens with the coverage you want")
+    asked = {"kind": kind if _given(ctx, "kind") else None, "layers": layers, "heads": heads}
+    wanted = {"kind": kind,
+              "layers": parse_indices(layers, model.n_layers, "layer") or list(range(model.n_layers)),
+              "heads": parse_indices(heads, model.n_heads, "head") or list(range(model.n_heads))}
+    fixed = {"kind": lens.kind, "layers": lens.config.layers, "heads": lens.config.heads}
+    for name, text in asked.items():
+        if text is not None and wanted[name] != fixed[name]:
+            raise AttentionLensError(f"--{name} {text} conflicts with --init {init}, whose lens has {name} "
+                                     f"{_compact(fixed[name])}; drop --{name} (the init lens fixes it) or make an "
+                                     "init lens with the coverage you want")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed the option (its default is no request)."""
     source = ctx.get_parameter_source(name)
     return source is not None and source.name == "COMMANDLINE"
 

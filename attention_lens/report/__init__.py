@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import re
 from importlib import resources
 from pathlib import Path
 
+from .. import strict_json
 from .._version import __version__
 from ..decode import DecodeResult, decode
 from ..lens import Lens
@@ -81,7 +81,8 @@ def _asset(package: str, name: str) -> str:
 def _fill_template(title: str, data: dict) -> str:
     shared = [_asset("attention_lens.web", f"static/{name}") for name in SHARED_ASSETS]
     # "</script>" or "<!--" inside the data block would end it early, and a prompt is user text.
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+    # Strict: the page reads it with JSON.parse, which a bare NaN would break.
+    payload = strict_json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     values = {"title": html.escape(title), "style": shared[0], "data": payload,
               "script": shared[1] + "\n" + _asset(__name__, "report.js")}
     # One pass, so a placeholder-like string inside the prompt or the scripts is never substituted.
