@@ -20,11 +20,11 @@ from ..interrupts import Interrupted
 from ..kinds import kind_names
 from ..lens import Lens
 from ..models import DEFAULT_MODEL, load_model
-from ..render import TokenBar
 from ..train import TrainConfig, existing_run, train as train_lens
 from .common import check_output, emit_json, err, parse_indices
 from .numbers import MAX_BATCH, MAX_SEED, MAX_TOKENS, within
 from .options import Data, Device, EvalTokens, Heads, Layers, ModelName, Overwrite, SeqLen, SkipBadLines
+from .render import TokenBar
 
 
 def train(
