@@ -61,14 +61,16 @@ class HeadCapture:
         model = self.model
         norm = model.post_attn_norm(layer)
         eps = None if norm is None else model.norm_eps(norm)
+        device = model.device
 
         def hook(module, inputs, output):
-            merged = inputs[0]  # (batch, pos, head * d_head): the heads' outputs, concatenated
+            # To the lens's device: under a device map this layer may run on another one.
+            merged = inputs[0].to(device)  # (batch, pos, head * d_head): the heads' outputs, concatenated
             z = merged.float().unflatten(-1, (model.n_heads, model.d_head))  # (batch, pos, head, d_head)
             scale = None
             if norm is not None:
                 # The same shared per-position scale the norm module computes on the block output.
-                scale = torch.rsqrt(output.float().pow(2).mean(-1) + eps)  # (batch, pos)
+                scale = torch.rsqrt(output.to(device).float().pow(2).mean(-1) + eps)  # (batch, pos)
                 z = z * scale[..., None, None]
             heads = LayerHeads(z=z, scale=scale)
             if self.on_layer is not None:
@@ -87,7 +89,7 @@ class HeadCapture:
         return self.model.unembed.scale(residual if rows is None else residual[rows])
 
     def _final_hook(self, module, inputs):
-        self.final_residual = inputs[0].float()  # (batch, pos, d_model)
+        self.final_residual = inputs[0].to(self.model.device).float()  # (batch, pos, d_model)
 
 
 def head_contributions(model: Model, layer: int, heads: LayerHeads) -> Tensor:

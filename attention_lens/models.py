@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .architectures import ArchSpec, arch_spec
 from . import strict_json
 from .errors import AttentionLensError
+from .placement import loading_options, parse_device_map, release_with
 from .sources import local_directory
 from .unembed import Unembed
 
@@ -58,7 +59,12 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.unembed.W_U.device
+        """Where the readout runs and lenses live: the unembedding's device (its execution device when a
+        device map offloads it)."""
+        head = self.hf.get_output_embeddings()
+        hook = getattr(head, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        return torch.device(execution) if execution is not None else head.weight.device
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -88,13 +94,13 @@ class Model:
 
     def _out_proj_weight(self, layer: int) -> Tensor:
         """Output projection weight as (in = head x d_head, out = d_model), whatever the module type."""
-        weight = self.out_proj(layer).weight.detach()
+        weight = module_tensor(self.out_proj(layer), "weight").to(self.device)
         return weight if self.spec.out_proj_is_conv1d else weight.T
 
     def b_O(self, layer: int) -> Tensor | None:
         """Output-projection bias (d_model,), as the projection holds it: it belongs to no head."""
-        bias = self.out_proj(layer).bias
-        return None if bias is None else bias.detach().float()
+        bias = module_tensor(self.out_proj(layer), "bias")
+        return None if bias is None else bias.to(self.device).float()
 
     def out_gain(self, layer: int) -> Tensor | float:
         """What multiplies the projection's output on its way to the residual, besides a post-attention norm's
@@ -104,7 +110,7 @@ class Model:
             gain = float(getattr(self.config, self.spec.residual_multiplier))
         norm = self.post_attn_norm(layer)
         if norm is not None:
-            gain = gain * (norm.weight.detach().float() + self.spec.norm_weight_offset)
+            gain = gain * (module_tensor(norm, "weight").to(self.device).float() + self.spec.norm_weight_offset)
         return gain
 
     def norm_eps(self, norm: nn.Module) -> float:
@@ -141,17 +147,20 @@ class Model:
         if "unembed" not in self._cache:
             norm = self.hf.get_submodule(self.spec.final_norm)
             head = self.hf.get_output_embeddings()
-            weight = getattr(norm, "weight", None)  # OLMo's final LayerNorm has neither weight nor bias
-            gamma = torch.ones(head.weight.shape[1]) if weight is None else weight.detach().float()
-            bias = getattr(norm, "bias", None)
+            device = self.device
+            W_U = module_tensor(head, "weight").to(device).float()
+            b_U = module_tensor(head, "bias")
+            weight = module_tensor(norm, "weight")  # OLMo's final LayerNorm has neither weight nor bias
+            gamma = torch.ones(W_U.shape[1]) if weight is None else weight.float()
+            beta = module_tensor(norm, "bias")
             logit_scale = self.logit_scale
             self._cache["unembed"] = Unembed(
                 norm_kind=self.spec.norm_kind,
-                gamma=gamma.to(head.weight.device) + self.spec.norm_weight_offset,
-                beta=None if bias is None else bias.detach().float(),
+                gamma=gamma.to(device) + self.spec.norm_weight_offset,
+                beta=None if beta is None else beta.to(device).float(),
                 eps=self.norm_eps(norm),
-                W_U=head.weight.detach().float() * logit_scale,
-                b_U=None if head.bias is None else head.bias.detach().float() * logit_scale,
+                W_U=_scaled(W_U, logit_scale),
+                b_U=None if b_U is None else _scaled(b_U.to(device).float(), logit_scale),
                 softcap=getattr(self.config, "final_logit_softcapping", None),
             )
         return self._cache["unembed"]
@@ -178,7 +187,7 @@ class Model:
                 "d_head": self.d_head,
                 "d_model": self.d_model,
                 "vocab": self.vocab,
-                "w_u_sha256": _tensor_hash(self.hf.get_output_embeddings().weight),
+                "w_u_sha256": _tensor_hash(module_tensor(self.hf.get_output_embeddings(), "weight")),
                 "w_o_sha256": _tensor_hash(w_o),
             }
             if self.revision is not None:  # provenance: a lens directory then reloads its model at that revision
@@ -208,6 +217,24 @@ class Model:
         return backend.decode_batch([[i] for i in token_ids], skip_special_tokens=False)
 
 
+def module_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """A module's parameter, detached; for a module a device map offloaded (its parameter is a meta placeholder
+    between forward passes), the real tensor from the offload store accelerate keeps on its hook."""
+    tensor = getattr(module, name, None)
+    if tensor is None:
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    store = getattr(hook, "weights_map", None)
+    if tensor.device.type == "meta" and store is not None:
+        return store[name].detach()
+    return tensor.detach()
+
+
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    """t * scale, without a copy when scale is 1 (W_U is vocabulary-sized)."""
+    return t if scale == 1.0 else t * scale
+
+
 def _tensor_hash(t: Tensor) -> str:
     """sha256 of the weights rounded to bf16, the canonical dtype, so fp32/bf16 loads agree."""
     raw = t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
@@ -219,27 +246,43 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     revision: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> Model:
     """A registered name (smollm2-135m, gemma3-270m), a local HF model directory, a local .gguf file, a Hugging
     Face Hub id `owner/name` (at `revision`: branch, tag or commit; from the Hub cache when offline), or
     (hf_model, tokenizer).
 
     The frozen model's weights default to fp32 on CPU and bf16 on GPUs; lenses and their statistics work
-    in fp32 either way (head outputs are read out as fp32).
+    in fp32 either way (head outputs are read out as fp32). `device_map` (auto, balanced, sequential or
+    {module path: device}, with an optional `max_memory` {device: bytes}) spreads a model too large for one
+    device over GPUs, CPU memory and disk with accelerate; the lens then lives on the unembedding's device.
     """
     device = resolve_device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        on_gpu = device.startswith("cuda") or (device_map is not None and torch.cuda.is_available())
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+    placement = None
     if isinstance(source, tuple):
         hf, tokenizer = source
         name = getattr(hf.config, "_name_or_path", "") or ""
     else:
         directory = local_directory(source, revision, _from_pretrained)
-        hf, tokenizer = _from_pretrained(directory, dtype)
+        if device_map is not None:
+            placement = loading_options(parse_device_map(device_map), max_memory, directory.name)
+        hf, tokenizer = _from_pretrained(directory, dtype, **(placement or {}))
         name = source
-    spec = arch_spec(hf.config.model_type)
-    hf.to(device).eval().requires_grad_(False)
-    model = Model(hf=hf, tokenizer=tokenizer, name=name, spec=spec, revision=revision)
+    if placement is None:
+        hf.to(device)
+    else:
+        release_with(hf, placement)
+    hf.eval().requires_grad_(False)
+    return wrap_model(hf, tokenizer, name, revision)
+
+
+def wrap_model(hf: nn.Module, tokenizer: Any, name: str, revision: str | None = None) -> Model:
+    """A Model around an HF causal LM as it is (device, dtype; the meta device works too), its layout checked."""
+    model = Model(hf=hf, tokenizer=tokenizer, name=name, spec=arch_spec(hf.config.model_type), revision=revision)
     model.d_head  # validates the head layout now rather than mid-run
     return model
 
@@ -257,11 +300,12 @@ def resolve_device(device: str) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _from_pretrained(directory: Path, dtype: torch.dtype, gguf_file: str | None = None):
+def _from_pretrained(directory: Path, dtype: torch.dtype, gguf_file: str | None = None, **placement):
     """Tokenizer and model of a local directory (or a GGUF file in it); whatever goes wrong is one line.
 
     transformers raises many exception types here, some with 70-line validation reports: each step's failure
-    becomes one AttentionLensError naming the step, the innermost reason and what to do.
+    becomes one AttentionLensError naming the step, the innermost reason and what to do. `placement`: device-map
+    options for from_pretrained (then the weights need not fit in memory: they may be offloaded).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -277,14 +321,16 @@ def _from_pretrained(directory: Path, dtype: torch.dtype, gguf_file: str | None 
     except Exception as error:
         raise AttentionLensError(f"the model config in {directory} is not usable: {_reason(error)}; fix its "
                                  "config.json or save the model again") from None
-    _check_model_memory(config, dtype, directory)
+    if not placement:
+        _check_model_memory(config, dtype, directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     except Exception as error:
         raise AttentionLensError(f"could not load the tokenizer in {directory}: {_reason(error)}; check that its "
                                  "tokenizer files are complete, or save them again") from None
     try:
-        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, config=config, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, config=config, dtype=dtype,
+                                                  **placement)
     except Exception as error:
         raise AttentionLensError(f"could not load the model in {directory}: {_reason(error)}; check its "
                                  "config.json and weight files, or save the model again") from None
