@@ -3,18 +3,14 @@ behind `Lens.from_pretrained`."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from ._version import __version__
-from .errors import AttentionLensError
 from .kinds import get_kind
 from .lens_config import CONFIG_FILE, WEIGHTS_FILE, LensConfig, parameter_bytes
+from .sources import REPO_ID, hub_snapshot
 from .storage import atomic_write
 
 CARD_FILE = "README.md"
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-"""owner/name, as the Hub spells repo ids; a path that does not exist locally and looks like this is fetched."""
 
 
 def write_card(directory: Path, config: LensConfig, evaluation: dict | None = None) -> Path:
@@ -34,32 +30,7 @@ def resolve(name_or_path: str | Path, revision: str | None = None) -> Path:
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-    except ImportError:
-        raise AttentionLensError(
-            f"{repo_id!r} is not a local directory, and fetching it from the Hugging Face Hub needs "
-            "huggingface_hub (pip install huggingface_hub)"
-        ) from None
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, library_name="attention-lens",
-                                      library_version=__version__,
-                                      allow_patterns=[CONFIG_FILE, "*.safetensors", CARD_FILE]))
-    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the local cache
-        raise AttentionLensError(
-            f"{repo_id!r} is not a local lens directory, and the Hugging Face Hub cannot be reached to fetch it "
-            "(offline, and it is not in the Hub cache); download it where the Hub is reachable, or give a local "
-            "lens directory"
-        ) from None
-    except RepositoryNotFoundError:
-        raise AttentionLensError(
-            f"{repo_id!r} is neither a local lens directory nor a repository on the Hugging Face Hub you can read; "
-            "check the name (and log in for a private repository)"
-        ) from None
-    except (HfHubHTTPError, OSError) as error:
-        raise AttentionLensError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({error}); try again "
-                                 "or give a local lens directory") from None
+    return hub_snapshot(repo_id, revision, [CONFIG_FILE, "*.safetensors", CARD_FILE], "lens directory")
 
 
 def model_card(config: LensConfig, evaluation: dict | None = None) -> str:

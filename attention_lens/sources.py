@@ -71,12 +71,42 @@ def local_directory(source: str, revision: str | None, load: Loader) -> Path:
     if (path / "config.json").is_file():
         return path
     if path.exists() or not REPO_ID.match(source):
-        known = ", ".join(REGISTERED_MODELS)
-        raise AttentionLensError(
-            f"no model {source!r}: give a registered name ({known}), a local HF model directory holding "
-            "config.json, a .gguf file, or a Hugging Face Hub id (owner/name)"
-        )
+        raise _no_model(source)
     return hub_model(source, revision)
+
+
+def _no_model(source: str) -> AttentionLensError:
+    known = ", ".join(REGISTERED_MODELS)
+    return AttentionLensError(
+        f"no model {source!r}: give a registered name ({known}), a local HF model directory holding "
+        "config.json, a .gguf file, or a Hugging Face Hub id (owner/name)"
+    )
+
+
+def read_config(source: str, revision: str | None = None) -> Any:
+    """The HF config of `source` (anything load_model takes by name) without loading or converting weights:
+    config.json, a GGUF file's metadata, or config.json alone from the Hub."""
+    from transformers import AutoConfig
+
+    directory, gguf_file = None, None
+    if source in REGISTERED_MODELS:
+        gguf = REGISTERED_MODELS[source]()
+        converted = sorted((CACHE_DIR / "models").glob(f"*-{file_digest(gguf)[:16]}"))
+        directory, gguf_file = (converted[0], None) if converted else (gguf.parent, gguf.name)
+    else:
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            directory, gguf_file = path.parent, path.name
+        elif (path / "config.json").is_file():
+            directory = path
+        elif not path.exists() and REPO_ID.match(source):
+            directory = hub_snapshot(source, revision, ["config.json"], "model directory or file")
+        else:
+            raise _no_model(source)
+    try:
+        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
+    except Exception as error:  # transformers raises many types for unreadable configs
+        raise AttentionLensError(f"cannot read the config of {source!r}: {error}") from None
 
 
 def file_digest(path: Path) -> str:

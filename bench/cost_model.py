@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from attention_lens.plan import ModelShape, costs as plan_costs
+
 MODELS = {
     # name: (layers, heads, d_head, d_model, vocab, model parameters)
     "SmolLM2-135M": (30, 9, 64, 576, 49_152, 135e6),
@@ -30,18 +32,21 @@ HARDWARE = {
 
 
 def costs(name: str, tokens_per_step: int) -> dict:
+    """The package's cost model (attention_lens.plan.costs, what `attention-lens plan` uses) for one table row,
+    plus the naive lens on o_h it is compared with."""
     layers, heads, d_head, d_model, vocab, params = MODELS[name]
+    shape = ModelShape(name, "", layers, heads, d_head, d_model, vocab, 0, int(params))
     n = layers * heads
-    width = d_head + 1
+    affine, full = (plan_costs(shape, kind, n, tokens_per_step) for kind in ("affine", "full"))
     return {
         "heads": n,
-        "affine_params": n * width * d_model,
-        "full_params": n * width * vocab,
+        "affine_params": affine.lens_parameters,
+        "full_params": full.lens_parameters,
         "naive_flop": n * 4 * d_model * vocab,
-        "factored_flop": n * (4 * width * vocab + 4 * vocab * d_model * width / tokens_per_step),
-        "full_flop": n * 4 * width * vocab,
-        "exps": n * vocab,
-        "model_flop": 2 * params,
+        "factored_flop": affine.lens_flop,
+        "full_flop": full.lens_flop,
+        "exps": affine.exps,
+        "model_flop": affine.model_flop,
     }
 
 

@@ -1,6 +1,8 @@
 """A model spread over devices by a device map (here CPU memory and disk offload) reads out exactly like the
 same model in one piece: decode, fit and one training step."""
 
+import json
+
 import pytest
 import torch
 
@@ -62,3 +64,17 @@ def test_a_json_device_map_splits_between_layers(model_dir, whole, tmp_path):
 def test_a_bad_device_map_is_one_clear_error(text):
     with pytest.raises(AttentionLensError, match="device"):
         parse_device_map(text)
+
+
+def test_cli_device_map_decodes_like_the_whole_model(model_dir, capsys):
+    from conftest import run_cli
+
+    outputs = []
+    for extra in ([], ["--device-map", LAYER_SPLIT]):
+        code, out, err = run_cli(["decode", "--model", model_dir, "--lens", "dla", "--position", "all", "--exact",
+                                  "--json", *extra, PROMPT], capsys)
+        assert code == 0, err
+        outputs.append(json.loads(out)["heads"])
+    assert outputs[0] == outputs[1]
+    code, out, err = run_cli(["decode", "--model", model_dir, "--device-map", "everywhere", PROMPT], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device-map 'everywhere'" in err

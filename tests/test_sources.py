@@ -2,12 +2,14 @@
 real Hugging Face cache layout."""
 
 import hashlib
+import json
 import os
 import shutil
 
 import pytest
 import torch
 
+import attention_lens as al
 import attention_lens.models as models
 import attention_lens.sources as sources
 from attention_lens import AttentionLensError, load_model
@@ -125,3 +127,28 @@ def test_hub_id_neither_cached_nor_reachable_is_one_clear_error(offline_hub, tmp
 def test_a_name_that_is_neither_local_nor_a_hub_id_says_what_is_accepted(tmp_path):
     with pytest.raises(AttentionLensError, match=r"no model .*\.gguf file, or a Hugging Face Hub id"):
         load_model(str(tmp_path / "missing-dir"))
+
+
+def test_cli_reads_a_hub_model_and_a_hub_lens_offline(offline_hub, tmp_path, monkeypatch, capsys):
+    from conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["decode", "--model", "org/tiny", "--revision", "v2", "--lens", "dla", "--json",
+                              "The quick brown fox"], capsys)
+    assert code == 0, err
+    code, expected, err = run_cli(["decode", "--model", offline_hub["dirs"][1], "--lens", "dla", "--json",
+                                   "The quick brown fox"], capsys)
+    assert json.loads(out)["heads"] == json.loads(expected)["heads"]
+
+    lens = al.Lens.from_model(load_model("org/tiny", revision="v2"), "affine", layers=[1])
+    with torch.no_grad():
+        lens.bias.normal_()
+    lens.save(tmp_path / "lens")
+    _write_hub_cache(tmp_path / "hf-home" / "hub", "org/tiny-lens", {"c" * 40: tmp_path / "lens"}, {"main": "c" * 40})
+    code, out, err = run_cli(["decode", "--lens", "org/tiny-lens", "--json", "The quick brown fox"], capsys)
+    assert code == 0, err  # the lens names its model (org/tiny) and the revision it was made at (v2)
+    ours = al.decode(lens.model, lens, "The quick brown fox", k=10)
+    assert json.loads(out)["heads"] == json.loads(json.dumps(ours.to_json()["heads"]))
+
+    code, out, err = run_cli(["decode", "--model", "org/absent", "--lens", "dla", "The quick"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Hub cannot be reached" in err

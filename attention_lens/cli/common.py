@@ -15,6 +15,7 @@ from .. import strict_json
 from ..data import DataConfig
 from ..errors import AttentionLensError
 from ..evaluate import default_holdout
+from ..hub import resolve
 from ..lens import Lens
 from ..kinds import REGISTRY
 from ..lens_config import read_config
@@ -94,19 +95,24 @@ def parse_indices(text: str | None, count: int, what: str) -> list[int] | None:
     return sorted(indices)
 
 
-def lens_and_model(lens: str, model: str | None, device: str) -> tuple[Lens, Model]:
-    """--lens logit|dla|DIR with an optional --model (a lens directory knows its model)."""
+def lens_and_model(lens: str, model: str | None, device: str, revision: str | None = None,
+                   device_map: str | None = None) -> tuple[Lens, Model]:
+    """--lens logit|dla|DIR|Hub id with an optional --model (a lens directory knows its model and revision)."""
     kind = REGISTRY.get(lens)
     if kind is not None and not kind.trainable:
-        loaded = load_model(model or DEFAULT_MODEL, device=device)
+        loaded = load_model(model or DEFAULT_MODEL, device=device, revision=revision, device_map=device_map)
         return Lens.from_model(loaded, lens), loaded
     if kind is not None:
         raise AttentionLensError(f"--lens {lens} needs training; give a lens directory made by `attention-lens train`")
-    source = model or read_config(Path(lens)).model.get("name")
+    directory = resolve(lens)  # a Hub id is fetched (or read from the Hub cache) here
+    made_for = read_config(directory).model
+    source = model or made_for.get("name")
     if not source:
         raise AttentionLensError(f"{lens} does not say which model it was made from; pass --model")
-    loaded = load_model(source, device=device)
-    return Lens.load(lens, loaded), loaded
+    if model is None and revision is None:
+        revision = made_for.get("revision")
+    loaded = load_model(source, device=device, revision=revision, device_map=device_map)
+    return Lens.load(directory, loaded), loaded
 
 
 def scored_data(lens: Lens, data: str, seq_len: int, holdout: float | None, skip_bad_lines: bool) -> DataConfig:

@@ -18,7 +18,8 @@ from ..models import DEFAULT_MODEL, Model, load_model
 from ..notebook import visible
 from .common import emit_json, err, lens_and_model
 from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
-from .options import Concept, Data, Device, HeadList, LensModel, LensSpec, ModelName, Scale, SeqLen
+from .options import (Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision, Scale,
+                      SeqLen)
 
 
 def _edit(mode: str, scale: float | None) -> Edit:
@@ -60,12 +61,14 @@ def search(
     repeats: int = typer.Option(10, help="--verify's draws of random heads.", callback=within(0, MAX_REPEATS)),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify}."),
 ) -> None:
     """Rank heads by how much their lens promotes a concept's tokens; --verify proves it by ablation."""
     _check_counts(tokens=(tokens, 1), top=(top, 1), repeats=(repeats, 2), seq_len=(seq_len, 2))
     edit = Edit.parse(mode)
-    lens_obj, loaded = lens_and_model(lens, model, device)
+    lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout)
     result = search_heads(lens_obj, found, data_config, tokens=tokens, seed=seed)
@@ -107,6 +110,8 @@ def ablate(
     repeats: int = typer.Option(10, help="Random draws for --baseline random.", callback=within(0, MAX_REPEATS)),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {clean, found, random, verify}."),
 ) -> None:
     """Intervene on heads' outputs; measure the concept's log-prob and mass, and the overall loss."""
@@ -115,7 +120,7 @@ def ablate(
     repeats = repeats if baseline == "random" else 0
     _check_counts(tokens=(tokens, 1), seq_len=(seq_len, 2), repeats=(repeats, 2 if baseline == "random" else 0))
     edit = _edit(mode, scale)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, revision=revision, device_map=device_map)
     chosen = parse_heads(heads, loaded)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
     windows = concept_windows(loaded, DataConfig(data=data, seq_len=seq_len, holdout=holdout), found.ids, tokens, seed)
@@ -142,12 +147,14 @@ def generate(
     scale: Scale = None,
     max_new_tokens: int = typer.Option(30, help="Tokens to generate (greedy).", callback=within(1, MAX_NEW_TOKENS)),
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {prompt, plain, intervened}."),
 ) -> None:
     """Greedy continuation of a prompt with and without an intervention on heads, side by side."""
     _check_counts(max_new_tokens=(max_new_tokens, 1))
     edit = _edit(mode, scale)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, revision=revision, device_map=device_map)
     chosen = parse_heads(heads, loaded)
     plain, edited = generate_text(loaded, prompt, chosen, edit, max_new_tokens)
     document = {"prompt": prompt, "heads": [f"{layer}.{head}" for layer, head in chosen], "mode": str(edit),

@@ -11,7 +11,7 @@ from ..errors import AttentionLensError
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
 from .numbers import MAX_K, within
-from .options import Device, Heads, Layers, LensModel, LensSpec
+from .options import Device, DeviceMap, Heads, Layers, LensModel, LensSpec, Revision
 
 LAYER_COLUMN = 5
 """Width of the table's layer column."""
@@ -28,13 +28,15 @@ def decode(
     layers: Layers = None,
     heads: Heads = None,
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     exact: bool = typer.Option(False, help="Compute the readout in fp32 throughout (~2.5x slower on CPU). By "
                                "default a bf16 screen + fp32 recheck gives the same tokens and logits, and "
                                "probabilities within ~1% (relative)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {heads: [...]}."),
 ) -> None:
     """Show the tokens each head's lens reads from its output on a prompt."""
-    lens_obj, loaded = lens_and_model(lens, model, device)
+    lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     chosen_layers = parse_indices(layers, loaded.n_layers, "layer")
     chosen_heads = parse_indices(heads, loaded.n_heads, "head")
     result = decode_prompt(loaded, lens_obj, text, k=k, position=position, exact=exact)

@@ -23,7 +23,8 @@ from ..models import DEFAULT_MODEL, load_model
 from ..train import TrainConfig, existing_run, train as train_lens
 from .common import check_output, emit_json, err, parse_indices
 from .numbers import MAX_BATCH, MAX_SEED, MAX_TOKENS, within
-from .options import Data, Device, EvalTokens, Heads, Layers, ModelName, Overwrite, SeqLen, SkipBadLines
+from .options import (Data, Device, DeviceMap, EvalTokens, Heads, Layers, ModelName, Overwrite, Revision, SeqLen,
+                      SkipBadLines)
 from .render import TokenBar
 
 
@@ -57,6 +58,8 @@ def train(
     overwrite: Overwrite = False,
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the results."),
 ) -> None:
     """Train per-head lenses against the model's own next-token distribution (KL)."""
@@ -70,7 +73,8 @@ def train(
                          seed=seed, checkpoint_every=checkpoint_every, objective=objective, shard_heads=shard_heads)
     world = init_world(device)
     try:
-        loaded = load_model(model, device=rank_device(device, world))
+        loaded = load_model(model, device=rank_device(device, world), revision=revision,
+                            device_map=device_map)
         if init is not None:
             lens = Lens.load(init, loaded)
             _check_init_agrees(ctx, init, lens, kind, layers, heads)
@@ -159,13 +163,15 @@ def fit(
     overwrite: Overwrite = False,
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the results."),
 ) -> None:
     """Fit affine lenses in closed form (ridge regression per head); a starting point for `train --init`."""
     if existing_run(out) and not overwrite:
         raise AttentionLensError(f"{out} already holds a lens; pass --overwrite to replace it")
     check_output(out, overwrite, directory=True)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, revision=revision, device_map=device_map)
     lens = Lens.from_model(loaded, "affine", parse_indices(layers, loaded.n_layers, "layer"),
                            parse_indices(heads, loaded.n_heads, "head"))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)

@@ -14,11 +14,16 @@ import typer
 from ..kinds import kind_names
 from .numbers import MAX_SCALE, MAX_SEQ_LEN, MAX_TOKENS, within
 
-ModelName = Annotated[str, typer.Option(help="Registered name (smollm2-135m, gemma3-270m) or local HF directory.")]
+ModelName = Annotated[str, typer.Option(
+    help="Registered name (smollm2-135m, gemma3-270m), local HF directory, .gguf file or Hugging Face Hub id.")]
 """The model a command runs on (default `DEFAULT_MODEL`)."""
 LensModel = Annotated[Optional[str], typer.Option(help="Model (default: the lens's own, or smollm2-135m).")]
 """The model of a command that takes a lens: optional, a lens directory knows its model."""
-LensSpec = Annotated[str, typer.Option(help=f"{', '.join(kind_names(trainable=False))}, or a lens directory.")]
+LensSpec = Annotated[str, typer.Option(
+    help=f"{', '.join(kind_names(trainable=False))}, a lens directory, or a Hugging Face Hub id of one.")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of a Hub id --model.")]
+DeviceMap = Annotated[Optional[str], typer.Option(
+    help="Spread the model over devices (accelerate): auto, balanced, sequential, or JSON {module: device}.")]
 Data = Annotated[str, typer.Option(help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window.", callback=within(2, MAX_SEQ_LEN))]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]

@@ -12,7 +12,8 @@ from .render import TokenBar, eval_tables, specialize_tables
 from ..specialize import SpecializeConfig, specialize as specialize_heads
 from .common import check_output, err, finish_results, lens_and_model, scored_data
 from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
-from .options import Data, Device, LensModel, LensSpec, OverwriteFile, ResultsOut, SeqLen, SkipBadLines
+from .options import (Data, Device, DeviceMap, LensModel, LensSpec, OverwriteFile, ResultsOut, Revision, SeqLen,
+                      SkipBadLines)
 
 
 def eval_(
@@ -36,6 +37,8 @@ def eval_(
     device: Device = "cpu",
     exact: bool = typer.Option(False, help="Score in fp32 with whole vocabulary rows (~8x slower on CPU). By default "
                                "logits are formed in bf16 tiles with fp32 sums."),
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
@@ -43,7 +46,7 @@ def eval_(
     """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
     if out is not None:
         check_output(out, overwrite)
-    lens_obj, _ = lens_and_model(lens, model, device)
+    lens_obj, _ = lens_and_model(lens, model, device, revision, device_map)
     data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
                         constant_data=constant_data, constant_tokens=constant_tokens, exact=exact)
@@ -74,6 +77,8 @@ def specialize(
     compare_layers: bool = typer.Option(False, help="Show how specialization changes with depth."),
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads, groups}."),
@@ -81,7 +86,7 @@ def specialize(
     """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads."""
     if out is not None:
         check_output(out, overwrite)
-    lens_obj, _ = lens_and_model(lens, model, device)
+    lens_obj, _ = lens_and_model(lens, model, device, revision, device_map)
     data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = SpecializeConfig(tokens=tokens, batch_size=batch_size, seed=seed, top=top,
                               group_similarity=group_similarity)

@@ -11,7 +11,7 @@ from ..models import Model
 from ..report import build_report, read_results, write_report
 from .common import check_output, emit_json, err, lens_and_model
 from .numbers import MAX_K, MAX_SEQ_LEN, within
-from .options import Device, LensModel, LensSpec, OverwriteFile, ResultFiles
+from .options import Device, DeviceMap, LensModel, LensSpec, OverwriteFile, ResultFiles, Revision
 
 REPORT_PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
@@ -25,11 +25,13 @@ def report(
     k: int = typer.Option(5, "-k", "--k", help="Top-k tokens per head kept for the prompt.", callback=within(1, MAX_K)),
     overwrite: OverwriteFile = False,
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document describing the written file."),
 ) -> None:
     """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity."""
     check_output(out, overwrite)
-    lens_obj, loaded = lens_and_model(lens, model, device)
+    lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     results = _read_results(eval_files, loaded)
     path = write_report(out, build_report(loaded, lens_obj, prompt or None, results, k=k))
     summary = {"out": str(path), "bytes": path.stat().st_size, "results": [str(p) for p in eval_files or []],
@@ -53,6 +55,8 @@ def serve(
     request_timeout: float = typer.Option(10.0, help="Seconds a client may take to send its request headers, and "
                                           "again its body (then 408).", callback=within(0, 3600, above=True)),
     device: Device = "cpu",
+    revision: Revision = None,
+    device_map: DeviceMap = None,
 ) -> None:
     """Serve the web explorer: type a prompt, see every head's tokens, click a head for top-k and attention."""
     try:
@@ -62,7 +66,7 @@ def serve(
                                  "pip install 'attention-lens[web]'") from None
     sock = bind(host, port)  # before the model loads, so a busy port fails at once
     with sock:
-        lens_obj, loaded = lens_and_model(lens, model, device)
+        lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
         limits = Limits(max_tokens=max_tokens, request_timeout=request_timeout, max_connections=max_connections)
         app_ = create_app(loaded, lens_obj, _read_results(eval_files, loaded), limits)
         if host not in LOCAL_HOSTS:

@@ -1,0 +1,85 @@
+"""`attention-lens plan`: a run's memory and time, predicted from the model's config before anything loads."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import AttentionLensError
+from ..kinds import get_kind
+from ..models import DEFAULT_MODEL, resolve_device
+from ..plan import Plan, model_shape, plan as plan_run
+from ..sources import read_config
+from ..train import DTYPES
+from .common import emit_json, parse_indices
+from .options import Device, Layers, ModelName, Revision, SeqLen
+
+
+def plan(
+    model: ModelName = DEFAULT_MODEL,
+    revision: Revision = None,
+    kind: str = typer.Option("affine", help="Lens kind: a trainable one (affine, full) plans training; logit or "
+                             "dla plans reading every head."),
+    layers: Layers = None,
+    tokens: int = typer.Option(20_000, help="Tokens to predict the time for."),
+    batch_size: int = typer.Option(4, help="Windows per step."),
+    seq_len: SeqLen = 128,
+    dtype: str = typer.Option("float32", help="Training dtype of the vocabulary-sized matmuls: float32 | bfloat16."),
+    device: Device = "cpu",
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {model, memory, hardware, seconds}."),
+) -> None:
+    """Predict memory (weights, lens, optimizer state, activations, peak) and time, reading only config.json."""
+    get_kind(kind)  # an unknown kind is one clear error
+    if dtype not in DTYPES:
+        raise AttentionLensError(f"unknown --dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    for value, flag in ((tokens, "--tokens"), (batch_size, "--batch-size"), (seq_len, "--seq-len")):
+        if value < 1:
+            raise AttentionLensError(f"{flag} must be at least 1, got {value}")
+    shape = model_shape(read_config(model, revision), model)
+    result = plan_run(shape, kind=kind, tokens=tokens, batch_size=batch_size, seq_len=seq_len,
+                      layers=parse_indices(layers, shape.n_layers, "layer"), device=resolve_device(device),
+                      train_dtype=DTYPES[dtype])
+    if as_json:
+        emit_json(result.to_json())
+        return
+    Console().print(_memory_table(result))
+    hardware = result.hardware
+    Console().print(f"time for {result.tokens:,} tokens: ~{_duration(result.seconds)} on {hardware.name} "
+                    f"({hardware.flops / 1e9:,.0f} GFLOP/s, {hardware.exps / 1e6:,.0f} M exp/s, {hardware.source})")
+
+
+def _memory_table(result: Plan) -> Table:
+    shape, memory = result.model, result.memory
+    what = "training" if result.training else "reading"
+    table = Table(title=f"{shape.name} ({shape.model_type}, {shape.parameters / 1e6:,.0f} M parameters, "
+                        f"{shape.n_layers} layers x {shape.n_heads} heads): {result.kind} lens, {what} "
+                        f"{result.lens_layers} layers, {result.batch_size} x {result.seq_len} tokens per step")
+    table.add_column("memory")
+    table.add_column("size", justify="right")
+    rows = [
+        ("runtime (python, torch, tokenizer, corpus)", memory.runtime),
+        (f"model weights ({result.dtype})", memory.weights),
+        ("derived readout (W_O, W_U diag(gamma))", memory.readout),
+        ("lens parameters", memory.lens_parameters),
+        ("optimizer state (gradients, Adam moments)", memory.optimizer_state),
+        (f"activations ({_bytes(memory.activations_per_token)} per token)", memory.activations),
+        ("one lens layer's factors and gradient", memory.layer_workspace),
+        ("peak", memory.peak),
+    ]
+    for label, value in rows:
+        table.add_row(label, _bytes(value))
+    return table
+
+
+def _bytes(value: float) -> str:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if value >= scale:
+            return f"{value / scale:,.1f} {unit}"
+    return f"{value:,.0f} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
