@@ -44,8 +44,13 @@ class Lens(nn.Module):
         kind: str = "logit",
         layers: Sequence[int] | None = None,
         heads: Sequence[int] | None = None,
+        materialize: bool = True,
     ) -> "Lens":
-        """A fresh (untrained) lens of `kind` for `model`, covering `layers` x `heads` (default: all)."""
+        """A fresh (untrained) lens of `kind` for `model`, covering `layers` x `heads` (default: all).
+
+        materialize=False: a skeleton whose parameters are meta placeholders (no memory): `train` with
+        shard_heads builds only each process's slice from it, and fills it on the main process at the end.
+        """
         get_kind(kind)
         layers = sorted(set(range(model.n_layers) if layers is None else layers))
         heads = sorted(set(range(model.n_heads) if heads is None else heads))
@@ -62,11 +67,19 @@ class Lens(nn.Module):
             vocab=model.vocab,
             model=model.fingerprint(),
         )
+        if not materialize:
+            with torch.device("meta"):
+                return cls(config).bind(model)
         check_memory(parameter_bytes(config), f"the {kind} lens's parameters")
         lens = cls(config).to(model.device)
         lens.bind(model)
         lens.kind_spec.initialize(lens)
         return lens
+
+    @property
+    def is_skeleton(self) -> bool:
+        """Its parameters are meta placeholders (see from_model's materialize)."""
+        return any(p.device.type == "meta" for p in self.parameters())
 
     @classmethod
     def logit(cls, model: Model) -> "Lens":

@@ -84,7 +84,8 @@ def _shard_steps(out: Path, world: World) -> list[int]:
 
 
 def gather_parameters(local: Lens, full: Lens, world: World) -> None:
-    """Copy every rank's layers into `full` (all ranks take part; only rank 0 needs the result)."""
+    """Copy every rank's layers into `full` on rank 0 (all ranks take part in the gather; only rank 0 needs the
+    result, and elsewhere `full` may be a skeleton without memory)."""
     layers = full.config.layers
     for name, parameter in full.named_parameters():
         mine = getattr(local, name).detach()
@@ -93,6 +94,8 @@ def gather_parameters(local: Lens, full: Lens, world: World) -> None:
         padded[: mine.shape[0]] = mine
         pieces = [torch.empty_like(padded) for _ in range(world.size)]
         dist.all_gather(pieces, padded)
+        if not world.is_main:
+            continue
         with torch.no_grad():
             for rank, piece in enumerate(pieces):
                 for i, layer in enumerate(owned_layers(layers, world, rank)):

@@ -130,6 +130,8 @@ def train(
     if out is not None:
         _checkpoint(out, lens, optimizer, progress, run, world, sharded)
     if sharded:
+        if full.is_skeleton and world.is_main:
+            full.to_empty(device=lens.model.device)  # every layer is overwritten by the gather below
         gather_parameters(lens, full, world)
     full.config.training = {"method": "train", "data": dataclasses.asdict(data), "split": "train",
                             **dataclasses.asdict(config), "world_size": world.size, "tokens_seen": progress.tokens,
@@ -147,7 +149,8 @@ def _checkpoint(out: Path, lens: Lens, optimizer, progress: Progress, run: dict,
 
 
 def _local_shard(full: Lens, config: TrainConfig, world: World) -> Lens:
-    """This rank's part of `full`: the lenses of its layers, starting from full's parameters."""
+    """This rank's part of `full`: the lenses of its layers, starting from full's parameters (or, for a skeleton
+    `full`, from the kind's initialization: then no rank ever holds the whole lens until the end)."""
     if config.objective != "per-head":
         raise AttentionLensError("`shard_heads` trains the per-head objective only")
     if config.batch_size % world.size:
@@ -156,6 +159,8 @@ def _local_shard(full: Lens, config: TrainConfig, world: World) -> Lens:
     if not layers:
         raise AttentionLensError(f"{world.size} processes but only {len(full.config.layers)} layers to shard")
     local = Lens.from_model(full.model, full.kind, layers, full.config.heads)
+    if full.is_skeleton:
+        return local  # fresh parameters, initialized by the kind exactly as the full lens's would be
     with torch.no_grad():
         for name, parameter in local.named_parameters():
             parameter.copy_(getattr(full, name)[[full.layer_index(layer) for layer in layers]])

@@ -78,3 +78,16 @@ def test_cli_device_map_decodes_like_the_whole_model(model_dir, capsys):
     assert outputs[0] == outputs[1]
     code, out, err = run_cli(["decode", "--model", model_dir, "--device-map", "everywhere", PROMPT], capsys)
     assert code == 2 and err.count("\n") == 1 and "--device-map 'everywhere'" in err
+
+
+def test_a_sharded_run_builds_only_its_slice_of_the_lens(whole):
+    from attention_lens.distributed import World
+    from attention_lens.train import _local_shard
+
+    skeleton = al.Lens.from_model(whole, "full", materialize=False)
+    assert skeleton.is_skeleton and all(p.device.type == "meta" for p in skeleton.parameters())
+    reference = al.Lens.from_model(whole, "full")
+    for rank in range(2):
+        local = _local_shard(skeleton, TrainConfig(batch_size=4, shard_heads=True), World(rank=rank, size=2))
+        assert local.config.layers == [rank] and not local.is_skeleton
+        torch.testing.assert_close(local.weight[0], reference.weight[rank])  # the kind's own initialization

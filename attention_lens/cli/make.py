@@ -79,8 +79,10 @@ def train(
             lens = Lens.load(init, loaded)
             _check_init_agrees(ctx, init, lens, kind, layers, heads)
         else:
+            # Sharded, each process builds only its own layers' slice; the whole lens exists once, at the end.
             lens = Lens.from_model(loaded, kind, parse_indices(layers, loaded.n_layers, "layer"),
-                                   parse_indices(heads, loaded.n_heads, "head"))
+                                   parse_indices(heads, loaded.n_heads, "head"),
+                                   materialize=not (shard_heads and world.distributed))
         _train(world, lens, data_config, config, out, resume, overwrite, eval_tokens, as_json)
         finish(world)
     except Interrupted as stop:
