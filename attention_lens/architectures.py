@@ -100,6 +100,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "gptj": ArchSpec(layers="transformer.h", out_proj="attn.out_proj", final_norm="transformer.ln_f",
                      norm_kind="layer"),  # lm_head has a bias
+    "codegen": ArchSpec(layers="transformer.h", out_proj="attn.out_proj", final_norm="transformer.ln_f",
+                        norm_kind="layer"),  # GPT-J's block (parallel attention and MLP); lm_head has a bias
+    # Multi-query attention; unlike GPT-2 its c_proj is an nn.Linear (out, in).
+    "gpt_bigcode": ArchSpec(layers="transformer.h", out_proj="attn.c_proj", final_norm="transformer.ln_f",
+                            norm_kind="layer"),
+    "nemotron": replace(_LAYER_NORM_LLAMA_PATHS, norm_weight_offset=1.0),  # LayerNorm1P: (1 + weight)
 }
 
 _RECURRENT = "it is a recurrent/state-space model: it has no attention heads to read"

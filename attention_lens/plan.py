@@ -17,9 +17,11 @@ import torch
 from .errors import AttentionLensError
 from .kinds import get_kind
 
-RUNTIME_BYTES = 260 * 2**20
-"""Resident memory of the process before the model: Python, torch, transformers, tokenizers, the corpus text
-(measured 239 MiB for python + torch 2.13 CPU + transformers 5 + attention_lens, plus the tokenizer and SOTU)."""
+RUNTIME_BYTES = 400 * 2**20
+"""Resident memory besides tensors on a CPU: Python with torch 2.13, transformers 5 and attention_lens imported
+(measured: 223-239 MiB), the tokenizer, the tokenized corpus (SOTU: ~2.5 M tokens) and the allocator's slack."""
+GPU_RUNTIME_BYTES = 512 * 2**20
+"""Device memory besides tensors on a GPU: the CUDA context and kernels (typical)."""
 ADAM_STATE = 3
 """Extra fp32 values per lens parameter while training with Adam: gradient + two moments (SGD: gradient only)."""
 GPU_THROUGHPUT = {
@@ -139,13 +141,18 @@ class Memory:
     optimizer_state: int
     """Gradients and optimizer moments of the lens parameters (training only)."""
     activations_per_token: int
-    """Per token of a step: the model's logits, the target distribution and its log, every lens layer's z."""
+    """Per token while the targets are computed: the model's logits, log p, p and their product, every lens
+    layer's z (the most a token holds at once)."""
     activations: int
     """activations_per_token x tokens per step."""
+    layer_activations: int
+    """Per step while one lens layer trains: the logits, p and the z not yet used, for every token."""
     layer_workspace: int
-    """One lens layer's vocabulary-sized factors and their gradient (freed before the next layer)."""
+    """One lens layer's vocabulary-sized factors, their gradient and the backward's contiguous copy of it (freed
+    before the next layer)."""
     peak: int
-    """The largest resident total: everything above at once."""
+    """runtime + weights + readout + lens parameters + optimizer state + the larger of the two phases:
+    activations, or layer_activations + layer_workspace."""
 
 
 @dataclass
@@ -197,20 +204,26 @@ def plan(
     readout = 4 * shape.n_layers * shape.n_heads * shape.d_head * shape.d_model + low_bytes * shape.vocab * shape.d_model
     if model_bytes != 4:
         readout += 4 * shape.vocab * shape.d_model  # W_U read out as fp32
+    z_bytes = 4 * n_layers * shape.n_heads * shape.d_head  # every lens layer's z, held until its layer is trained
+    fp32_copy = 0 if model_bytes == 4 else 4  # target_distribution reads the logits as fp32
     per_token = (
-        shape.vocab * (model_bytes + 4 + 4 + 4)  # logits (model dtype), their fp32 copy, p and log p
-        + 4 * n_layers * shape.n_heads * shape.d_head  # z of every lens layer, held until its layer is trained
+        shape.vocab * (model_bytes + fp32_copy + 4 + 4 + 4)  # logits, log p, p, p * log p
+        + z_bytes
         + model_bytes * (4 * shape.d_model + 3 * shape.d_mlp)  # one layer's forward intermediates
         + 4 * shape.n_heads * seq_len  # one layer's attention probabilities (eager)
     )
-    # factors (head, d_head + 1, vocab) in the training dtype and, when training, their fp32 gradient.
-    workspace = shape.n_heads * (shape.d_head + 1) * shape.vocab * (low_bytes + (4 if training else 0))
-    runtime = RUNTIME_BYTES if not device.startswith("cuda") else 0
+    layer_activations = tokens_per_step * (shape.vocab * (model_bytes + 4) + z_bytes)  # logits and p stay
+    factors = shape.n_heads * (shape.d_head + 1) * shape.vocab  # (head, d_head + 1, vocab)
+    # Training: the factors in the training dtype, their fp32 gradient, and the copy of that gradient autograd
+    # makes to push it back through the factors' transposed view. Reading: the factors alone.
+    workspace = factors * (low_bytes + 8) if training else factors * low_bytes
+    runtime = GPU_RUNTIME_BYTES if device.startswith("cuda") else RUNTIME_BYTES
     weights = shape.parameters * model_bytes
     activations = per_token * tokens_per_step
-    peak = runtime + weights + readout + lens_parameters + optimizer_state + activations + workspace
-    memory = Memory(runtime, weights, readout, lens_parameters, optimizer_state, per_token, activations, workspace,
-                    peak)
+    steady = runtime + weights + readout + lens_parameters + optimizer_state
+    peak = steady + max(activations, layer_activations + workspace)
+    memory = Memory(runtime, weights, readout, lens_parameters, optimizer_state, per_token, activations,
+                    layer_activations, workspace, peak)
     hardware = hardware or detect_hardware(device, train_dtype)
     counts = costs(shape, kind, lens_heads, tokens_per_step, training)
     seconds_per_token = (counts.lens_flop + counts.model_flop) / hardware.flops + counts.exps / hardware.exps

@@ -72,6 +72,11 @@ def _configs():
         "gpt_neox:sequential": lambda: t.GPTNeoXConfig(**neox, use_parallel_residual=False),
         "gptj": lambda: t.GPTJConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, rotary_dim=4,
                                      n_positions=64, bos_token_id=1, eos_token_id=1),
+        "codegen": lambda: t.CodeGenConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, rotary_dim=4,
+                                           n_positions=64, n_ctx=64, bos_token_id=1, eos_token_id=1),
+        "gpt_bigcode": lambda: t.GPTBigCodeConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=64,
+                                                  bos_token_id=1, eos_token_id=1),  # multi-query
+        "nemotron": lambda: t.NemotronConfig(**grouped, pad_token_id=0, bos_token_id=1, eos_token_id=1),
         "falcon": lambda: t.FalconConfig(**falcon),  # multi-query, parallel attention
         "falcon:sequential": lambda: t.FalconConfig(**falcon, parallel_attn=False, multi_query=False),
         "falcon:new_decoder": lambda: t.FalconConfig(**falcon, new_decoder_architecture=True, num_kv_heads=2),

@@ -58,14 +58,15 @@ def _memory_table(result: Plan) -> Table:
     table.add_column("memory")
     table.add_column("size", justify="right")
     rows = [
-        ("runtime (python, torch, tokenizer, corpus)", memory.runtime),
+        ("runtime (python, libraries, tokenized corpus, allocator)", memory.runtime),
         (f"model weights ({result.dtype})", memory.weights),
         ("derived readout (W_O, W_U diag(gamma))", memory.readout),
         ("lens parameters", memory.lens_parameters),
         ("optimizer state (gradients, Adam moments)", memory.optimizer_state),
         (f"activations ({_bytes(memory.activations_per_token)} per token)", memory.activations),
+        ("activations while a lens layer trains", memory.layer_activations),
         ("one lens layer's factors and gradient", memory.layer_workspace),
-        ("peak", memory.peak),
+        ("peak (steady + the larger phase)", memory.peak),
     ]
     for label, value in rows:
         table.add_row(label, _bytes(value))
