@@ -80,3 +80,23 @@ def _placed(placement: dict, name: str) -> Any:
     best = max((prefix for prefix in placement if prefix == "" or name == prefix or name.startswith(prefix + ".")),
                key=len, default="")
     return placement.get(best, "cpu")
+
+
+def planned_placement(skeleton: Any, device_map: str | dict, dtype: Any) -> dict[str, int]:
+    """Bytes of weights per device a device map would give a weightless (meta-device) model: an explicit map as
+    written, a strategy as accelerate would resolve it on this machine's devices and memory."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        no_split = getattr(skeleton, "_no_split_modules", None) or []
+        max_memory = None
+        if device_map.startswith("balanced"):
+            max_memory = get_balanced_memory(skeleton, dtype=dtype, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(skeleton, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=dtype)
+    totals: dict[str, int] = {}
+    for name, parameter in skeleton.named_parameters():
+        device = str(_placed(device_map, name))
+        totals[device] = totals.get(device, 0) + parameter.numel() * dtype.itemsize
+    return totals

@@ -231,19 +231,24 @@ def plan(
                 memory, hardware, tokens * seconds_per_token)
 
 
-def model_shape(config: Any, name: str) -> ModelShape:
-    """Sizes of the model `config` describes, from a weightless (meta-device) instance: exact parameter counts,
-    and the head layout read through the architecture table as for a loaded model."""
+def skeleton(config: Any, name: str) -> Any:
+    """The model `config` describes on the meta device: every parameter's shape, no memory."""
     from transformers import AutoModelForCausalLM
-
-    from .models import wrap_model
 
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except Exception as error:  # transformers raises many types for configs it cannot build
         raise AttentionLensError(f"cannot build a model from the config of {name!r}: {error}") from None
-    model = wrap_model(skeleton, None, name)
+
+
+def model_shape(config: Any, name: str) -> ModelShape:
+    """Sizes of the model `config` describes, from a weightless (meta-device) instance: exact parameter counts,
+    and the head layout read through the architecture table as for a loaded model."""
+    from .models import wrap_model
+
+    model = wrap_model(skeleton(config, name), None, name)
+    skeleton_model = model.hf
     text = model.config
     d_mlp = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * model.d_model
     return ModelShape(
@@ -255,5 +260,5 @@ def model_shape(config: Any, name: str) -> ModelShape:
         d_model=model.d_model,
         vocab=model.vocab,
         d_mlp=int(d_mlp),
-        parameters=sum(p.numel() for p in skeleton.parameters()),
+        parameters=sum(p.numel() for p in skeleton_model.parameters()),
     )

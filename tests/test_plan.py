@@ -11,7 +11,7 @@ import torch
 
 import attention_lens as al
 import attention_lens.models as models
-from attention_lens.plan import Hardware, model_shape, plan
+from attention_lens.plan import Hardware, model_shape, plan, skeleton
 from attention_lens.sources import read_config
 from conftest import make_model_dir, run_cli
 
@@ -108,3 +108,17 @@ def test_predicted_peak_is_within_ten_percent_of_a_real_run(tmp_path, capsys, ba
     assert peak_line and peak_line[0].endswith(" 0"), run.stderr[-2000:]
     measured = int(peak_line[0].split()[1])
     assert abs(predicted - measured) <= 0.10 * measured, (predicted / 2**20, measured / 2**20)
+
+
+def test_plan_splits_the_weights_as_a_device_map_would(model_dir, nothing_loads, capsys):
+    split = '{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "disk", ' \
+            '"lm_head": "disk"}'
+    code, out, err = run_cli(["plan", "--model", model_dir, "--device-map", split, "--json"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    devices, weights = document["devices"], document["memory"]["weights"]
+    assert set(devices) == {"cpu", "disk"} and sum(devices.values()) == weights
+    config = read_config(str(model_dir))
+    on_disk = [p for name, p in skeleton(config, "qwen3").named_parameters() if name.startswith(("model.layers.1.",
+                                                                                                "model.norm", "lm_head"))]
+    assert devices["disk"] == sum(4 * p.numel() for p in on_disk)

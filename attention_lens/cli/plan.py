@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -9,11 +10,12 @@ from rich.table import Table
 from ..errors import AttentionLensError
 from ..kinds import get_kind
 from ..models import DEFAULT_MODEL, resolve_device
-from ..plan import Plan, model_shape, plan as plan_run
+from ..placement import parse_device_map, planned_placement
+from ..plan import Plan, model_shape, plan as plan_run, skeleton
 from ..sources import read_config
 from ..train import DTYPES
 from .common import emit_json, parse_indices
-from .options import Device, Layers, ModelName, Revision, SeqLen
+from .options import Device, DeviceMap, Layers, ModelName, Revision, SeqLen
 
 
 def plan(
@@ -27,6 +29,7 @@ def plan(
     seq_len: SeqLen = 128,
     dtype: str = typer.Option("float32", help="Training dtype of the vocabulary-sized matmuls: float32 | bfloat16."),
     device: Device = "cpu",
+    device_map: DeviceMap = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {model, memory, hardware, seconds}."),
 ) -> None:
     """Predict memory (weights, lens, optimizer state, activations, peak) and time, reading only config.json."""
@@ -36,14 +39,20 @@ def plan(
     for value, flag in ((tokens, "--tokens"), (batch_size, "--batch-size"), (seq_len, "--seq-len")):
         if value < 1:
             raise AttentionLensError(f"{flag} must be at least 1, got {value}")
-    shape = model_shape(read_config(model, revision), model)
+    config = read_config(model, revision)
+    shape = model_shape(config, model)
     result = plan_run(shape, kind=kind, tokens=tokens, batch_size=batch_size, seq_len=seq_len,
                       layers=parse_indices(layers, shape.n_layers, "layer"), device=resolve_device(device),
                       train_dtype=DTYPES[dtype])
+    if device_map is not None:
+        weights_dtype = torch.float32 if result.dtype == "float32" else torch.bfloat16
+        result.devices = planned_placement(skeleton(config, model), parse_device_map(device_map), weights_dtype)
     if as_json:
         emit_json(result.to_json())
         return
     Console().print(_memory_table(result))
+    for placed, size in result.devices.items():
+        Console().print(f"weights on {placed}: {_bytes(size)}")
     hardware = result.hardware
     Console().print(f"time for {result.tokens:,} tokens: ~{_duration(result.seconds)} on {hardware.name} "
                     f"({hardware.flops / 1e9:,.0f} GFLOP/s, {hardware.exps / 1e6:,.0f} M exp/s, {hardware.source})")
