@@ -1,25 +1,24 @@
-"""Interventions on heads: zero, mean-replace or scale chosen heads' z_h in the forward pass; measure the effect.
+"""Interventions on heads: zero, mean-replace, resample or scale chosen heads' z_h in the forward pass; measure it.
 
 The edit happens where the lens reads: a forward pre-hook on the attention output projection rewrites the
 chosen heads' slices of its input, the concatenated z. Under Gemma-2/3's post-attention norm that input is
 z *before* the norm, so the norm's per-position scale is recomputed from the edited block output: removing
 a head also rescales what the other heads of its layer write (the model's own arithmetic, not an artefact).
+
+Each kind of intervention is a class in INTERVENTIONS; `Intervention.parse('scale=-1')` picks one by its name.
 """
 
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from .data import DataConfig
 from .errors import AttentionLensError
 from .models import Model
-from .stream import HeadStream
 
 MAX_SCALE = 1e6
 """Largest |factor| a scale edit may multiply a head's output by (fp32 overflows not far beyond)."""
@@ -29,32 +28,148 @@ Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class Edit:
-    """What happens to a chosen head's z_h: 'zero', 'mean' (its mean over the corpus), or 'scale' by `factor`."""
+class Intervention:
+    """What happens to a chosen head's z_h. Subclasses: Zero, Mean, Resample, Scale (the registry INTERVENTIONS)."""
 
-    mode: str
+    name: ClassVar[str]
+    usage: ClassVar[str]
+    needs_corpus: ClassVar[bool] = False
+    """Whether it draws on measured windows (so `generate`, which has none, cannot use it)."""
+
+    @classmethod
+    def from_value(cls, value: str) -> "Intervention":
+        """The intervention from the text after '=' ('' when there is none)."""
+        if value:
+            raise AttentionLensError(f"`mode` {cls.name} takes no value; use {cls.usage}")
+        return cls()
+
+    @staticmethod
+    def parse(text: str) -> "Intervention":
+        """'zero', 'mean', 'resample' or 'scale=X' (X may be negative: -1 flips what the head writes)."""
+        name, _, value = text.strip().partition("=")
+        kind = INTERVENTIONS.get(name.strip())
+        if kind is None:
+            raise AttentionLensError(f"`mode` {text!r}: use " + ", ".join(k.usage for k in INTERVENTIONS.values())
+                                     + " (e.g. scale=-1, scale=5)")
+        return kind.from_value(value.strip())
+
+    def prepared(self, model: Model, heads: Sequence[Head], windows: Tensor | None, means: Tensor | None,
+                 batch_size: int = 4) -> "Intervention":
+        """This intervention with what it needs from the unmodified model on `windows` (a copy; self if nothing)."""
+        return self
+
+    def new_z(self, z: Tensor, layer: int, head: int, rows: slice) -> Tensor:
+        """The head's replacement z_h (batch, pos, d_head) for the windows `rows` of the measured set."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Zero(Intervention):
+    """The head writes nothing."""
+
+    name: ClassVar[str] = "zero"
+    usage: ClassVar[str] = "zero"
+
+    def new_z(self, z, layer, head, rows):
+        return torch.zeros_like(z)
+
+
+@dataclass(frozen=True)
+class Mean(Intervention):
+    """The head writes its mean z_h over the measured windows (what it says on average, not on this input)."""
+
+    name: ClassVar[str] = "mean"
+    usage: ClassVar[str] = "mean"
+    needs_corpus: ClassVar[bool] = True
+    means: Tensor | None = field(default=None, compare=False, repr=False)
+    """(layer, head, d_head): raw projection inputs, from `HeadMeans`."""
+
+    def prepared(self, model, heads, windows, means, batch_size=4):
+        if means is None:
+            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
+        return replace(self, means=means)
+
+    def new_z(self, z, layer, head, rows):
+        if self.means is None:
+            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
+        return self.means[layer, head].to(z.dtype).expand_as(z)
+
+
+@dataclass(frozen=True)
+class Resample(Intervention):
+    """The head writes what it wrote on another measured window (window i gets window i + 1's z_h, cyclically):
+    a plausible output that carries no information about this input."""
+
+    name: ClassVar[str] = "resample"
+    usage: ClassVar[str] = "resample"
+    needs_corpus: ClassVar[bool] = True
+    donors: dict = field(default_factory=dict, compare=False, repr=False)
+    """(layer, head) -> (window, pos, d_head): the donor z_h for each measured window, in measured order."""
+
+    def prepared(self, model, heads, windows, means, batch_size=4):
+        if windows is None or windows.shape[0] < 2:
+            raise AttentionLensError("resample needs at least two measured windows to take a head's output from "
+                                     "another one; use zero, mean or scale=X here")
+        taken: dict[Head, list[Tensor]] = {head: [] for head in heads}
+
+        def record(layer: int):
+            def hook(module, args):  # the raw projection input, as the edit hook sees it
+                z = args[0].unflatten(-1, (model.n_heads, model.d_head))  # (batch, pos, head, d_head)
+                for pair in taken:
+                    if pair[0] == layer:
+                        taken[pair].append(z[:, :, pair[1]].detach().cpu())
+            return hook
+
+        handles = [model.out_proj(layer).register_forward_pre_hook(record(layer))
+                   for layer in sorted({layer for layer, _ in heads})]
+        try:
+            with torch.no_grad():
+                for start in range(0, windows.shape[0], batch_size):
+                    model.hf(input_ids=windows[start:start + batch_size].to(model.device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        donors = {pair: torch.cat(parts).roll(-1, dims=0) for pair, parts in taken.items()}
+        return replace(self, donors=donors)
+
+    def new_z(self, z, layer, head, rows):
+        donor = self.donors.get((layer, head))
+        if donor is None:
+            raise AttentionLensError("resample needs the measured windows; it has no donor outputs for this head")
+        return donor[rows].to(z.device, z.dtype)
+
+
+@dataclass(frozen=True)
+class Scale(Intervention):
+    """The head's output times `factor`: -1 inverts it, 0 removes it, > 1 amplifies (steers toward) it."""
+
+    name: ClassVar[str] = "scale"
+    usage: ClassVar[str] = "scale=X"
     factor: float = 1.0
 
     @classmethod
-    def parse(cls, text: str) -> "Edit":
-        """'zero', 'mean' or 'scale=X' (X may be negative: -1 flips what the head writes)."""
-        name, _, value = text.strip().partition("=")
-        if name in ("zero", "mean") and not value:
-            return cls(name)
-        if name == "scale":
-            try:
-                factor = float(value)
-            except ValueError:
-                factor = None
-            if factor is not None:
-                if not (math.isfinite(factor) and abs(factor) <= MAX_SCALE):
-                    raise AttentionLensError(f"scale={value}: the factor must be a finite number from "
-                                             f"-{MAX_SCALE:g} to {MAX_SCALE:g}")
-                return cls("scale", factor)
-        raise AttentionLensError(f"`mode` {text!r}: use zero, mean, or scale=X (e.g. scale=-1, scale=3)")
+    def from_value(cls, value):
+        try:
+            factor = float(value)
+        except ValueError:
+            raise AttentionLensError(f"`mode` scale={value}: give a number, e.g. scale=-1 or scale=5") from None
+        if not (math.isfinite(factor) and abs(factor) <= MAX_SCALE):
+            raise AttentionLensError(f"scale={value}: the factor must be a finite number from "
+                                     f"-{MAX_SCALE:g} to {MAX_SCALE:g}")
+        return cls(factor=factor)
+
+    def new_z(self, z, layer, head, rows):
+        return z * self.factor
 
     def __str__(self) -> str:
-        return f"scale={self.factor:g}" if self.mode == "scale" else self.mode
+        return f"scale={self.factor:g}"
+
+
+INTERVENTIONS: dict[str, type[Intervention]] = {kind.name: kind for kind in (Zero, Mean, Resample, Scale)}
+"""Every kind of intervention by the name `--mode` takes."""
 
 
 def parse_heads(text: str, model: Model) -> list[Head]:
@@ -76,22 +191,22 @@ def parse_heads(text: str, model: Model) -> list[Head]:
 class HeadIntervention:
     """Context manager: while active, every forward pass applies `edit` to the z_h of `heads`.
 
-    `means` (layer, head, d_head) is needed for mode 'mean': the raw projection inputs, from `HeadMeans`.
+    The edit must be `prepared` where it needs data (Mean, Resample). Forward passes are counted in windows, so an
+    edit that depends on the window (Resample) sees which rows of the measured set each batch holds.
     """
 
-    def __init__(self, model: Model, heads: Iterable[Head], edit: Edit, means: Tensor | None = None):
-        if edit.mode == "mean" and means is None:
-            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
-        self.model, self.edit, self.means = model, edit, means
+    def __init__(self, model: Model, heads: Iterable[Head], edit: Intervention):
+        self.model, self.edit = model, edit
         self.by_layer: dict[int, list[int]] = {}
         for layer, head in heads:
             self.by_layer.setdefault(layer, []).append(head)
+        self.rows = slice(0, 0)
         self._handles: list = []
 
     def __enter__(self) -> "HeadIntervention":
+        self._handles.append(self.model.hf.register_forward_pre_hook(self._count, with_kwargs=True))
         for layer, heads in self.by_layer.items():
-            hook = self._hook(layer, heads)
-            self._handles.append(self.model.out_proj(layer).register_forward_pre_hook(hook))
+            self._handles.append(self.model.out_proj(layer).register_forward_pre_hook(self._hook(layer, heads)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -99,18 +214,18 @@ class HeadIntervention:
             handle.remove()
         self._handles.clear()
 
+    def _count(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        windows = 1 if input_ids is None else input_ids.shape[0]
+        self.rows = slice(self.rows.stop, self.rows.stop + windows)
+
     def _hook(self, layer: int, heads: list[int]):
         model, edit = self.model, self.edit
 
         def hook(module, args):
             z = args[0].unflatten(-1, (model.n_heads, model.d_head)).clone()  # (batch, pos, head, d_head)
             for head in heads:
-                if edit.mode == "zero":
-                    z[..., head, :] = 0
-                elif edit.mode == "mean":
-                    z[..., head, :] = self.means[layer, head].to(z.dtype)
-                else:
-                    z[..., head, :] *= edit.factor
+                z[..., head, :] = edit.new_z(z[..., head, :], layer, head, self.rows)
             return (z.flatten(-2), *args[1:])
 
         return hook
@@ -151,28 +266,6 @@ class HeadMeans:
         return (self.total / max(self.count, 1)).float()
 
 
-def concept_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], tokens: int,
-                    seed: int = 0) -> Tensor:
-    """Windows (window, seq_len) of held-out text in which a concept token is a true next token somewhere.
-
-    Concept tokens are rare in running text; keeping only windows that hold one gives the measurement
-    enough target positions for the same forward-pass budget. Held-out documents (all documents when
-    data.holdout is 0) keep the text the heads are verified on apart from the text they were found on.
-    """
-    stream = HeadStream(model, data, split="held" if data.holdout > 0 else "all", seed=seed)
-    ids = torch.tensor(list(concept_ids))
-    kept: list[Tensor] = []
-    for window in stream.windows():
-        if torch.isin(window[1:], ids).any():
-            kept.append(window)
-        if len(kept) * data.seq_len >= tokens:
-            break
-    if not kept:
-        raise AttentionLensError("no concept token occurs as a next token in the held-out text; "
-                                 "use more data, other words, or `holdout` 0")
-    return torch.stack(kept)
-
-
 @dataclass
 class Metrics:
     """The model's next-token behaviour on a set of windows (means over target positions)."""
@@ -187,30 +280,37 @@ class Metrics:
     """Mean next-token loss (nats) over all positions."""
     concept_targets: int
     other_targets: int
+    per_window: Tensor | None = field(default=None, repr=False)
+    """(window, 4) float64: summed log p of concept targets, their count, summed log p of other targets, their
+    count; what a bootstrap over windows resamples."""
+
+    def to_json(self) -> dict:
+        return {"concept_logprob": self.concept_logprob, "other_logprob": self.other_logprob,
+                "concept_mass": self.concept_mass, "loss": self.loss, "concept_targets": self.concept_targets,
+                "other_targets": self.other_targets}
 
 
 @torch.no_grad()
 def measure(model: Model, windows: Tensor, concept_ids: Sequence[int], batch_size: int = 4) -> Metrics:
     """Metrics of whatever forward pass the model currently runs (hooks included) on `windows`."""
     ids = torch.tensor(list(concept_ids), device=model.device)
-    sums = dict(concept=0.0, other=0.0, mass=0.0, n_concept=0, n_other=0)
+    per_window, mass = [], 0.0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size].to(model.device)
         logits = model.hf(input_ids=batch, use_cache=False).logits[:, :-1].float()  # (batch, pos - 1, vocab)
         log_p = torch.log_softmax(logits, dim=-1)
         targets = batch[:, 1:]
-        target_log_p = log_p.gather(-1, targets[..., None])[..., 0]  # (batch, pos - 1)
+        target_log_p = log_p.gather(-1, targets[..., None])[..., 0].double()  # (batch, pos - 1)
         is_concept = torch.isin(targets, ids)
-        sums["concept"] += target_log_p[is_concept].sum().item()
-        sums["other"] += target_log_p[~is_concept].sum().item()
-        sums["mass"] += torch.logsumexp(log_p[..., ids], dim=-1).exp().sum().item()
-        sums["n_concept"] += int(is_concept.sum())
-        sums["n_other"] += int((~is_concept).sum())
-    n_concept, n_other = sums["n_concept"], sums["n_other"]
-    return Metrics(concept_logprob=sums["concept"] / max(n_concept, 1), other_logprob=sums["other"] / max(n_other, 1),
-                   concept_mass=sums["mass"] / (n_concept + n_other),
-                   loss=-(sums["concept"] + sums["other"]) / (n_concept + n_other),
-                   concept_targets=n_concept, other_targets=n_other)
+        per_window.append(torch.stack([(target_log_p * is_concept).sum(1), is_concept.sum(1).double(),
+                                       (target_log_p * ~is_concept).sum(1), (~is_concept).sum(1).double()], 1))
+        mass += torch.logsumexp(log_p[..., ids], dim=-1).exp().sum().item()
+    sums = torch.cat(per_window).cpu()
+    concept, n_concept, other, n_other = sums.sum(0).tolist()
+    n_concept, n_other = int(n_concept), int(n_other)
+    return Metrics(concept_logprob=concept / max(n_concept, 1), other_logprob=other / max(n_other, 1),
+                   concept_mass=mass / (n_concept + n_other), loss=-(concept + other) / (n_concept + n_other),
+                   concept_targets=n_concept, other_targets=n_other, per_window=sums)
 
 
 @dataclass
@@ -240,91 +340,18 @@ class Effect:
                 "loss": self.metrics.loss}
 
 
-@dataclass
-class AblationResult:
-    """An intervention on chosen heads, and the same intervention on random heads for comparison."""
-
-    edit: Edit
-    clean: Metrics
-    found: Effect
-    random: list[Effect]
-
-    def verify_record(self) -> dict:
-        """found vs random: drops, their spread, z-score, specificity, collateral, and how many targets."""
-        drops = [e.concept_drop for e in self.random]
-        specific = [e.specific_drop for e in self.random]
-        mean, std = _mean_std(drops)
-        specific_mean, specific_std = _mean_std(specific)
-        return {
-            "found_drop": self.found.concept_drop, "random_drop_mean": mean, "random_drop_std": std,
-            "specificity": self.found.specific_drop, "z_score": _z(self.found.concept_drop, mean, std),
-            "collateral_loss_change": self.found.loss_change,
-            "random_specificity_mean": specific_mean, "random_specificity_std": specific_std,
-            "specificity_z_score": _z(self.found.specific_drop, specific_mean, specific_std),
-            "random_loss_change_mean": _mean_std([e.loss_change for e in self.random])[0],
-            "found_mass_change": self.found.mass_change,
-            "heads": [f"{layer}.{head}" for layer, head in self.found.heads], "mode": str(self.edit),
-            "repeats": len(self.random), "concept_targets": self.clean.concept_targets,
-            "other_targets": self.clean.other_targets, "clean_loss": self.clean.loss,
-        }
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
-def _z(value: float, mean: float | None, std: float | None) -> float | None:
-    """None where the random spread is zero or unknown: no finite z-score exists (and JSON has no inf)."""
-    if mean is None or not std:
-        return None
-    return (value - mean) / std
-
-
 @torch.no_grad()
-def ablate(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor, edit: Edit,
-           repeats: int = 0, seed: int = 0, on_pass: Callable[[int, int], None] | None = None) -> AblationResult:
-    """Apply `edit` to `heads`, then to `repeats` draws of as many random other heads; measure each pass.
-
-    Random heads are drawn from the heads not chosen, so the baseline says what editing *other* heads does.
-    Means for mode 'mean' come from the unmodified pass over the same windows.
-    """
-    if not heads:
-        raise AttentionLensError("no heads to intervene on; give `heads` like 12.3,14.0")
-    passes = 2 + repeats
-    with HeadMeans(model) as recorder:
-        clean = measure(model, windows, concept_ids)
-    means = recorder.means
-    if on_pass:
-        on_pass(1, passes)
-
-    def effect(chosen: list[Head]) -> Effect:
-        with HeadIntervention(model, chosen, edit, means):
-            metrics = measure(model, windows, concept_ids)
-        return Effect(heads=chosen, metrics=metrics,
-                      concept_drop=clean.concept_logprob - metrics.concept_logprob,
-                      other_drop=clean.other_logprob - metrics.other_logprob,
-                      mass_change=metrics.concept_mass / clean.concept_mass - 1 if clean.concept_mass else 0.0,
-                      loss_change=metrics.loss - clean.loss)
-
-    found = effect(list(heads))
-    if on_pass:
-        on_pass(2, passes)
-    pool = [(layer, head) for layer in range(model.n_layers) for head in range(model.n_heads)
-            if (layer, head) not in set(heads)]
-    if repeats and len(pool) < len(heads):
-        raise AttentionLensError(f"the model has too few other heads for a random baseline of {len(heads)} heads")
-    rng = random.Random(seed)
-    drawn = []
-    for repeat in range(repeats):
-        drawn.append(effect(sorted(rng.sample(pool, len(heads)))))
-        if on_pass:
-            on_pass(3 + repeat, passes)
-    return AblationResult(edit=edit, clean=clean, found=found, random=drawn)
+def effect(model: Model, heads: Sequence[Head], edit: Intervention, windows: Tensor, concept_ids: Sequence[int],
+           clean: Metrics, means: Tensor | None = None) -> Effect:
+    """Apply `edit` (prepared here) to `heads` while measuring `windows`; compare with the `clean` metrics."""
+    chosen = list(heads)
+    with HeadIntervention(model, chosen, edit.prepared(model, chosen, windows, means)):
+        metrics = measure(model, windows, concept_ids)
+    return Effect(heads=chosen, metrics=metrics,
+                  concept_drop=clean.concept_logprob - metrics.concept_logprob,
+                  other_drop=clean.other_logprob - metrics.other_logprob,
+                  mass_change=metrics.concept_mass / clean.concept_mass - 1 if clean.concept_mass else 0.0,
+                  loss_change=metrics.loss - clean.loss)
 
 
 @torch.no_grad()
@@ -340,11 +367,12 @@ def greedy(model: Model, prompt: str, max_new_tokens: int = 30) -> str:
     return model.tokenizer.decode(ids[0, model.encode(prompt).shape[1]:].tolist())
 
 
-def generate(model: Model, prompt: str, heads: Sequence[Head], edit: Edit,
+def generate(model: Model, prompt: str, heads: Sequence[Head], edit: Intervention,
              max_new_tokens: int = 30) -> tuple[str, str]:
     """(unmodified, intervened) greedy continuations of `prompt`, so a person can see what the heads do."""
-    if edit.mode == "mean":
-        raise AttentionLensError("generate needs no corpus, so it has no head means: use `mode` zero or scale=X")
+    if edit.needs_corpus:
+        raise AttentionLensError(f"generate needs no corpus, so it has nothing for {edit} to draw on: "
+                                 "use `mode` zero or scale=X")
     plain = greedy(model, prompt, max_new_tokens)
     with HeadIntervention(model, heads, edit):
         edited = greedy(model, prompt, max_new_tokens)

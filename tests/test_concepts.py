@@ -120,7 +120,8 @@ def test_concept_logits_are_the_lens_logits(tiny_model, kind):
 def test_cli_search_with_verify(tmp_path, corpus, capsys):
     model = make_model_dir(tmp_path / "model")
     argv = ["search", "--model", str(model), "--lens", "dla", "--concept", "fox, dog, bold", "--data", str(corpus),
-            "--tokens", "128", "--seq-len", "16", "--top", "3", "--verify", "--repeats", "10", "--json"]
+            "--tokens", "128", "--seq-len", "16", "--top", "3", "--verify", "--repeats", "10", "--min-targets", "20",
+            "--k", "2,1", "--bootstrap", "200", "--json"]
     code, stdout, _ = run_cli(argv, capsys)
     assert code == 0
     document = json.loads(stdout)
@@ -129,10 +130,33 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
     verify = document["verify"]
     assert {"found_drop", "random_drop_mean", "random_drop_std", "specificity", "z_score",
             "collateral_loss_change"} <= set(verify)
-    assert verify["repeats"] == 10 and verify["concept_targets"] > 0 and len(verify["heads"]) == 1
+    assert verify["repeats"] == 10 and verify["concept_targets"] >= 20 and len(verify["heads"]) == 2
+    assert verify["layer_matched"] is True and 0 <= verify["percentile"] <= 100 and verify["windows_drawn"] >= 1
+    low, high = verify["specificity_interval"]
+    assert low <= high
+    assert [record["k"] for record in document["k_sweep"]] == [1, 2] and document["k_sweep"][-1] == verify
+    steer = document["steer"]
+    assert steer["alpha"] == 5 and steer["heads"] == verify["heads"] and steer["concept_mass"] > 0
 
-    code, stdout, _ = run_cli(argv[:-4], capsys)  # human output: a table
-    assert code == 0 and "score" in stdout
+    code, stdout, _ = run_cli(argv[:-1], capsys)  # human output: tables
+    assert code == 0 and "score" in stdout and "top k heads" in stdout and "steer" in stdout
 
     code, _, err = run_cli(["search", "--model", str(model), "--concept", "?!", "--data", str(corpus)], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no word" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--concept", "?!"], "no word"),
+    (["--concept", "missing/words.txt"], "does not exist"),
+    (["--concept", "fox", "--k", "1,99"], "more heads than the 8"),
+    (["--concept", "fox", "--k", "0"], "whole numbers"),
+    (["--concept", "fox", "--min-targets", "100000"], "--min-targets asks for 100000"),
+    (["--concept", "fox", "--mode", "flip"], "resample"),
+])
+def test_cli_search_refuses_bad_concept_input_in_one_line(tmp_path, corpus, capsys, extra, message):
+    model = make_model_dir(tmp_path / "model")
+    capsys.readouterr()  # the model's own saving messages
+    argv = ["search", "--model", str(model), "--lens", "logit", "--data", str(corpus), "--tokens", "32",
+            "--seq-len", "16", "--verify", "--repeats", "2", *extra]
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1 and message in err, err

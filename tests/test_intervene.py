@@ -8,8 +8,9 @@ import torch
 
 from attention_lens import AttentionLensError
 from attention_lens.heads import HeadCapture
-from attention_lens.intervene import (Edit, HeadIntervention, HeadMeans, ablate, generate, measure,
-                                      parse_heads)
+from attention_lens.intervene import (INTERVENTIONS, HeadIntervention, HeadMeans, Intervention, Mean, Resample,
+                                      Scale, Zero, generate, measure, parse_heads)
+from attention_lens.verify import ablate
 from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 from test_concepts import TOKEN, WRITER, make_only_path
 
@@ -22,7 +23,7 @@ def _logits(model, input_ids):
 def test_scale_one_leaves_logits_unchanged_exactly(tiny_model):
     input_ids = torch.randint(2, 90, (2, 7))
     every_head = [(layer, head) for layer in range(tiny_model.n_layers) for head in range(tiny_model.n_heads)]
-    with HeadIntervention(tiny_model, every_head, Edit("scale", 1.0)):
+    with HeadIntervention(tiny_model, every_head, Scale(1.0)):
         edited = _logits(tiny_model, input_ids)
     assert torch.equal(edited, _logits(tiny_model, input_ids))
 
@@ -30,7 +31,7 @@ def test_scale_one_leaves_logits_unchanged_exactly(tiny_model):
 def test_zero_ablation_equals_zeroing_the_heads_W_O_slice(tiny_model):
     model, (layer, head) = tiny_model, (1, 2)
     input_ids = torch.randint(2, 90, (2, 7))
-    with HeadIntervention(model, [(layer, head)], Edit("zero")):
+    with HeadIntervention(model, [(layer, head)], Zero()):
         ablated = _logits(model, input_ids)
     weight = model.out_proj(layer).weight
     columns = slice(head * model.d_head, (head + 1) * model.d_head)
@@ -48,12 +49,43 @@ def test_mean_ablation_writes_the_mean_where_the_lens_reads():
     windows = torch.randint(2, 90, (3, 9))
     with HeadMeans(model) as recorder:
         _logits(model, windows)
-    with HeadIntervention(model, [(0, 1)], Edit("mean"), recorder.means), HeadCapture(model, [0]) as capture:
+    edit = Mean().prepared(model, [(0, 1)], windows, recorder.means)
+    with HeadIntervention(model, [(0, 1)], edit), HeadCapture(model, [0]) as capture:
         _logits(model, torch.randint(2, 90, (1, 5)))
     z = capture.heads[0].z[0, :, 1]  # (pos, d_head)
     torch.testing.assert_close(z, recorder.means[0, 1].expand_as(z))
     with pytest.raises(AttentionLensError, match="mean"):
-        HeadIntervention(model, [(0, 1)], Edit("mean"))
+        Mean().prepared(model, [(0, 1)], windows, None)
+
+
+def test_resample_writes_what_the_head_wrote_on_the_next_window():
+    model, pair = make_tiny_model("llama"), (1, 2)
+    windows = torch.randint(2, 90, (3, 9))
+    with HeadCapture(model, [1]) as capture:
+        _logits(model, windows)
+    clean = capture.heads[1].z[:, :, 2]  # (window, pos, d_head)
+    edit = Resample().prepared(model, [pair], windows, None, batch_size=2)
+    seen = []
+    with HeadIntervention(model, [pair], edit):
+        for start in (0, 2):  # the intervention counts windows across forward passes
+            with HeadCapture(model, [1]) as capture:
+                _logits(model, windows[start:start + 2])
+            seen.append(capture.heads[1].z[:, :, 2])
+    torch.testing.assert_close(torch.cat(seen), clean.roll(-1, dims=0))
+    with pytest.raises(AttentionLensError, match="two"):
+        Resample().prepared(model, [pair], windows[:1], None)
+
+
+def test_scale_minus_one_inverts_the_heads_output(tiny_model):
+    model, pair = tiny_model, (0, 1)
+    input_ids = torch.randint(2, 90, (1, 6))
+    with HeadCapture(model, [0]) as capture:
+        _logits(model, input_ids)
+    with HeadIntervention(model, [pair], Scale(-1.0)), HeadCapture(model, [0]) as inverted:
+        _logits(model, input_ids)
+    if model.post_attn_norm(0) is None:  # under a post-norm the shared scale changes too
+        torch.testing.assert_close(inverted.heads[0].z[:, :, 1], -capture.heads[0].z[:, :, 1])
+        torch.testing.assert_close(inverted.heads[0].z[:, :, 0], capture.heads[0].z[:, :, 0])
 
 
 def test_ablating_the_only_path_removes_the_tokens_mass_and_random_heads_do_not():
@@ -61,7 +93,7 @@ def test_ablating_the_only_path_removes_the_tokens_mass_and_random_heads_do_not(
     windows = torch.randint(2, 90, (4, 12))
     windows[windows == TOKEN] = TOKEN + 1
     windows[:, 5] = TOKEN  # a true next token once per window
-    result = ablate(model, [WRITER], [TOKEN], windows, Edit("zero"), repeats=5)
+    result = ablate(model, [WRITER], [TOKEN], windows, Zero(), repeats=5)
     assert result.clean.concept_mass > 0.9 and result.clean.concept_targets == 4
     assert result.found.metrics.concept_mass < 0.05 and result.found.mass_change < -0.9
     assert result.found.concept_drop > 3 and result.found.specific_drop > 3
@@ -79,14 +111,14 @@ def test_steering_with_scale_above_one_raises_the_tokens_mass():
     windows = torch.randint(2, 90, (2, 10))
     masses = []
     for factor in (0.0, 1.0, 3.0):
-        with HeadIntervention(model, [WRITER], Edit("scale", factor)):
+        with HeadIntervention(model, [WRITER], Scale(factor)):
             masses.append(measure(model, windows, [TOKEN]).concept_mass)
     assert masses[0] + 0.05 < masses[1] < masses[2] - 0.05, masses
 
 
 def test_generation_with_and_without_the_head():
     model = make_only_path()
-    plain, edited = generate(model, "abc", [WRITER], Edit("zero"), max_new_tokens=4)
+    plain, edited = generate(model, "abc", [WRITER], Zero(), max_new_tokens=4)
     assert plain == model.tokenizer.decode([TOKEN] * 4) and plain != edited
 
 
@@ -97,9 +129,13 @@ def test_bad_heads_are_refused(text, message):
 
 
 def test_modes_parse():
-    assert Edit.parse("scale=-1") == Edit("scale", -1.0) and str(Edit.parse("zero")) == "zero"
-    with pytest.raises(AttentionLensError, match="scale=X"):
-        Edit.parse("scale=big")
+    assert Intervention.parse("scale=-1") == Scale(-1.0) and str(Intervention.parse("zero")) == "zero"
+    assert str(Intervention.parse(" scale = 5 ")) == "scale=5" and isinstance(Intervention.parse("resample"), Resample)
+    assert set(INTERVENTIONS) == {"zero", "mean", "resample", "scale"}
+    for text, message in [("scale=big", "scale=-1"), ("zero=1", "no value"), ("flip", "resample"),
+                          ("scale=inf", "finite")]:
+        with pytest.raises(AttentionLensError, match=message):
+            Intervention.parse(text)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +148,14 @@ def test_cli_ablate(paths, capsys):
     model, corpus = paths
     base = ["ablate", "--model", str(model), "--heads", "1.0,0.3", "--concept", "fox, dog", "--data", str(corpus),
             "--tokens", "64", "--seq-len", "16"]
+    base += ["--min-targets", "5"]
     code, stdout, _ = run_cli(base + ["--mode", "mean", "--baseline", "random", "--repeats", "3", "--json"], capsys)
     assert code == 0
     document = json.loads(stdout)
     assert document["found"]["heads"] == ["1.0", "0.3"] and len(document["random"]) == 3
     assert document["verify"]["repeats"] == 3 and document["mode"] == "mean"
+    code, stdout, _ = run_cli(base + ["--mode", "resample", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["mode"] == "resample" and "verify" not in json.loads(stdout)
     code, stdout, _ = run_cli(base + ["--scale", "2"], capsys)
     assert code == 0 and "scale=2" in stdout
     code, _, err = run_cli(base[:4] + ["9.9"] + base[5:], capsys)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -13,30 +12,34 @@ from rich.table import Table
 from ..concepts import make_concept, read_concept_words, search as search_heads
 from ..data import DataConfig
 from ..errors import AttentionLensError
-from ..intervene import Edit, ablate as ablate_heads, concept_windows, generate as generate_text, parse_heads
+from ..intervene import Intervention, Scale, generate as generate_text, parse_heads
 from ..models import DEFAULT_MODEL, Model, load_model
 from ..notebook import visible
+from ..verify import (MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, ablate as ablate_heads, held_windows, verify_passes,
+                      verify_ranking)
 from .common import emit_json, err, lens_and_model
-from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
-from .options import (Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision, Scale,
-                      SeqLen)
+from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SCALE, MAX_SEED, MAX_TOKENS, within
+from .options import (Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision,
+                      Scale as ScaleOption, SeqLen)
+
+MinTargets = Annotated[int, typer.Option(help="Draw held-out windows until they hold this many concept target "
+                                              "positions (refused when the text has fewer).",
+                                         callback=within(1, MAX_TOKENS))]
+LayerMatched = Annotated[bool, typer.Option(help="Draw random heads with the same count per layer as the chosen ones.")]
+Bootstrap = Annotated[int, typer.Option(help="Bootstrap replicates (over windows) of the specific drop's 95% interval "
+                                             "(0: none).", callback=within(0, MAX_REPEATS))]
+Mode = Annotated[str, typer.Option(help="zero, mean (over the measured windows), resample (another window's output) "
+                                        "or scale=X (-1 inverts, X > 1 amplifies).")]
 
 
-def _edit(mode: str, scale: float | None) -> Edit:
+def _edit(mode: str, scale: float | None) -> Intervention:
     """--scale X is shorthand for --mode scale=X."""
-    return Edit("scale", scale) if scale is not None else Edit.parse(mode)
+    return Scale(factor=scale) if scale is not None else Intervention.parse(mode)
 
 
 def _pass_bar(what: str) -> Progress:
     return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed}/{task.total} forward passes"),
                     TimeElapsedColumn(), console=err)
-
-
-def _ablate_with_bar(loaded: Model, heads, concept, windows, edit: Edit, repeats: int, seed: int):
-    with _pass_bar("ablate") as bar:
-        task = bar.add_task("ablate", total=2 + repeats)
-        return ablate_heads(loaded, heads, concept.ids, windows, edit, repeats=repeats, seed=seed,
-                            on_pass=lambda done, total: bar.update(task, completed=done))
 
 
 def _check_counts(**counts: int) -> None:
@@ -45,40 +48,77 @@ def _check_counts(**counts: int) -> None:
             raise AttentionLensError(f"--{name.replace('_', '-')} must be at least {least}; got {value}")
 
 
+def parse_ks(text: str, available: int) -> list[int]:
+    """'1,3,8' -> [1, 3, 8]: head counts to verify, each from 1 to `available` (the heads ranked)."""
+    ks = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            raise AttentionLensError(f"--k {text!r}: give head counts like 1,3,8 (whole numbers from 1)")
+        if int(part) > available:
+            raise AttentionLensError(f"--k {part} is more heads than the {available} there are to rank; "
+                                     f"use at most {available}")
+        ks.append(int(part))
+    return sorted(set(ks))
+
+
 def search(
     concept: Concept,
     lens: LensSpec = "logit",
     model: LensModel = None,
     data: Data = "sotu",
-    tokens: int = typer.Option(2048, help="Tokens to score heads on (training side of the split); also --verify's.",
+    tokens: int = typer.Option(2048, help="Tokens to score heads on (training side of the split).",
                                callback=within(1, MAX_TOKENS)),
     seq_len: SeqLen = 128,
     holdout: float = typer.Option(0.1, help="Fraction of documents held out: --verify measures on them.",
                                   callback=within(0, 1, below=True)),
     top: int = typer.Option(10, help="Heads to show.", callback=within(1, MAX_K)),
-    verify: bool = typer.Option(False, help="Ablate the top 1% of heads; compare with random heads."),
-    mode: str = typer.Option("zero", help="--verify's intervention: zero, mean or scale=X."),
-    repeats: int = typer.Option(10, help="--verify's draws of random heads.", callback=within(0, MAX_REPEATS)),
+    verify: bool = typer.Option(False, help="Intervene on the top heads over held-out text; compare with random "
+                                            "heads; steer with them."),
+    k: Optional[str] = typer.Option(None, help="--verify's head counts, e.g. 1,3,8: one verification per count "
+                                               "(default: 1% of the heads)."),
+    min_targets: MinTargets = MIN_TARGETS,
+    mode: Mode = "zero",
+    repeats: int = typer.Option(MIN_REPEATS, help="--verify's draws of random heads (20 or more for a percentile).",
+                                callback=within(0, MAX_REPEATS)),
+    layer_matched: LayerMatched = True,
+    bootstrap: Bootstrap = 1000,
+    steer: float = typer.Option(STEER_ALPHA, help="--verify amplifies the largest k's heads by this factor and "
+                                                  "reports the concept's mass change (0: skip).",
+                                callback=within(-MAX_SCALE, MAX_SCALE)),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify}."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify, k_sweep, "
+                                                       "steer}."),
 ) -> None:
-    """Rank heads by how much their lens promotes a concept's tokens; --verify proves it by ablation."""
+    """Rank heads by how much their lens promotes a concept's tokens; --verify proves it by intervention."""
     _check_counts(tokens=(tokens, 1), top=(top, 1), repeats=(repeats, 2), seq_len=(seq_len, 2))
-    edit = Edit.parse(mode)
+    edit = Intervention.parse(mode)
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout)
+    available = len(lens_obj.config.layers) * len(lens_obj.config.heads)
+    ks = parse_ks(k, available) if k is not None else [max(1, round(loaded.n_layers * loaded.n_heads / 100))]
+    ks = [min(count, available) for count in ks]
     result = search_heads(lens_obj, found, data_config, tokens=tokens, seed=seed)
     document = {"concept": found.to_json(loaded.tokenizer), "lens": lens_obj.kind, "tokens": result.tokens,
                 "heads": [record.to_json() for record in result.records(top, loaded.tokenizer)]}
     if verify:
-        count = min(max(1, round(loaded.n_layers * loaded.n_heads / 100)), len(result.ranked()))
-        windows = concept_windows(loaded, data_config, found.ids, tokens, seed)
-        ablation = _ablate_with_bar(loaded, result.ranked()[:count], found, windows, edit, repeats, seed)
-        document["verify"] = ablation.verify_record()
+        held = held_windows(loaded, data_config, found.ids, min_targets, seed)
+        err.print(f"verify: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
+                  f"({held.drawn} drawn)")
+        alpha = steer or None
+        with _pass_bar("verify") as bar:
+            task = bar.add_task("verify", total=1 + verify_passes(ks, repeats, alpha is not None))
+            bar.update(task, advance=1)
+            records, steered = verify_ranking(loaded, result.ranked(), ks, found.ids, held, edit, repeats, seed,
+                                              layer_matched, bootstrap, alpha,
+                                              on_pass=lambda: bar.update(task, advance=1))
+        document["verify"] = records[-1]
+        document["k_sweep"] = records
+        document["steer"] = steered
     if as_json:
         emit_json(document)
         return
@@ -91,7 +131,10 @@ def search(
         table.add_row(str(rank), f"{record['layer']}.{record['head']}", f"{record['score']:.3f}", promoted)
     Console().print(table)
     if verify:
-        _print_record("verify", document["verify"])
+        _print_sweep(document["k_sweep"])
+        if document["steer"] is not None:
+            _print_record(f"steer: scale={document['steer']['alpha']:g} on the top {max(ks)} heads",
+                          document["steer"])
 
 
 def ablate(
@@ -99,15 +142,19 @@ def ablate(
     concept: Concept,
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
-    tokens: int = typer.Option(2048, help="Held-out tokens to measure on (windows holding a concept target).",
-                               callback=within(1, MAX_TOKENS)),
+    tokens: int = typer.Option(2048, help="Held-out tokens to measure on at least (windows holding a concept "
+                                          "target).", callback=within(1, MAX_TOKENS)),
+    min_targets: MinTargets = MIN_TARGETS,
     seq_len: SeqLen = 128,
     holdout: float = typer.Option(0.1, help="Fraction of documents held out; the measurement uses them.",
                                   callback=within(0, 1, below=True)),
-    mode: str = typer.Option("zero", help="zero, mean (over the measured windows) or scale=X."),
-    scale: Scale = None,
+    mode: Mode = "zero",
+    scale: ScaleOption = None,
     baseline: str = typer.Option("none", help="none, or random: the same number of random other heads."),
-    repeats: int = typer.Option(10, help="Random draws for --baseline random.", callback=within(0, MAX_REPEATS)),
+    repeats: int = typer.Option(MIN_REPEATS, help="Random draws for --baseline random.",
+                                callback=within(0, MAX_REPEATS)),
+    layer_matched: LayerMatched = True,
+    bootstrap: Bootstrap = 1000,
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
     revision: Revision = None,
@@ -123,11 +170,21 @@ def ablate(
     loaded = load_model(model, device=device, revision=revision, device_map=device_map)
     chosen = parse_heads(heads, loaded)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
-    windows = concept_windows(loaded, DataConfig(data=data, seq_len=seq_len, holdout=holdout), found.ids, tokens, seed)
-    result = _ablate_with_bar(loaded, chosen, found, windows, edit, repeats, seed)
-    document = {"concept": found.to_json(loaded.tokenizer), "mode": str(edit), "tokens": int(windows.numel()),
-                "clean": dataclasses.asdict(result.clean), "found": result.found.to_json(),
+    held = held_windows(loaded, DataConfig(data=data, seq_len=seq_len, holdout=holdout), found.ids, min_targets,
+                        seed, tokens)
+    err.print(f"ablate: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
+              f"({held.drawn} drawn)")
+    with _pass_bar("ablate") as bar:
+        task = bar.add_task("ablate", total=2 + repeats)
+        bar.update(task, advance=1)
+        result = ablate_heads(loaded, chosen, found.ids, held, edit, repeats=repeats, seed=seed,
+                              layer_matched=layer_matched, bootstrap=bootstrap,
+                              on_pass=lambda: bar.update(task, advance=1))
+    document = {"concept": found.to_json(loaded.tokenizer), "mode": str(edit), "tokens": int(held.windows.numel()),
+                "windows": int(held.windows.shape[0]), "windows_drawn": held.drawn,
+                "clean": result.clean.to_json(), "found": result.found.to_json(),
                 "random": [effect.to_json() for effect in result.random]}
+    document["specificity_interval"] = None if result.interval is None else list(result.interval)
     if repeats:
         document["verify"] = result.verify_record()
     if as_json:
@@ -136,15 +193,16 @@ def ablate(
     _print_concept(document["concept"])
     _print_record(f"{str(edit)} on {heads}", document["found"])
     if repeats:
-        _print_record(f"against {repeats} draws of random heads", document["verify"])
+        _print_record(f"against {repeats} {'layer-matched ' if layer_matched else ''}draws of random heads",
+                      document["verify"])
 
 
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt to continue.")],
     heads: HeadList,
     model: ModelName = DEFAULT_MODEL,
-    mode: str = typer.Option("zero", help="zero or scale=X."),
-    scale: Scale = None,
+    mode: str = typer.Option("zero", help="zero or scale=X (-1 inverts, X > 1 amplifies)."),
+    scale: ScaleOption = None,
     max_new_tokens: int = typer.Option(30, help="Tokens to generate (greedy).", callback=within(1, MAX_NEW_TOKENS)),
     device: Device = "cpu",
     revision: Revision = None,
@@ -183,3 +241,23 @@ def _print_record(title: str, record: dict) -> None:
     for key, value in record.items():
         shown = f"{value:.4f}" if isinstance(value, float) else value
         print(f"{key:>26}: {shown}")
+
+
+def _print_sweep(records: list[dict]) -> None:
+    table = Table(title="verify: the top k heads against random heads on held-out text")
+    for column in ("k", "concept drop", "random (mean ± std)", "z", "percentile", "specific drop [95%]",
+                   "loss change", "targets"):
+        table.add_column(column, justify="right")
+
+    def number(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for record in records:
+        interval = record["specificity_interval"]
+        specific = number(record["specificity"]) + ("" if interval is None else
+                                                    f" [{interval[0]:.3f}, {interval[1]:.3f}]")
+        table.add_row(str(record["k"]), number(record["found_drop"]),
+                      f"{number(record['random_drop_mean'])} ± {number(record['random_drop_std'])}",
+                      number(record["z_score"], 1), number(record["percentile"], 0), specific,
+                      number(record["collateral_loss_change"]), str(record["concept_targets"]))
+    Console().print(table)

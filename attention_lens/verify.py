@@ -1,0 +1,260 @@
+"""Verification of concept heads: intervene on them over enough held-out concept targets, against layer-matched
+random heads, with a bootstrap interval, a sweep over how many heads, and steering (amplify the heads)."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .data import DataConfig
+from .errors import AttentionLensError
+from .intervene import Effect, Head, HeadMeans, Intervention, Metrics, Scale, effect, measure
+from .models import Model
+from .stream import HeadStream
+
+MIN_TARGETS = 400
+"""Concept target positions a verification measures on by default: below a few hundred, the spread of random
+draws (~0.1 nats) swamps any real effect."""
+MIN_REPEATS = 20
+"""Fewest random draws a verification may use: the 95th percentile needs at least 20."""
+STEER_ALPHA = 5.0
+"""How much verification amplifies the found heads to steer toward the concept (Head Pursuit's alpha)."""
+
+
+@dataclass
+class HeldWindows:
+    """Held-out windows in which a concept token is a true next token, drawn until there were enough targets."""
+
+    windows: Tensor
+    """(window, seq_len) token ids."""
+    drawn: int
+    """Windows read from the held-out stream (kept or not) to find them."""
+    targets: int
+    """Concept target positions in `windows`."""
+
+
+def held_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], min_targets: int = MIN_TARGETS,
+                 seed: int = 0, tokens: int = 0) -> HeldWindows:
+    """Held-out windows holding a concept target, drawn in the stream's order until they hold `min_targets`
+    concept target positions (and `tokens` tokens); one clear error when the held-out text cannot supply them.
+
+    Concept tokens are rare in running text: keeping only windows that hold one gives the measurement its
+    targets for the fewest forward passes. Held-out documents (all documents when data.holdout is 0) keep the
+    text the heads are verified on apart from the text they were found on.
+    """
+    stream = HeadStream(model, data, split="held" if data.holdout > 0 else "all", seed=seed)
+    ids = torch.tensor(list(concept_ids))
+    kept: list[Tensor] = []
+    drawn = targets = 0
+    for window in stream.windows():
+        drawn += 1
+        found = int(torch.isin(window[1:], ids).sum())
+        if found:
+            kept.append(window)
+            targets += found
+        if targets >= min_targets and len(kept) * data.seq_len >= tokens:
+            return HeldWindows(windows=torch.stack(kept), drawn=drawn, targets=targets)
+    where = "held-out text" if data.holdout > 0 else "text"
+    raise AttentionLensError(f"the {where} holds only {targets} concept target positions (in {drawn} windows of "
+                             f"{data.seq_len} tokens); --min-targets asks for {min_targets}: use more data, a "
+                             "larger --holdout, more common words, or a lower --min-targets")
+
+
+def random_heads(model: Model, heads: Sequence[Head], rng: random.Random, layer_matched: bool = True) -> list[Head]:
+    """As many random heads as `heads`, none of them; layer-matched: the same count in each layer."""
+    chosen = set(heads)
+    if not layer_matched:
+        pool = [(layer, head) for layer in range(model.n_layers) for head in range(model.n_heads)
+                if (layer, head) not in chosen]
+        return sorted(rng.sample(pool, len(chosen)))
+    drawn: list[Head] = []
+    for layer in sorted({layer for layer, _ in chosen}):
+        count = sum(1 for found_layer, _ in chosen if found_layer == layer)
+        pool = [(layer, head) for head in range(model.n_heads) if (layer, head) not in chosen]
+        drawn.extend(rng.sample(pool, count))
+    return sorted(drawn)
+
+
+def check_random_pool(model: Model, heads: Sequence[Head], layer_matched: bool) -> None:
+    """One clear error where no random draw of the same shape as `heads` exists."""
+    chosen = set(heads)
+    if not layer_matched:
+        if model.n_layers * model.n_heads - len(chosen) < len(chosen):
+            raise AttentionLensError(f"the model has too few other heads for a random baseline of {len(chosen)} "
+                                     "heads; choose fewer heads")
+        return
+    for layer in sorted({layer for layer, _ in chosen}):
+        count = sum(1 for found_layer, _ in chosen if found_layer == layer)
+        if model.n_heads - count < count:
+            raise AttentionLensError(f"layer {layer} has {count} of its {model.n_heads} heads chosen and too few "
+                                     "others for a layer-matched random baseline; choose fewer heads or turn "
+                                     "layer matching off (--no-layer-matched)")
+
+
+@dataclass
+class AblationResult:
+    """An intervention on chosen heads, and the same intervention on random heads for comparison."""
+
+    edit: Intervention
+    clean: Metrics
+    found: Effect
+    random: list[Effect]
+    layer_matched: bool = True
+    interval: tuple[float, float] | None = None
+    """95% bootstrap interval (over windows) of the found heads' specific drop."""
+    held: HeldWindows | None = field(default=None, repr=False)
+
+    def verify_record(self) -> dict:
+        """found vs random: drops, their spread, z-score, percentile, specificity with its interval, collateral,
+        and how many targets (and windows) the measurement had."""
+        drops = [e.concept_drop for e in self.random]
+        specific = [e.specific_drop for e in self.random]
+        mean, std = _mean_std(drops)
+        specific_mean, specific_std = _mean_std(specific)
+        record = {
+            "k": len(self.found.heads),
+            "found_drop": self.found.concept_drop, "random_drop_mean": mean, "random_drop_std": std,
+            "specificity": self.found.specific_drop, "z_score": _z(self.found.concept_drop, mean, std),
+            "percentile": _percentile(self.found.concept_drop, drops),
+            "collateral_loss_change": self.found.loss_change,
+            "random_specificity_mean": specific_mean, "random_specificity_std": specific_std,
+            "specificity_z_score": _z(self.found.specific_drop, specific_mean, specific_std),
+            "specificity_percentile": _percentile(self.found.specific_drop, specific),
+            "specificity_interval": None if self.interval is None else list(self.interval),
+            "random_loss_change_mean": _mean_std([e.loss_change for e in self.random])[0],
+            "found_mass_change": self.found.mass_change,
+            "heads": [f"{layer}.{head}" for layer, head in self.found.heads], "mode": str(self.edit),
+            "repeats": len(self.random), "layer_matched": self.layer_matched,
+            "concept_targets": self.clean.concept_targets, "other_targets": self.clean.other_targets,
+            "clean_loss": self.clean.loss,
+        }
+        if self.held is not None:
+            record["windows"] = int(self.held.windows.shape[0])
+            record["windows_drawn"] = self.held.drawn
+        return record
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _z(value: float, mean: float | None, std: float | None) -> float | None:
+    """None where the random spread is zero or unknown: no finite z-score exists (and JSON has no inf)."""
+    if mean is None or not std:
+        return None
+    return (value - mean) / std
+
+
+def _percentile(value: float, draws: Sequence[float]) -> float | None:
+    """The empirical percentile of `value` among `draws` (ties count half): 100 = above every draw."""
+    if not draws:
+        return None
+    below = sum(1.0 if d < value else 0.5 if d == value else 0.0 for d in draws)
+    return 100.0 * below / len(draws)
+
+
+def bootstrap_specific_drop(clean: Metrics, edited: Metrics, replicates: int = 1000, seed: int = 0,
+                            level: float = 0.95) -> tuple[float, float] | None:
+    """A percentile interval of the specific drop (concept drop minus other drop), resampling whole windows:
+    positions within a window are not independent, windows are."""
+    if clean.per_window is None or edited.per_window is None or clean.per_window.shape[0] < 2 or replicates < 1:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    n = clean.per_window.shape[0]
+    picks = torch.randint(0, n, (replicates, n), generator=generator)  # (replicate, window)
+    a, b = clean.per_window[picks].sum(1), edited.per_window[picks].sum(1)  # (replicate, 4)
+    keep = (a[:, 1] > 0) & (a[:, 3] > 0)
+    a, b = a[keep], b[keep]
+    if not len(a):
+        return None
+    specific = (a[:, 0] - b[:, 0]) / a[:, 1] - (a[:, 2] - b[:, 2]) / a[:, 3]
+    low, high = torch.quantile(specific, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=specific.dtype))
+    return float(low), float(high)
+
+
+class CleanPass:
+    """The unmodified model on a set of windows: its metrics and every head's mean output (for Mean edits)."""
+
+    def __init__(self, model: Model, windows: Tensor, concept_ids: Sequence[int]):
+        with HeadMeans(model) as recorder:
+            self.metrics = measure(model, windows, concept_ids)
+        self.means = recorder.means
+
+
+@torch.no_grad()
+def ablate(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor | HeldWindows,
+           edit: Intervention, repeats: int = 0, seed: int = 0, layer_matched: bool = True,
+           bootstrap: int = 1000, clean: CleanPass | None = None,
+           on_pass: Callable[[], None] | None = None) -> AblationResult:
+    """Apply `edit` to `heads`, then to `repeats` draws of as many random other heads (layer-matched: the same
+    count in each layer); measure each pass, and bootstrap the found heads' specific drop over windows.
+
+    Random heads are drawn from the heads not chosen, so the baseline says what editing *other* heads does.
+    Means for mode 'mean' come from the unmodified pass over the same windows.
+    """
+    if not heads:
+        raise AttentionLensError("no heads to intervene on; give `heads` like 12.3,14.0")
+    held = windows if isinstance(windows, HeldWindows) else None
+    tokens = held.windows if held is not None else windows
+    if repeats:
+        check_random_pool(model, heads, layer_matched)
+    clean = clean or CleanPass(model, tokens, concept_ids)
+    found = effect(model, heads, edit, tokens, concept_ids, clean.metrics, clean.means)
+    if on_pass:
+        on_pass()
+    rng = random.Random(seed)
+    drawn = []
+    for _ in range(repeats):
+        drawn.append(effect(model, random_heads(model, heads, rng, layer_matched), edit, tokens, concept_ids,
+                            clean.metrics, clean.means))
+        if on_pass:
+            on_pass()
+    interval = bootstrap_specific_drop(clean.metrics, found.metrics, bootstrap, seed)
+    return AblationResult(edit=edit, clean=clean.metrics, found=found, random=drawn, layer_matched=layer_matched,
+                          interval=interval, held=held)
+
+
+@torch.no_grad()
+def steer(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor, clean: Metrics,
+          alpha: float = STEER_ALPHA) -> dict:
+    """Amplify `heads` by `alpha`: how much the concept's probability mass rises, at what overall loss change."""
+    steered = effect(model, heads, Scale(factor=alpha), windows, concept_ids, clean)
+    return {"alpha": alpha, "heads": [f"{layer}.{head}" for layer, head in heads],
+            "clean_concept_mass": clean.concept_mass, "concept_mass": steered.metrics.concept_mass,
+            "mass_change": steered.mass_change, "concept_logprob_change": -steered.concept_drop,
+            "loss_change": steered.loss_change}
+
+
+@torch.no_grad()
+def verify_ranking(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: Sequence[int],
+                   held: HeldWindows, edit: Intervention, repeats: int = MIN_REPEATS, seed: int = 0,
+                   layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = STEER_ALPHA,
+                   on_pass: Callable[[], None] | None = None) -> tuple[list[dict], dict | None]:
+    """Verify the top k of `ranked` for every k in `ks` (one clean pass shared); steer with the largest k's heads.
+
+    Returns one verify record per k (in the order of `ks`) and the steering record (None when alpha is None).
+    """
+    clean = CleanPass(model, held.windows, concept_ids)
+    records = [ablate(model, list(ranked[:k]), concept_ids, held, edit, repeats, seed, layer_matched, bootstrap,
+                      clean, on_pass).verify_record() for k in ks]
+    steered = None
+    if alpha is not None:
+        steered = steer(model, list(ranked[:max(ks)]), concept_ids, held.windows, clean.metrics, alpha)
+        if on_pass:
+            on_pass()
+    return records, steered
+
+
+def verify_passes(ks: Sequence[int], repeats: int, steer_too: bool) -> int:
+    """Forward passes over the windows `verify_ranking` makes after its clean pass (for a progress bar)."""
+    return len(ks) * (1 + repeats) + int(steer_too)
