@@ -168,7 +168,7 @@ class Scale(Intervention):
         return f"scale={self.factor:g}"
 
 
-INTERVENTIONS: dict[str, type[Intervention]] = {kind.name: kind for kind in (Zero, Mean, Resample, Scale)}
+INTERVENTIONS: dict[str, type[Intervention]] = {cls.name: cls for cls in (Zero, Mean, Resample, Scale)}
 """Every kind of intervention by the name `--mode` takes."""
 
 
