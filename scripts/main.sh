@@ -8,9 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 lens=lenses/smollm2
-rm -f "$lens/eval-sotu.json" report.html  # this job's own outputs from an earlier run: the commands refuse to overwrite
 .venv/bin/attention-lens fit --model smollm2-135m --data sotu --tokens 49152 --eval-tokens 0 --out "$lens" --overwrite
-.venv/bin/attention-lens eval --lens "$lens" --data sotu --tokens 512 --constant-tokens 4096 --out "$lens/eval-sotu.json"
-.venv/bin/attention-lens report --lens "$lens" --eval "$lens/eval-sotu.json" --out report.html
+.venv/bin/attention-lens eval --lens "$lens" --data sotu --tokens 512 --constant-tokens 4096 --out "$lens/eval-sotu.json" --overwrite
+.venv/bin/attention-lens report --lens "$lens" --eval "$lens/eval-sotu.json" --out report.html --overwrite
 .venv/bin/attention-lens decode --lens "$lens" "The capital of France is"
 echo "Open $(pwd)/report.html for every head's scores and the token grid of a prompt."
