@@ -161,9 +161,21 @@ class ConceptHead:
     layer: int
     head: int
     score: float
-    """Lift averaged over the concept's tokens, nats."""
+    """What heads are ranked by: the method's score for the concept over its mean for random token sets."""
     top_tokens: list[ConceptToken]
+    concept_score: float | None = None
+    """The method's score for the concept itself (lift in nats; pursuit: explained share of variance)."""
+    control_mean: float | None = None
+    """The same score for frequency-matched random token sets of the concept's size: their mean..."""
+    control_std: float | None = None
+    """... and standard deviation."""
+    control_z: float | None = None
+    """score / control_std: how far above the random sets the concept is."""
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "score": self.score,
-                "top_tokens": [t.to_json() for t in self.top_tokens]}
+        out = {"layer": self.layer, "head": self.head, "score": self.score,
+               "top_tokens": [t.to_json() for t in self.top_tokens]}
+        for key in ("concept_score", "control_mean", "control_std", "control_z"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out

@@ -13,14 +13,16 @@ from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 TOKEN, WRITER = 17, (1, 2)
 
 
-def make_only_path(token: int = TOKEN, writer: tuple[int, int] = WRITER, strength: float = 10.0):
+def make_only_path(token: int = TOKEN, writer: tuple[int, int] = WRITER, strength: float = 10.0,
+                   varying: bool = False):
     """A tiny Qwen2 in which head `writer` is the only path for `token`: nothing else reaches its logit.
 
     Residual dimension 0 is written by no embedding, no MLP and no head except `writer`, whose z_h is its
     value bias (value weights zero) whatever it attends to; W_U[token] reads dimension 0 alone. So the
     token's logit is large with the head and exactly 0 without it (and the other logits stay near 0).
     A small `strength` keeps the head's write comparable to the rest of the residual, so that the final
-    norm does not saturate and scaling the head changes the token's probability.
+    norm does not saturate and scaling the head changes the token's probability. `varying` keeps the head's
+    value weights, so what it writes (still the only write to dimension 0) varies with what it attends to.
     """
     model = make_tiny_model("qwen2", randomize_norms=False)
     hf, d_head = model.hf, model.d_head
@@ -32,7 +34,8 @@ def make_only_path(token: int = TOKEN, writer: tuple[int, int] = WRITER, strengt
             block.mlp.down_proj.weight[0] = 0
         attention = hf.model.layers[layer].self_attn
         group = head // (model.n_heads // model.config.num_key_value_heads)
-        attention.v_proj.weight[group * d_head:(group + 1) * d_head] = 0
+        if not varying:
+            attention.v_proj.weight[group * d_head:(group + 1) * d_head] = 0
         attention.v_proj.bias[group * d_head:(group + 1) * d_head] = 1.0
         attention.o_proj.weight[0, head * d_head:(head + 1) * d_head] = strength
         hf.model.norm.weight.fill_(1.0)
@@ -138,6 +141,16 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
     steer = document["steer"]
     assert steer["alpha"] == 5 and steer["heads"] == verify["heads"] and steer["concept_mass"] > 0
 
+    assert document["method"] == "lens" and document["lens"] == "dla"
+    assert {"concept_score", "control_mean", "control_std", "control_z"} <= set(document["heads"][0])
+
+    code, stdout, _ = run_cli(["search", "--model", str(model), "--method", "pursuit", "--concept", "fox, dog",
+                               "--data", str(corpus), "--tokens", "64", "--seq-len", "16", "--json"], capsys)
+    assert code == 0
+    pursuit = json.loads(stdout)
+    assert pursuit["method"] == "pursuit" and len(pursuit["heads"]) == 8 and "verify" not in pursuit
+    assert all(0 <= head["concept_score"] <= 1 + 1e-6 for head in pursuit["heads"])  # a share of variance
+
     code, stdout, _ = run_cli(argv[:-1], capsys)  # human output: tables
     assert code == 0 and "score" in stdout and "top k heads" in stdout and "steer" in stdout
 
@@ -152,6 +165,7 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
     (["--concept", "fox", "--k", "0"], "whole numbers"),
     (["--concept", "fox", "--min-targets", "100000"], "--min-targets asks for 100000"),
     (["--concept", "fox", "--mode", "flip"], "resample"),
+    (["--concept", "fox", "--method", "magic"], "pursuit"),
 ])
 def test_cli_search_refuses_bad_concept_input_in_one_line(tmp_path, corpus, capsys, extra, message):
     model = make_model_dir(tmp_path / "model")

@@ -9,12 +9,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..concepts import make_concept, read_concept_words, search as search_heads
+from ..concepts import make_concept, read_concept_words
 from ..data import DataConfig
 from ..errors import AttentionLensError
 from ..intervene import Intervention, Scale, generate as generate_text, parse_heads
 from ..models import DEFAULT_MODEL, Model, load_model
 from ..notebook import visible
+from ..scoring import CONTROL_SETS, METHODS, score_heads
 from ..verify import (MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, ablate as ablate_heads, held_windows, verify_passes,
                       verify_ranking)
 from .common import emit_json, err, lens_and_model
@@ -65,6 +66,12 @@ def parse_ks(text: str, available: int) -> list[int]:
 def search(
     concept: Concept,
     lens: LensSpec = "logit",
+    method: str = typer.Option("lens", help="How heads are scored: " + ", ".join(METHODS) + " (lens: the --lens's "
+                                            "lift; pursuit: sparse pursuit of head outputs over the concept's "
+                                            "unembedding rows), each over frequency-matched random token sets."),
+    control_sets: int = typer.Option(CONTROL_SETS, help="Frequency-matched random token sets of the concept's size "
+                                                        "every head's score is compared with.",
+                                     callback=within(2, MAX_REPEATS)),
     model: LensModel = None,
     data: Data = "sotu",
     tokens: int = typer.Option(2048, help="Tokens to score heads on (training side of the split).",
@@ -93,17 +100,24 @@ def search(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify, k_sweep, "
                                                        "steer}."),
 ) -> None:
-    """Rank heads by how much their lens promotes a concept's tokens; --verify proves it by intervention."""
+    """Rank heads by how much they carry a concept (--method) over random token sets; --verify proves it by
+    intervention."""
     _check_counts(tokens=(tokens, 1), top=(top, 1), repeats=(repeats, 2), seq_len=(seq_len, 2))
     edit = Intervention.parse(mode)
+    scorer = METHODS.get(method)
+    if scorer is None:
+        raise AttentionLensError(f"--method {method!r}: use one of {', '.join(METHODS)}")
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout)
-    available = len(lens_obj.config.layers) * len(lens_obj.config.heads)
+    reading = scorer.lens(lens_obj, loaded)
+    available = (len(reading.config.layers) * len(reading.config.heads) if scorer.needs_lens
+                 else loaded.n_layers * loaded.n_heads)
     ks = parse_ks(k, available) if k is not None else [max(1, round(loaded.n_layers * loaded.n_heads / 100))]
     ks = [min(count, available) for count in ks]
-    result = search_heads(lens_obj, found, data_config, tokens=tokens, seed=seed)
-    document = {"concept": found.to_json(loaded.tokenizer), "lens": lens_obj.kind, "tokens": result.tokens,
+    result = score_heads(scorer, lens_obj, found, data_config, tokens=tokens, seed=seed, sets=control_sets)
+    document = {"concept": found.to_json(loaded.tokenizer), "lens": reading.kind, "method": scorer.name,
+                "control_sets": control_sets, "tokens": result.tokens,
                 "heads": [record.to_json() for record in result.records(top, loaded.tokenizer)]}
     if verify:
         held = held_windows(loaded, data_config, found.ids, min_targets, seed)
@@ -123,12 +137,15 @@ def search(
         emit_json(document)
         return
     _print_concept(document["concept"])
-    table = Table(title=f"{lens_obj.kind} lens: heads that promote the concept ({result.tokens} tokens)")
-    for column in ("rank", "head", "score (nats)", "top concept tokens (lift, nats)"):
+    table = Table(title=f"{scorer.name}: heads that carry the concept ({result.tokens} tokens; score over "
+                        f"{control_sets} frequency-matched random token sets)")
+    for column in ("rank", "head", "score", "concept", "random sets", "z", "top concept tokens"):
         table.add_column(column, justify="left" if column.startswith("top") else "right")
     for rank, record in enumerate(document["heads"], start=1):
         promoted = ", ".join(f"{visible(t['token'])} {t['lift']:.2f}" for t in record["top_tokens"])
-        table.add_row(str(rank), f"{record['layer']}.{record['head']}", f"{record['score']:.3f}", promoted)
+        table.add_row(str(rank), f"{record['layer']}.{record['head']}", f"{record['score']:.3f}",
+                      f"{record['concept_score']:.3f}", f"{record['control_mean']:.3f} ± {record['control_std']:.3f}",
+                      f"{record['control_z']:.1f}", promoted)
     Console().print(table)
     if verify:
         _print_sweep(document["k_sweep"])
