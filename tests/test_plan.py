@@ -90,9 +90,9 @@ print(f'PEAK {peak * 1024} {code}')
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from /proc")
-@pytest.mark.parametrize("batch_size, layers", [(4, "0-29"), (8, "15-29")])
+@pytest.mark.parametrize("batch_size, layers", [(4, "20-29"), (8, "25-29")])
 def test_predicted_peak_is_within_ten_percent_of_a_real_run(tmp_path, capsys, batch_size, layers):
-    """SmolLM2 on CPU: `train` in a fresh process, its peak resident memory against plan's figure."""
+    """SmolLM2 on CPU: one step of `train` in a fresh process, its peak resident memory against plan's figure."""
     code, out, err = run_cli(["plan", "--model", "smollm2-135m", "--kind", "affine", "--layers", layers,
                               "--batch-size", batch_size, "--seq-len", 128, "--json"], capsys)
     assert code == 0, err
@@ -101,9 +101,9 @@ def test_predicted_peak_is_within_ten_percent_of_a_real_run(tmp_path, capsys, ba
            "PYTHONPATH": os.pathsep.join([str(Path(al.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(
         [sys.executable, "-c", MEASURE, "train", "--model", "smollm2-135m", "--kind", "affine", "--layers", layers,
-         "--tokens", str(2 * batch_size * 128), "--batch-size", str(batch_size), "--seq-len", "128",
+         "--tokens", str(batch_size * 128), "--batch-size", str(batch_size), "--seq-len", "128",
          "--eval-tokens", "0", "--out", str(tmp_path / "lens")],
-        capture_output=True, text=True, env=env, timeout=1800)
+        capture_output=True, text=True, env=env, timeout=3600)
     peak_line = [line for line in run.stdout.splitlines() if line.startswith("PEAK ")]
     assert peak_line and peak_line[0].endswith(" 0"), run.stderr[-2000:]
     measured = int(peak_line[0].split()[1])
