@@ -15,6 +15,7 @@ from ..plan import Plan, model_shape, plan as plan_run, skeleton
 from ..sources import read_config
 from ..train import DTYPES
 from .common import emit_json, parse_indices
+from .numbers import MAX_BATCH, MAX_TOKENS, within
 from .options import Device, DeviceMap, Layers, ModelName, Revision, SeqLen
 
 
@@ -24,8 +25,8 @@ def plan(
     kind: str = typer.Option("affine", help="Lens kind: a trainable one (affine, full) plans training; logit or "
                              "dla plans reading every head."),
     layers: Layers = None,
-    tokens: int = typer.Option(20_000, help="Tokens to predict the time for."),
-    batch_size: int = typer.Option(4, help="Windows per step."),
+    tokens: int = typer.Option(20_000, help="Tokens to predict the time for.", callback=within(1, MAX_TOKENS)),
+    batch_size: int = typer.Option(4, help="Windows per step.", callback=within(1, MAX_BATCH)),
     seq_len: SeqLen = 128,
     dtype: str = typer.Option("float32", help="Training dtype of the vocabulary-sized matmuls: float32 | bfloat16."),
     device: Device = "cpu",
@@ -36,9 +37,6 @@ def plan(
     get_kind(kind)  # an unknown kind is one clear error
     if dtype not in DTYPES:
         raise AttentionLensError(f"unknown --dtype {dtype!r}; use {' or '.join(DTYPES)}")
-    for value, flag in ((tokens, "--tokens"), (batch_size, "--batch-size"), (seq_len, "--seq-len")):
-        if value < 1:
-            raise AttentionLensError(f"{flag} must be at least 1, got {value}")
     config = read_config(model, revision)
     shape = model_shape(config, model)
     result = plan_run(shape, kind=kind, tokens=tokens, batch_size=batch_size, seq_len=seq_len,
