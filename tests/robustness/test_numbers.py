@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from attention_lens.cli import main
@@ -168,16 +168,30 @@ HOSTILE = st.sampled_from(["nan", "inf", "-inf", "0", "-0.0", "-1", "1e300", str
 ORDINARY = st.one_of(st.integers(-3, 40).map(str), st.floats(-3, 3, allow_nan=False).map(repr))
 
 
-@pytest.mark.slow
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                    HealthCheck.too_slow])
-@given(option=st.sampled_from(OPTIONS), value=st.one_of(HOSTILE, ORDINARY))
-def test_any_value_either_runs_to_strict_json_or_is_one_line(world, tmp_path_factory, capsys, option, value):
+def probe(world, directory: Path, capsys, option, value) -> None:
     command, flag, _ = option
-    argv, outputs = probe_args(command, world, tmp_path_factory.mktemp("probe"), flag, value)
+    argv, outputs = probe_args(command, world, directory, flag, value)
     code = main(argv)
     out, err = capsys.readouterr()
+    event(f"exit {code}")  # --hypothesis-show-statistics: how many probes ran to the end, how many were refused
     check_contract(code, out, err, outputs, f"{command} {flag} {value}")
+
+
+PROBE_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(max_examples=40, **PROBE_SETTINGS)
+@given(option=st.sampled_from(OPTIONS), value=st.one_of(HOSTILE, ORDINARY))
+def test_any_value_either_runs_to_strict_json_or_is_one_line(world, tmp_path_factory, capsys, option, value):
+    """Random draws, accepted values included: those run the command to its end on the tiny model."""
+    probe(world, tmp_path_factory.mktemp("probe"), capsys, option, value)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **PROBE_SETTINGS)
+@given(option=st.sampled_from(OPTIONS), value=st.one_of(HOSTILE, ORDINARY))
+def test_many_more_values(world, tmp_path_factory, capsys, option, value):
+    probe(world, tmp_path_factory.mktemp("probe"), capsys, option, value)
 
 
 def test_refused_in_a_real_process(world, tmp_path):
