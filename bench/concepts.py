@@ -23,6 +23,7 @@ import torch
 import attention_lens as al
 from attention_lens.concepts import make_concept
 from attention_lens.data import DataConfig
+from attention_lens.errors import AttentionLensError
 from attention_lens.intervene import Zero
 from attention_lens.scoring import METHODS, score_heads
 from attention_lens.verify import held_windows, verify_ranking
@@ -59,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             start = time.perf_counter()
             scored = score_heads(METHODS[method], al.Lens.from_model(model, "logit"), concept, data, args.tokens)
-            records, steer = verify_ranking(model, scored.ranked(), ks, concept.ids, held, Zero(), args.repeats)
+            try:
+                records, steer = verify_ranking(model, scored.ranked(), ks, concept.ids, held, Zero(), args.repeats)
+            except AttentionLensError as error:  # e.g. top heads crowding one layer: no layer-matched draw
+                print(f"| {method} | {name} | - | {error} |", file=sys.stderr, flush=True)
+                rows.append({"method": method, "concept": name, "error": str(error)})
+                continue
             for record in records:
                 rows.append({"method": method, "concept": name, **record,
                              "steer_mass_change": steer["mass_change"] if record["k"] == max(ks) else None,
