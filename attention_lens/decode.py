@@ -30,10 +30,12 @@ class DecodeResult:
     kind: str
     heads: list[HeadTop] = field(default_factory=list)
     """One record per (layer, head, position)."""
+    reading: str = "raw"
+    """raw | promoted | effect: what the tokens are ranked by (readings.py)."""
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "positions": self.positions, "lens": self.kind,
-                "heads": [record.to_json() for record in self.heads]}
+                "reading": self.reading, "heads": [record.to_json() for record in self.heads]}
 
     def top_token(self, layer: int, head: int, position: int) -> str:
         for record in self.heads:
@@ -51,24 +53,37 @@ class DecodeResult:
 
 @torch.no_grad()
 def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str = -1,
-           exact: bool = False) -> DecodeResult:
+           exact: bool = False, reading: str = "raw", prior: Tensor | None = None,
+           means: Tensor | None = None) -> DecodeResult:
     """Top-k tokens of every lens head at `position` (default: last; 'all' for every position).
 
     Ids and logits are those of an fp32 readout (a bf16 screen proposes candidates, fp32 rechecks them and a
     bound certifies the result; see vocab_topk). Probabilities use bf16 logits for tokens outside the top 64:
     measured within 1.1% (relative) of fp32 on SmolLM2. `exact=True` computes everything in fp32 (~2.5x slower).
+
+    reading='promoted' ranks by the lens's log-probability minus `prior` (vocab,), a log-distribution
+    (readings.prior_log_probs); reading='effect' by E_h = read(z_h) - read(z̄_h), z̄_h from `means`
+    (layer, head, d_head), the raw projection inputs' means (readings.cached_head_means). Both in fp32.
     """
     if lens._model is not model:
         lens.to(model.device).bind(model)
     if not 1 <= k <= model.vocab:  # a k past the vocabulary is a mistake, not a request for everything
         raise AttentionLensError(f"`k` (top-k) must be from 1 to the vocabulary size, {model.vocab}; got {k}")
+    if reading not in ("raw", "promoted", "effect"):
+        raise AttentionLensError(f"unknown reading {reading!r}; use raw, promoted or effect")
+    if (reading == "promoted" and prior is None) or (reading == "effect" and means is None):
+        raise AttentionLensError(f"the {reading} reading needs its corpus statistics: "
+                                 f"{'prior' if reading == 'promoted' else 'means'} (see attention_lens.readings)")
     input_ids = model.encode(text)
     length = input_ids.shape[1]
     positions = _positions(position, length)
     _, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=lens.kind_spec.needs_final_residual)
     final_scale = capture.final_scale(positions)  # one prompt: its tokens are the positions
     result = DecodeResult(text=text, tokens=[model.token_text(int(i)) for i in input_ids[0]],
-                          positions=positions, kind=lens.kind)
+                          positions=positions, kind=lens.kind, reading=reading)
+    if reading != "raw":
+        _decode_reading(lens, capture, positions, final_scale, k, reading, prior, means, result)
+        return result
     tops = []
     # A full lens's hidden vectors already are (rows x vocab) logits: bound their memory per group.
     max_rows = 1 << 20 if lens.kind_spec.to_unembedding else 2048
@@ -88,6 +103,40 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
                        for i, lg, pr in zip(ids[p_index][h_index], logits[p_index][h_index], probs[p_index][h_index])]
                 result.heads.append(HeadTop(layer=layer, head=head, position=pos, top=top))
     return result
+
+
+def _decode_reading(lens: Lens, capture, positions: list[int], final_scale: Tensor | None, k: int, reading: str,
+                    prior: Tensor | None, means: Tensor | None, result: DecodeResult) -> None:
+    """The promoted and effect readings, layer by layer in fp32: (position, head, vocab) at a time."""
+    model = lens.model
+    k = min(k, model.vocab)
+    rows = []
+    for layer in lens.config.layers:
+        heads = capture.heads.pop(layer)
+        z = heads.z[0, positions]  # (position, head, d_head)
+        logits = lens.logits(z, layer, final_scale).float()  # (position, lens head, vocab)
+        if reading == "promoted":
+            log_q = torch.log_softmax(logits, dim=-1)
+            top = (log_q - prior).topk(k, dim=-1)
+            values = {"logit": logits.gather(-1, top.indices), "prob": log_q.gather(-1, top.indices).exp(),
+                      "promoted": top.values}
+        else:
+            z_bar = means[layer].to(z.dtype).expand_as(z)
+            if heads.scale is not None:  # Gemma: the lens reads z times the post-attention norm's scale
+                z_bar = z_bar * heads.scale[0, positions][:, None, None]
+            top = (logits - lens.logits(z_bar, layer, final_scale).float()).topk(k, dim=-1)
+            values = {"logit": top.values, "change": top.values}
+        rows.append((layer, top.indices.tolist(),
+                     {name: _rounded(value, 6 if name == "prob" else 4).tolist() for name, value in values.items()}))
+    distinct = sorted({i for _, ids, _ in rows for row in ids for head in row for i in head})
+    texts = dict(zip(distinct, model.token_texts(distinct)))
+    for layer, ids, values in rows:
+        for p_index, pos in enumerate(positions):
+            for h_index, head in enumerate(lens.config.heads):
+                top = [TokenScore(token=texts[i], id=i, **{"prob": None, **{
+                           name: value[p_index][h_index][rank] for name, value in values.items()}})
+                       for rank, i in enumerate(ids[p_index][h_index])]
+                result.heads.append(HeadTop(layer=layer, head=head, position=pos, top=top))
 
 
 def _top_k(lens: Lens, hidden: Tensor, final_scale: Tensor | None, k: int, exact: bool) -> VocabTopK:

@@ -62,6 +62,12 @@ class LensKind(ABC):
     """Its logits are the model's readout of `unembed_input` (b_U and soft-cap included); False: a linear map."""
     closed_form: ClassVar[bool] = False
     """`fit` can set it by ridge regression (`set_affine`)."""
+    default_reading: ClassVar[str] = "raw"
+    """What `decode` shows by default (readings.py): raw tokens, promoted over the prior (trained predictive
+    lenses, whose raw tokens are mostly the prior), or the predicted effect of removing the head."""
+    reads_effects: ClassVar[bool] = False
+    """Trained on measured head effects (`--objective effect`, effect_lens.py): a linear attribution with a learned
+    map, fitted by least squares of the measured effects."""
 
     def parameter_shapes(self, layers: int, heads: int, d_head: int, d_model: int, vocab: int) -> dict[str, tuple]:
         """Name -> shape of each parameter for `layers` x `heads` lens heads; none for untrained kinds."""
@@ -195,6 +201,7 @@ class AffineKind(ResidualKind):
     name = "affine"
     description = "final norm + W_U of o_h + z_h B_h + b_h: a per-head correction of the logit lens, trained"
     closed_form = True
+    default_reading = "promoted"
 
     def parameter_shapes(self, layers: int, heads: int, d_head: int, d_model: int, vocab: int) -> dict[str, tuple]:
         return {"delta": (layers, heads, d_head, d_model), "bias": (layers, heads, d_model)}
@@ -219,6 +226,7 @@ class FullKind(LensKind):
     description = "z_h W_h + c_h straight to the vocabulary: the Attention Lens paper's map, on z_h"
     to_unembedding = False
     model_readout = False
+    default_reading = "promoted"
 
     def parameter_shapes(self, layers: int, heads: int, d_head: int, d_model: int, vocab: int) -> dict[str, tuple]:
         return {"weight": (layers, heads, d_head, vocab), "bias": (layers, heads, vocab)}
@@ -246,7 +254,26 @@ class FullKind(LensKind):
         return hidden
 
 
+@register
+class EffectKind(DlaKind):
+    """dla's form with a learned map: W_U (gamma * C z_h (W_O_h + B_h)) / sigma_final(pos); B_h zero-init, so untrained
+    it is `dla`. Trained (`--objective effect`) so that its reading of z_h - z̄_h predicts what removing the head does
+    to the output, through later layers too (effect_lens.py)."""
+
+    name = "effect"
+    description = ("dla's form with a learned d_head -> d_model map, trained so that its reading of z_h - z̄_h "
+                   "predicts what removing the head does to the output (untrained it is dla)")
+    default_reading = "effect"
+    reads_effects = True
+
+    def parameter_shapes(self, layers: int, heads: int, d_head: int, d_model: int, vocab: int) -> dict[str, tuple]:
+        return {"delta": (layers, heads, d_head, d_model)}
+
+    def affine_map(self, lens: Any, layer: int) -> tuple[Tensor, Tensor | None]:
+        return lens.model.W_O[layer, lens.config.heads] + lens.delta[lens.layer_index(layer)], None
+
+
 def _final_scale(final_scale: Tensor | None) -> Tensor:
     if final_scale is None:
-        raise AttentionLensError("the dla lens needs final_scale: sigma of the final residual")
+        raise AttentionLensError("attribution lenses (dla, effect) need final_scale: sigma of the final residual")
     return final_scale

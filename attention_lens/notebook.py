@@ -162,8 +162,9 @@ def decode_grid(result: DecodeResult, position: int | None = None) -> Grid:
                 layers=sorted({r.layer for r in records}), heads=sorted({r.head for r in records}))
     for r in records:
         best = r.top[0]
-        hover = "\n".join(f"{visible(t.token)}  {t.prob:.1%}" for t in r.top)
-        grid.cells[r.layer, r.head] = Cell(best.prob, f"{visible(best.token)} {best.prob:.0%}",
+        hover = "\n".join(f"{visible(t.token)}  {t.shown()}" for t in r.top)
+        grid.cells[r.layer, r.head] = Cell(best.prob if best.prob is not None else 0.0,
+                                           f"{visible(best.token)} {best.shown()}",
                                            f"L{r.layer}.H{r.head}\n{hover}")
     return grid
 

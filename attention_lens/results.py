@@ -17,10 +17,30 @@ class TokenScore:
     token: str
     id: int
     logit: float
-    prob: float
+    """The lens's logit; under the effect reading, the predicted logit change (= `change`)."""
+    prob: float | None
+    """The lens's probability; None under the effect reading (a change has no probability)."""
+    promoted: float | None = None
+    """Promoted reading: the lens's log-probability minus the prior's, nats (what it was ranked by)."""
+    change: float | None = None
+    """Effect reading: E_h = read(z_h) - read(z̄_h) for this token (what it was ranked by)."""
 
     def to_json(self) -> dict:
-        return {"token": self.token, "id": self.id, "logit": self.logit, "prob": self.prob}
+        record = {"token": self.token, "id": self.id, "logit": self.logit, "prob": self.prob}
+        if self.promoted is not None:
+            record["promoted"] = self.promoted
+        if self.change is not None:
+            record["change"] = self.change
+        return record
+
+    def shown(self) -> str:
+        """Its number as a table cell shows it: probability (raw), nats over the prior (promoted), or the predicted
+        logit change (effect)."""
+        if self.promoted is not None:
+            return f"{self.promoted:+.1f}"
+        if self.change is not None:
+            return f"{self.change:+.2f}"
+        return f"{self.prob:.0%}"
 
 
 @dataclass

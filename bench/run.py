@@ -268,6 +268,40 @@ def decode_floor(model, prompt_tokens: int, repeats: int = 5) -> float:
     return seconds(lambda: y @ W_U.T, repeats)
 
 
+def effects_rates(model, batch, naive_layers) -> dict:
+    """Head effects (KL and mean change per token, every head): ours (clean pass once, replay layers L.. for all of
+    L's heads at once) against the naive loop (one full forward pass per head under HeadIntervention), on the same
+    windows. The naive cost per head does not depend on its layer, so it is timed on the heads of `naive_layers`."""
+    from attention_lens.effects import Ablation, EffectsConfig, EffectTotals, head_means
+    from attention_lens.intervene import Edit, HeadIntervention
+
+    means = head_means(model, DATA, 2 * SEQ, BATCH, 0)
+    layers = list(range(model.n_layers))
+
+    def ours():
+        totals = EffectTotals(model, layers, EffectsConfig(bootstrap=2, examples=0))
+        totals.add(Ablation(model, layers, "mean", means, torch.bfloat16).measure(batch))
+
+    def naive():
+        with torch.no_grad():
+            log_p = torch.log_softmax(model.hf(input_ids=batch, use_cache=False).logits.float(), -1)
+            p = log_p.exp()
+            for layer in naive_layers:
+                for head in range(model.n_heads):
+                    with HeadIntervention(model, [(layer, head)], Edit("mean"), means):
+                        log_q = torch.log_softmax(model.hf(input_ids=batch, use_cache=False).logits.float(), -1)
+                    change = log_p - log_q
+                    (p * change).sum(-1)
+                    change.flatten(0, 1).sum(0)
+
+    ours_seconds = seconds(ours, repeats=1)
+    naive_seconds = seconds(naive, repeats=1)
+    ours_rate = batch.numel() * len(layers) * model.n_heads / ours_seconds
+    naive_rate = batch.numel() * len(naive_layers) * model.n_heads / naive_seconds
+    return {"effects_head_tokens_per_s": round(ours_rate, 1), "effects_naive_head_tokens_per_s": round(naive_rate, 1),
+            "effects_speedup_vs_naive": round(ours_rate / naive_rate, 2), "effects_tokens": batch.numel()}
+
+
 def rss_child(dtype_name: str) -> float:
     """Peak RSS (GB) of an all-heads training step, alone in its own process."""
     code = ("import torch, attention_lens as al; from attention_lens.train import _step; "
@@ -288,6 +322,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 10 minutes on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--only", choices=["effects"], help="run one part alone (its keys only)")
     args = parser.parse_args()
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     dtype = getattr(torch, args.dtype)
@@ -295,6 +330,13 @@ def main() -> None:
     model = al.load_model("smollm2-135m")
     vocab, d_model = model.vocab, model.d_model
     rounds = 3 if args.quick else 5
+    effects_batch = held_batches(model, 1)[0][:1 if args.quick else 2]
+    naive_layers = [0, 15, 29] if args.quick else list(range(0, model.n_layers, 3))
+    if args.only == "effects":
+        log("head effects: ours vs one forward pass per head ...")
+        result = effects_rates(model, effects_batch, naive_layers)
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>34}  {v}" for k, v in result.items()))
+        return
 
     log("measuring GEMM peaks and the exp rate ...")
     peaks = {
@@ -335,6 +377,8 @@ def main() -> None:
     decode_last = seconds(lambda: al.decode(model, logit, prompt, k=10))
     floor = decode_floor(model, prompt_tokens)
     peak_rss = rss_child(args.dtype)
+    log("head effects: ours vs one forward pass per head ...")
+    effects = effects_rates(model, effects_batch, naive_layers)
 
     log("eval: bf16 tiles vs the fp32 path, all heads ...")
     evaluation = eval_speed(model, batches_[0][:1] if args.quick else batches_[0])
@@ -369,6 +413,7 @@ def main() -> None:
         "decode_last_position_seconds": round(decode_last, 3),
         "peak_rss_gb": round(peak_rss, 2),
         **{key: round(value, 2) for key, value in evaluation.items()},
+        **effects,
     }
     if args.json:
         print(json.dumps(result))

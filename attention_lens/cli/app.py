@@ -12,15 +12,17 @@ from ..interrupts import Interrupted, interruptible
 from .common import as_flags, err
 from .concepts import ablate, generate, search
 from .decode import decode
+from .effects import effects
 from .make import fit, train
 from .plan import plan
 from .score import eval_, specialize
 from .show import report, serve
 
 COMMANDS = {"train": train, "fit": fit, "decode": decode, "eval": eval_, "specialize": specialize,
-            "report": report, "serve": serve, "search": search, "ablate": ablate, "generate": generate, "plan": plan}
-"""Command name -> the function that runs it; each lives in the module of its group (make, decode, score, show,
-concepts, plan). A new command is a function in one of those (or a new module) and one entry here."""
+            "effects": effects, "report": report, "serve": serve, "search": search, "ablate": ablate,
+            "generate": generate, "plan": plan}
+"""Command name -> the function that runs it; each lives in the module of its group (make, decode, score, effects,
+show, concepts, plan). A new command is a function in one of those (or a new module) and one entry here."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-head attention lenses for HuggingFace causal LMs.")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ..decode import DecodeResult, decode as decode_prompt
 from ..errors import AttentionLensError
+from ..readings import cached_head_means, check_reading, default_reading, prior_data as reading_data, prior_log_probs
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
 from .numbers import MAX_K, within
@@ -33,13 +36,27 @@ def decode(
     exact: bool = typer.Option(False, help="Compute the readout in fp32 throughout (~2.5x slower on CPU). By "
                                "default a bf16 screen + fp32 recheck gives the same tokens and logits, and "
                                "probabilities within ~1% (relative)."),
+    reading: Optional[str] = typer.Option(None, help="raw (the lens's tokens), promoted (its log-probs minus the "
+                                          "prior's: the default for trained predictive lenses) or effect (the "
+                                          "predicted effect of removing the head: the default for effect lenses)."),
+    prior_data: Optional[str] = typer.Option(None, help="Corpus of the prior (promoted) and of the heads' means "
+                                             "(effect); default: the lens's training data, else sotu. Cached."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {heads: [...]}."),
 ) -> None:
     """Show the tokens each head's lens reads from its output on a prompt."""
+    if reading is not None:
+        check_reading(reading)
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
+    reading = reading or default_reading(lens_obj)
+    prior = means = None
+    if reading == "promoted":
+        prior = prior_log_probs(loaded, reading_data(lens_obj, prior_data))
+    elif reading == "effect":
+        means = cached_head_means(loaded, reading_data(lens_obj, prior_data))
     chosen_layers = parse_indices(layers, loaded.n_layers, "layer")
     chosen_heads = parse_indices(heads, loaded.n_heads, "head")
-    result = decode_prompt(loaded, lens_obj, text, k=k, position=position, exact=exact)
+    result = decode_prompt(loaded, lens_obj, text, k=k, position=position, exact=exact, reading=reading,
+                           prior=prior, means=means)
     result.heads = [r for r in result.heads if (chosen_layers is None or r.layer in chosen_layers)
                     and (chosen_heads is None or r.head in chosen_heads)]
     if not result.heads:
@@ -48,7 +65,7 @@ def decode(
     if as_json:
         emit_json(result.to_json())
         return
-    cells = {(r.position, r.layer, r.head): f"{visible(r.top[0].token)} {r.top[0].prob:.0%}" for r in result.heads}
+    cells = {(r.position, r.layer, r.head): f"{visible(r.top[0].token)} {r.top[0].shown()}" for r in result.heads}
     # A terminal gets tables that fit its width; a file or pipe gets one table as wide as all heads need.
     terminal = Console(stderr=False)
     widest = max(len(cell) for cell in cells.values()) + CELL_PADDING
@@ -63,8 +80,11 @@ def decode(
 
 def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[int]) -> Table:
     """Layers x `heads` at one position; every cell whole (a token is never cut: it folds onto a second line)."""
-    table = Table(title=f"{result.kind} lens, position {position} ({visible(result.tokens[position])}): top token "
-                        "and its probability", show_lines=False)
+    shown = {"raw": "top token and its probability",
+             "promoted": "top token promoted over the prior (its log-prob minus the prior's, nats)",
+             "effect": "top token of the predicted effect of removing the head (logit change)"}[result.reading]
+    table = Table(title=f"{result.kind} lens, {result.reading} reading, position {position} "
+                        f"({visible(result.tokens[position])}): {shown}", show_lines=False)
     table.add_column("layer", justify="right", no_wrap=True, min_width=LAYER_COLUMN)
     for head in heads:
         table.add_column(f"H{head}", overflow="fold")

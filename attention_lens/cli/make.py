@@ -23,6 +23,7 @@ from ..models import DEFAULT_MODEL, load_model
 from ..train import TrainConfig, existing_run, train as train_lens
 from .common import check_output, emit_json, err, parse_indices
 from .numbers import MAX_BATCH, MAX_SEED, MAX_TOKENS, within
+from .effects import train_effect_lens
 from .options import (Data, Device, DeviceMap, EvalTokens, Heads, Layers, ModelName, Overwrite, Revision, SeqLen,
                       SkipBadLines)
 from .render import TokenBar
@@ -33,7 +34,8 @@ def train(
     out: Path = typer.Option(..., help="Lens directory to write (config.json, lens.safetensors, checkpoints/)."),
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
-    kind: str = typer.Option("affine", help=f"Lens kind: {' or '.join(kind_names(trainable=True))}."),
+    kind: Optional[str] = typer.Option(None, help=f"Lens kind: {' or '.join(kind_names(trainable=True))} (default "
+                                       "affine; effect with --objective effect)."),
     layers: Layers = None,
     heads: Heads = None,
     tokens: int = typer.Option(20_000, help="Token budget; at least one step runs.", callback=within(1, MAX_TOKENS)),
@@ -49,8 +51,14 @@ def train(
                                   callback=within(0, 1, below=True)),
     checkpoint_every: int = typer.Option(50, help="Steps between checkpoints.", callback=within(1, 10**9)),
     eval_tokens: EvalTokens = 2048,
-    objective: str = typer.Option("per-head", help="per-head (each head's own KL, every position) or paper "
-                                  "(the original: heads' logits summed, last position only)."),
+    objective: str = typer.Option("per-head", help="per-head (each head's own KL, every position), paper "
+                                  "(the original: heads' logits summed, last position only), or effect (read what "
+                                  "removing the head does to the output: an effect lens trained on measured effects)."),
+    epochs: int = typer.Option(4, help="--objective effect: passes over the measured effects (they are reused)."),
+    effect_mode: str = typer.Option("mean", help="--objective effect: what replaces a head (mean, zero, resample)."),
+    mean_tokens: int = typer.Option(8192, help="--objective effect: training tokens averaged into each head's mean."),
+    fit_start: bool = typer.Option(True, help="--objective effect: start from the least-squares fit of the "
+                                   "measured effects when it is better in KL than dla (--no-fit-start: from dla)."),
     shard_heads: bool = typer.Option(False, help="Under torchrun: each process owns the lenses of some layers; "
                                      "head outputs are exchanged all-to-all (for lenses too big for one device)."),
     init: Optional[Path] = typer.Option(None, help="Start from this lens directory (e.g. made by `fit`) instead of the untrained lens."),
@@ -69,6 +77,11 @@ def train(
         raise AttentionLensError(f"{out} already holds a lens or checkpoint; pass --resume or --overwrite")
     check_output(out, overwrite or resume, directory=True)
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
+    if objective == "effect":
+        train_effect_lens(out, model, kind, layers, heads, init, data_config, tokens, batch_size, lr, seed, epochs,
+                          effect_mode, mean_tokens, fit_start, resume, overwrite, device, as_json)
+        return
+    kind = kind or "affine"
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
                          seed=seed, checkpoint_every=checkpoint_every, objective=objective, shard_heads=shard_heads)
     world = init_world(device)

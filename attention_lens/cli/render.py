@@ -120,3 +120,28 @@ def _number(value: float | None) -> str:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
+
+
+def effect_table(document: dict) -> Table:
+    """Effect fidelity: median share of the measured effect each reading recovers, over all heads and over the 10%
+    with the largest effect, and how often this lens beats dla there."""
+    s = document["summary"]
+    table = Table(title=f"effect fidelity ({document['effects']['mode']} ablation, {document['effects']['tokens']} "
+                        "positions): share of each head's measured effect its reading recovers")
+    for name in ("reading", "recovered, median", "top-10% heads", "top-10 agreement (top-10%)"):
+        table.add_column(name, justify="left" if name == "reading" else "right")
+    table.add_row("this lens", _number(s.get("effect_recovered_median")),
+                  _number(s.get("effect_recovered_median_top10pct")), _number(s.get("top10_agreement_median_top10pct")))
+    names = sorted({key[:-len("_effect_recovered_median")] for key in s if key.endswith("_effect_recovered_median")})
+    for name in names:
+        table.add_row(name, _number(s.get(f"{name}_effect_recovered_median")),
+                      _number(s.get(f"{name}_effect_recovered_median_top10pct")),
+                      _number(s.get(f"{name}_top10_agreement_median_top10pct")))
+    if "ceiling_recovered_median" in s:
+        table.add_row("linear ceiling (in hindsight)", _number(s["ceiling_recovered_median"]),
+                      _number(s.get("ceiling_recovered_median_top10pct")), "")
+    table.caption = (f"this lens beats dla (interval of the difference above 0) on "
+                     f"{_percent(s.get('frac_beats_dla_effect_top10pct'))} of the top-10% heads "
+                     f"({', '.join(s['effect_top10pct_heads'][:8])}, ...); median ratio to the ceiling there: "
+                     f"{_number(s.get('ceiling_ratio_median_top10pct'))}")
+    return table

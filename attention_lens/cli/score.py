@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from ..effect_eval import EffectEvalConfig, effect_fidelity, merge_into
+from ..effects import EffectsConfig, check_config
+from ..errors import AttentionLensError
 from ..evaluate import EvalConfig, evaluate
-from .render import TokenBar, eval_tables, specialize_tables
+from ..lens import Lens
+from .render import TokenBar, effect_table, eval_tables, specialize_tables
 from ..specialize import SpecializeConfig, specialize as specialize_heads
 from .common import check_output, err, finish_results, lens_and_model, scored_data
 from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
@@ -40,6 +45,12 @@ def eval_(
                                "logits are formed in bf16 tiles with fp32 sums."),
     revision: Revision = None,
     device_map: DeviceMap = None,
+    effects: bool = typer.Option(False, "--effects", help="Also score how well each head's reading predicts what "
+                                 "removing the head does (measured), against dla, logit, zero and the linear ceiling."),
+    effect_mode: str = typer.Option("mean", help="With --effects: what replaces a head (mean, zero or resample)."),
+    mean_tokens: int = typer.Option(8192, help="With --effects: training-split tokens averaged into each head's mean."),
+    compare: Optional[list[Path]] = typer.Option(None, help="With --effects: another lens directory scored side by "
+                                                 "side, named by its kind (e.g. a predictive affine lens); repeatable."),
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
@@ -47,17 +58,35 @@ def eval_(
     """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
     if out is not None:
         check_output(out, overwrite)
-    lens_obj, _ = lens_and_model(lens, model, device, revision, device_map)
+    effect_config = None
+    if effects:
+        effect_config = EffectEvalConfig(EffectsConfig(tokens=tokens, batch_size=batch_size, mode=effect_mode,
+                                                       mean_tokens=mean_tokens, seed=seed, bootstrap=bootstrap))
+        check_config(effect_config.effects)
+    elif compare:
+        raise AttentionLensError("--compare scores lenses against measured effects; add --effects")
+    lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
+    others: dict[str, Lens] = {}
+    for directory in compare or []:
+        other = Lens.load(directory, loaded)
+        others[other.kind if other.kind not in others else f"{other.kind}-{len(others) + 1}"] = other
     data_config = scored_data(lens_obj, data, seq_len, holdout, skip_bad_lines)
     config = EvalConfig(tokens=tokens, batch_size=batch_size, seed=seed, margin=margin, bootstrap=bootstrap,
                         constant_data=constant_data, constant_tokens=constant_tokens, exact=exact)
     with TokenBar(err, "eval") as bar:
         result = evaluate(lens_obj, data_config, config, on_progress=bar.update)
-    finish_results(result.to_json(), out, as_json)
+    document = result.to_json()
+    if effect_config is not None:
+        with TokenBar(err, "effects") as bar:
+            fidelity = effect_fidelity(lens_obj, data_config, effect_config, others, on_progress=bar.update)
+        document = merge_into(document, fidelity)
+    finish_results(document, out, as_json)
     if not as_json:
         console = Console()
         for table in eval_tables(result):
             console.print(table)
+        if effect_config is not None:
+            console.print(effect_table(document))
 
 
 def specialize(

@@ -1,0 +1,252 @@
+"""Readings of a head's effect: the predicted effect E_h of any lens, its KL to the measured effect, and the
+effect lens's fit (least squares, closed form) and training (KL), all tile by tile from measured batches.
+
+A lens's predicted effect is its logit change between the head's actual z_h and the ablated value:
+E_h = read(z_h) - read(z̄_h). The reading explains the measured effect when softmax(log P_ablated_h + E_h)
+matches the clean P. Every vocabulary-sized quantity exists one (head, rows, vocab) tile at a time; the
+lens enters through its factored form ([z, 1] / divisor @ F_h^T), so its gradient is accumulated on the
+(head, d_head + 1, vocab) factors and pushed into the parameters once per layer, as the predictive trainer does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .data import DataConfig
+from .effects import DTYPES, EffectsConfig, measured_batches
+from .errors import AttentionLensError
+from .lens import Lens
+from .models import Model
+from .replay import EffectBatch
+
+
+@dataclass
+class Tile:
+    """One (head, rows, vocab) tile of a layer's measured effects: what every reading is compared with."""
+
+    layer: int
+    rows: slice
+    log_p: Tensor
+    """(rows, vocab) clean log P."""
+    log_q: Tensor
+    """(head, rows, vocab) log P_ablated_h."""
+    scored: Tensor
+    """(rows,) bool."""
+
+    @property
+    def p(self) -> Tensor:
+        return self.log_p.exp()
+
+
+def tiles(model: Model, batch: EffectBatch, layer: int, heads: list[int], block_rows: int,
+          dtype: torch.dtype) -> Iterable[Tile]:
+    """The layer's measured effects on `heads`, a few rows at a time (block_rows head-token rows per tile)."""
+    log_p = batch.clean_log_probs(model)
+    step = max(1, block_rows // len(heads))
+    for start in range(0, log_p.shape[0], step):
+        rows = slice(start, start + step)
+        log_q = batch.ablated_log_probs(model, layer, rows, dtype, heads)
+        yield Tile(layer=layer, rows=rows, log_p=log_p[rows], log_q=log_q, scored=batch.scored[rows])
+
+
+def predicted_effect(lens: Lens, layer: int, batch: EffectBatch, rows: slice,
+                     factors_t: Tensor, constant: Tensor | None) -> Tensor:
+    """E_h = read(z_h) - read(z̄_h), (lens head, rows, vocab), from the lens's factors (head, d_head + 1, vocab).
+
+    Attribution lenses (dla, effect) are linear: E_h = (z_h - z̄_h) F_h / sigma_final. Self-normalized lenses
+    (logit, affine) divide each reading by its own sigma, so the difference is taken on [z, 1] / divisor;
+    a soft-capped readout caps each reading before the difference.
+    """
+    effect = batch.layers[layer]
+    z, z_bar, scale = effect.z[rows], effect.z_ablated[rows], batch.final_scale[rows]
+    heads = lens.config.heads
+
+    def scaled(values: Tensor) -> Tensor:  # [z_h, 1] / divisor, (head, rows, d_head + 1)
+        ones = torch.ones(*values.shape[:-2], len(heads), 1, device=values.device)
+        augmented = torch.cat([values[:, heads], ones], dim=-1)
+        return (augmented / lens.divisor(values, layer, scale)[..., None]).transpose(0, 1)
+
+    caps = lens.kind_spec.model_readout and lens.model.unembed.softcap is not None
+    if not caps:
+        return torch.bmm(scaled(z) - scaled(z_bar), factors_t)
+    unembed = lens.model.unembed
+    read = [torch.bmm(scaled(values), factors_t) for values in (z, z_bar)]
+    if constant is not None:
+        read = [r + constant for r in read]
+    return unembed.cap(read[0]) - unembed.cap(read[1])
+
+
+def factors_of(lens: Lens, layer: int) -> tuple[Tensor, Tensor | None]:
+    """The lens's factors laid out (head, d_head + 1, vocab), fp32, and its per-vocab constant."""
+    factors, constant = lens.vocab_factors(layer)
+    return factors.float().transpose(1, 2).contiguous(), constant
+
+
+def explained_kl(tile: Tile, effect: Tensor) -> Tensor:
+    """KL(P || softmax(log P_ablated + E)) per (head, row): how far the reading leaves the model's output."""
+    shifted = tile.log_q + effect
+    return (tile.p * (tile.log_p - shifted)).sum(-1) + torch.logsumexp(shifted, dim=-1)
+
+
+# ----- the effect lens: least squares, then KL --------------------------------------------------------
+
+
+@torch.no_grad()
+def fit_effect_lens(lens: Lens, measured: Iterable[EffectBatch], ridge: float = 1e-3) -> int:
+    """Set every head of an effect `lens` to the least-squares map from (z_h - z̄_h) / sigma_final to the measured
+    change of what meets W_U, clean minus ablated (divided by the final norm's gain): the linear reading that
+    best matches the change of every logit (centred) over the vocabulary, solved in d_model space. Returns the
+    number of scored positions used.
+
+    The change of the logits, centred over the vocabulary, is exactly W_U (clean - ablated) on unsoftcapped
+    models, so least squares over the whole vocabulary equals least squares in the residual (the metric drops
+    out of an unconstrained multi-output fit).
+    """
+    if not lens.kind_spec.reads_effects:
+        raise AttentionLensError(f"fit_effect_lens fits effect lenses; got a {lens.kind} lens")
+    model, heads = lens.model, lens.config.heads
+    gain = model.unembed.gamma
+    safe_gain = torch.where(gain.abs() < 1e-6, torch.full_like(gain, 1e-6), gain)
+    width = model.d_head
+    moments = {layer: (torch.zeros(len(heads), width, width, dtype=torch.float64),
+                       torch.zeros(len(heads), width, model.d_model, dtype=torch.float64))
+               for layer in lens.config.layers}
+    count = 0
+    for batch in measured:
+        keep = batch.scored
+        count += int(keep.sum())
+        for layer in lens.config.layers:
+            effect = batch.layers[layer]
+            u = ((effect.z - effect.z_ablated)[keep][:, heads] / batch.final_scale[keep][:, None, None]).double()
+            target = -(effect.delta[heads][:, keep].double() / safe_gain.double())  # (head, rows, d_model)
+            target = model.unembed.center(target)
+            uu, ut = moments[layer]
+            uu += torch.einsum("rhd,rhe->hde", u, u).cpu()
+            ut += torch.einsum("rhd,hrm->hdm", u, target).cpu()
+    if count == 0:
+        raise AttentionLensError("no scored positions to fit the effect lens on")
+    eye = torch.eye(width, dtype=torch.float64)
+    for layer, (uu, ut) in moments.items():
+        strength = ridge * torch.diagonal(uu, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+        M = torch.linalg.solve(uu + strength[:, None, None] * eye, ut)  # (head, d_head, d_model)
+        i = lens.layer_index(layer)
+        lens.delta[i] = (M.float().to(model.device) - model.W_O[layer, heads])
+    return count
+
+
+def effect_kl_step(lens: Lens, batch: EffectBatch, block_rows: int, dtype: torch.dtype,
+                   backward_scale: float | None = None) -> Tensor:
+    """Mean KL(P || softmax(log P_ablated + E)) per (layer, lens head) over the batch's scored positions; with
+    `backward_scale`, gradients of backward_scale * its sum over scored head-tokens flow into the lens.
+
+    Only the factors' gradient (head, d_head + 1, vocab) is accumulated over tiles, then back-propagated into the
+    parameters once per layer: nothing vocabulary-sized per head-token enters autograd.
+    """
+    if not lens.kind_spec.reads_effects:
+        raise AttentionLensError(f"the effect objective trains effect lenses (kind effect); got a {lens.kind} lens")
+    model, heads = lens.model, lens.config.heads
+    train = backward_scale is not None
+    out = []
+    scored = batch.scored.float()
+    for layer in lens.config.layers:
+        with torch.set_grad_enabled(train):
+            factors, _ = lens.vocab_factors(layer)  # (head, vocab, d_head + 1)
+        factors_t = factors.detach().float().transpose(1, 2).contiguous()
+        grad_t = torch.zeros_like(factors_t) if train else None
+        effect = batch.layers[layer]
+        total = torch.zeros(len(heads))
+        for tile in tiles(model, batch, layer, heads, block_rows, dtype):
+            u = ((effect.z[tile.rows] - effect.z_ablated[tile.rows])[:, heads]
+                 / batch.final_scale[tile.rows][:, None, None])  # (rows, head, d_head)
+            u = torch.cat([u, torch.zeros(*u.shape[:-1], 1)], dim=-1).transpose(0, 1)  # (head, rows, d_head + 1)
+            shifted = tile.log_q + torch.bmm(u, factors_t)
+            log_norm = torch.logsumexp(shifted, dim=-1, keepdim=True)
+            p = tile.p
+            weight = scored[tile.rows]
+            kl = ((p * (tile.log_p - shifted)).sum(-1) + log_norm[..., 0]) * weight  # (head, rows)
+            total += kl.sum(-1).cpu()
+            if train:
+                residual = (shifted - log_norm).exp_().sub_(p).mul_(weight[:, None])  # (q - p) on scored rows
+                grad_t.add_(torch.bmm(u.transpose(1, 2), residual), alpha=backward_scale)
+        if train:
+            factors.backward(grad_t.transpose(1, 2).to(factors.dtype))
+        out.append(total / max(1.0, float(scored.sum())))
+    return torch.stack(out)
+
+
+def train_effect_lens(lens: Lens, measured: list[EffectBatch], epochs: int, lr: float, block_rows: int,
+                      dtype: torch.dtype, on_step: Callable[[int, int, float], None] | None = None) -> float:
+    """Adam on the effect objective over `measured` (kept in memory: the replays are the expensive part, so
+    every epoch reuses them). Returns the last epoch's mean KL per scored head-token."""
+    optimizer = torch.optim.Adam(lens.parameters(), lr=lr)
+    steps, step, loss = epochs * len(measured), 0, float("nan")
+    for _ in range(epochs):
+        losses = []
+        for batch in measured:
+            tokens = max(1.0, float(batch.scored.sum()))
+            optimizer.zero_grad(set_to_none=True)
+            per_head = effect_kl_step(lens, batch, block_rows, dtype, backward_scale=1.0 / tokens)
+            if not torch.isfinite(per_head).all():
+                raise AttentionLensError("non-finite effect loss; lower the learning rate")
+            optimizer.step()
+            step += 1
+            losses.append(per_head.mean().item())
+            if on_step is not None:
+                on_step(step, steps, losses[-1])
+        loss = sum(losses) / len(losses)
+    return loss
+
+
+@dataclass
+class EffectTrainConfig:
+    """How an effect lens is trained."""
+
+    effects: EffectsConfig = field(default_factory=lambda: EffectsConfig(tokens=2048))
+    """The measurement it trains on (token budget, ablation mode, precision), on the training split."""
+    epochs: int = 4
+    """Passes of Adam over the measured batches (measuring is the expensive part, so they are reused)."""
+    lr: float = 1e-3
+    """Adam's learning rate."""
+    fit: bool = True
+    """Start from the least-squares fit of the measured effects (else from dla)."""
+    ridge: float = 1e-3
+    """Ridge strength of that fit, relative to each head's mean input variance."""
+
+
+def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 on_step: Callable[[int, int, float], None] | None = None) -> dict:
+    """Measure effects on the training split of `data`, fit the effect lens in closed form, then train it on
+    KL(P || softmax(log P_ablated + E)); records how in `lens.config.training` and returns that record."""
+    if not lens.kind_spec.reads_effects:
+        raise AttentionLensError(f"the effect objective trains effect lenses; got a {lens.kind} lens (use kind effect)")
+    if config.epochs < 0 or not config.lr > 0:
+        raise AttentionLensError("epochs must be >= 0 and the learning rate positive")
+    measured = list(measured_batches(lens.model, data, lens.config.layers, config.effects, on_progress, split="train"))
+    dtype = DTYPES[config.effects.dtype]
+    def loss() -> float:
+        return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in measured]).mean().item()
+
+    start_loss, start, fitted = loss(), "initial", 0
+    if config.fit:
+        initial = lens.delta.detach().clone()
+        fitted = fit_effect_lens(lens, measured, config.ridge)
+        start = "fit"
+        if loss() > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
+            with torch.no_grad():
+                lens.delta.copy_(initial)
+            start = "initial (the fit was worse in KL)"
+    train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
+    final_loss = loss()
+    tokens = sum(int(b.scored.sum()) for b in measured)
+    record = {"objective": "effect", "data": dataclasses.asdict(data), "effects": dataclasses.asdict(config.effects),
+              "epochs": config.epochs, "lr": config.lr, "fit": config.fit, "ridge": config.ridge,
+              "start": start, "tokens_seen": tokens, "fit_tokens": fitted, "start_loss": start_loss,
+              "final_loss": final_loss}
+    lens.config.training = record
+    return record

@@ -1,0 +1,222 @@
+"""One measured batch of head effects: a clean pass that keeps the residual entering every layer, then for each
+layer L a replay of blocks L.. only, for all of L's heads at once (sequence h * batch + w is window w with head h
+replaced, through a pre-hook on the output projection as `ablate` uses). Blocks before L are skipped: they would
+compute the kept residual again. What a replay keeps per head-token is the change of the final-normed residual
+(d_model numbers, what meets W_U); `EffectBatch.ablated_log_probs` expands it to log-probabilities a tile at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .errors import AttentionLensError
+from .heads import HeadCapture
+from .models import Model
+
+MODES = ("mean", "zero", "resample")
+
+
+# ----- one measured batch ----------------------------------------------------------------------------
+
+
+@dataclass
+class LayerEffect:
+    """What one layer's heads do, measured on one batch of windows (tokens = batch x pos, flattened)."""
+
+    layer: int
+    z: Tensor
+    """(tokens, head, d_head): each head's z_h as the lens reads it."""
+    z_ablated: Tensor
+    """(tokens, head, d_head): what the lens reads in its place under the ablation (for Gemma's post-attention
+    norm: the replacement times the clean norm scale)."""
+    delta: Tensor
+    """(head, tokens, d_model): ablated minus clean final-normed residual, when that head alone is replaced."""
+
+
+@dataclass
+class EffectBatch:
+    """A batch of windows: the clean readout and every measured layer's effects."""
+
+    input_ids: Tensor
+    """(batch, pos)."""
+    final: Tensor
+    """(tokens, d_model): the clean final-normed residual, what meets W_U."""
+    final_scale: Tensor
+    """(tokens,): the final norm's sigma of the clean residual (dla's divisor)."""
+    scored: Tensor
+    """(tokens,) bool: scored positions (attention sinks left out: each window's first position and
+    begin/end-of-text tokens)."""
+    layers: dict[int, LayerEffect]
+    _log_p: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def windows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def clean_log_probs(self, model: Model) -> Tensor:
+        """(tokens, vocab) fp32 log P of the unmodified model, computed once per batch."""
+        if self._log_p is None:
+            self._log_p = torch.log_softmax(model.unembed.cap(_raw_logits(model, self.final)), dim=-1)
+        return self._log_p
+
+    def ablated_log_probs(self, model: Model, layer: int, rows: slice, dtype: torch.dtype,
+                          heads: list[int] | None = None) -> Tensor:
+        """(head, rows, vocab) fp32 log P_ablated_h of `heads` (default all): the clean logits plus the change's
+        product with W_U."""
+        unembed = model.unembed
+        clean = _raw_logits(model, self.final[rows])  # (rows, vocab)
+        delta = self.layers[layer].delta
+        delta = (delta if heads is None else delta[heads])[:, rows]  # (head, rows, d_model)
+        readout = unembed.derived(("W_U", dtype), lambda: unembed.W_U.to(dtype))
+        change = (delta.to(dtype).flatten(0, 1) @ readout.T).view(*delta.shape[:2], -1)
+        return torch.log_softmax(unembed.cap(clean + change.float()), dim=-1)
+
+
+def _raw_logits(model: Model, final: Tensor) -> Tensor:
+    """final @ W_U^T + b_U, before any soft-cap: (rows, vocab) fp32."""
+    logits = final.float() @ model.unembed.W_U.T
+    return logits if model.unembed.b_U is None else logits + model.unembed.b_U
+
+
+# ----- the measurement --------------------------------------------------------------------------------
+
+
+class Ablation:
+    """Measures, for every head of `layers`, the model's output with that head alone replaced.
+
+    `means` (layer, head, d_head): the raw projection inputs' means (HeadMeans), needed for mode 'mean'.
+    """
+
+    def __init__(self, model: Model, layers: Iterable[int], mode: str = "mean", means: Tensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        if mode not in MODES:
+            raise AttentionLensError(f"unknown ablation mode {mode!r}; use {', '.join(MODES)}")
+        if mode == "mean" and means is None:
+            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
+        self.model, self.layers, self.mode, self.means, self.dtype = model, sorted(set(layers)), mode, means, dtype
+
+    @torch.no_grad()
+    def measure(self, input_ids: Tensor, source_ids: Tensor | None = None) -> EffectBatch:
+        """Effects of every head on `input_ids` (batch, pos); mode 'resample' takes the replacement z_h from
+        `source_ids` (same shape) at the same positions."""
+        model = self.model
+        clean = _clean_pass(model, input_ids, self.layers)
+        source = None
+        if self.mode == "resample":
+            if source_ids is None or source_ids.shape != input_ids.shape:
+                raise AttentionLensError("resample ablation needs source windows of the scored batch's shape")
+            source = _clean_pass(model, source_ids, self.layers).raw_z
+        final = clean.final.flatten(0, 1)  # (tokens, d_model)
+        layers = {}
+        for layer in self.layers:
+            replacement = self._replacement(layer, input_ids.shape, source)  # (head, batch, pos, d_head), raw
+            ablated = _replay(model, layer, clean.residual[layer], input_ids, replacement)  # (head, batch, pos, d_model)
+            delta = (ablated.flatten(1, 2) - final).to(self.dtype)  # (head, tokens, d_model)
+            scale = clean.capture.heads[layer].scale  # Gemma's post-attention norm scale (batch, pos), else None
+            z_ablated = replacement.permute(1, 2, 0, 3)  # (batch, pos, head, d_head)
+            if scale is not None:
+                z_ablated = z_ablated * scale[..., None, None]
+            layers[layer] = LayerEffect(layer=layer, z=clean.capture.heads[layer].z.flatten(0, 1),
+                                        z_ablated=z_ablated.flatten(0, 1).float(), delta=delta)
+        scale = model.unembed.scale(clean.capture.final_residual.flatten(0, 1))
+        return EffectBatch(input_ids=input_ids, final=final, final_scale=scale,
+                           scored=~_sinks(input_ids, model.tokenizer).flatten(), layers=layers)
+
+    def _replacement(self, layer: int, shape: torch.Size, source: dict[int, Tensor] | None) -> Tensor:
+        """(head, batch, pos, d_head) raw projection inputs that replace each head's own, or broadcastable."""
+        model = self.model
+        if self.mode == "zero":
+            return torch.zeros(model.n_heads, *shape, model.d_head, device=model.device)
+        if self.mode == "mean":
+            return self.means[layer][:, None, None, :].expand(-1, *shape, -1).to(model.device)
+        return source[layer].permute(2, 0, 1, 3)  # (head, batch, pos, d_head)
+
+
+@dataclass
+class _Clean:
+    final: Tensor  # (batch, pos, d_model), final-normed
+    residual: dict[int, Tensor]  # residual entering each layer (batch, pos, d_model)
+    raw_z: dict[int, Tensor]  # raw projection input (batch, pos, head, d_head)
+    capture: HeadCapture
+
+
+def _clean_pass(model: Model, input_ids: Tensor, layers: list[int]) -> _Clean:
+    residual: dict[int, Tensor] = {}
+    raw_z: dict[int, Tensor] = {}
+    handles = []
+    for layer in layers:
+        handles.append(model.layers[layer].register_forward_pre_hook(_keep_residual(residual, layer),
+                                                                      with_kwargs=True))
+        handles.append(model.out_proj(layer).register_forward_pre_hook(_keep_raw_z(model, raw_z, layer)))
+    try:
+        with HeadCapture(model, layers, final_residual=True) as capture:
+            final = model.hf.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _Clean(final=final.float(), residual=residual, raw_z=raw_z, capture=capture)
+
+
+def _keep_residual(store: dict, layer: int):
+    def hook(module, args, kwargs):
+        store[layer] = args[0] if args else kwargs["hidden_states"]
+
+    return hook
+
+
+def _keep_raw_z(model: Model, store: dict, layer: int):
+    def hook(module, args):
+        store[layer] = args[0].unflatten(-1, (model.n_heads, model.d_head))
+
+    return hook
+
+
+def _replay(model: Model, layer: int, residual: Tensor, input_ids: Tensor, replacement: Tensor) -> Tensor:
+    """Blocks layer.. only, for every head of `layer` at once: sequence h * batch + w is window w with head h
+    replaced. Returns the final-normed residual (head, batch, pos, d_model)."""
+    heads, (windows, length) = model.n_heads, input_ids.shape
+    start = residual.repeat(heads, 1, 1)  # (head * batch, pos, d_model)
+    index = torch.arange(heads, device=residual.device)
+
+    def inject(module, args, kwargs):
+        if args:
+            return (start, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": start}
+
+    def edit(module, args):
+        z = args[0].unflatten(-1, (heads, model.d_head)).clone()  # (head * batch, pos, head, d_head)
+        # Sequence group h gets head h replaced: advanced indices on both head axes pick (h, ..., h).
+        z.view(heads, windows, length, heads, model.d_head)[index, :, :, index] = replacement.to(z.dtype)
+        return (z.flatten(-2), *args[1:])
+
+    skipped = list(model.layers)[:layer]
+    handles = [model.layers[layer].register_forward_pre_hook(inject, with_kwargs=True),
+               model.out_proj(layer).register_forward_pre_hook(edit)]
+    for block in skipped:
+        block.forward = _pass_through  # an instance attribute: the block's own forward is untouched
+    try:
+        final = model.hf.base_model(input_ids=input_ids.repeat(heads, 1), use_cache=False).last_hidden_state
+    finally:
+        for block in skipped:
+            del block.forward
+        for handle in handles:
+            handle.remove()
+    return final.float().view(heads, windows, length, -1)
+
+
+def _pass_through(*args, **kwargs):
+    """A skipped block: returns the hidden states it was given (the replay injects the kept residual later)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _sinks(input_ids: Tensor, tokenizer) -> Tensor:
+    """(batch, pos) True at attention sinks: each window's first position and begin/end-of-text tokens."""
+    sink = torch.zeros_like(input_ids, dtype=torch.bool)
+    sink[:, 0] = True
+    for special in {getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "bos_token_id", None)} - {None}:
+        sink |= input_ids == special
+    return sink
