@@ -91,7 +91,8 @@ def train(
     full, sharded = lens, config.shard_heads and world.distributed
     # Sharded: every rank runs the forward pass over all layers and sends each layer's z to its owner.
     stream = HeadStream(lens.model, data, full.config.layers, split="train", seed=config.seed,
-                        batch_size=config.batch_size, final_residual=sharded, world=world)
+                        batch_size=config.batch_size, final_residual=sharded or lens.kind_spec.needs_final_residual,
+                        world=world)
     if sharded:
         lens = _local_shard(full, config, world)
     check_memory(4 * parameter_bytes(lens.config), "the lens parameters with their gradients and Adam state")
@@ -183,7 +184,8 @@ def _step(lens: Lens, optimizer, batch: HeadBatch, dtype: torch.dtype, block_row
     for _, layer, z in batch.layers(lens.config.layers):
         z = z.flatten(0, 1)  # (tokens, head, d_head)
         # Mean over positions, summed over heads: each head's lens gets its own gradient.
-        kl = head_kl(lens, z, layer, p, neg_entropy, backward_scale=1.0 / tokens, dtype=dtype, block_rows=block_rows)
+        kl = head_kl(lens, z, layer, p, neg_entropy, batch.final_scale(), backward_scale=1.0 / tokens, dtype=dtype,
+                     block_rows=block_rows)
         losses.append(kl.mean(0))
     per_head = torch.stack(losses)  # (layer, head)
     _finish_step(lens, optimizer, per_head, step, world)

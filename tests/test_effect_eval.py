@@ -191,3 +191,13 @@ def test_cli_train_effect_objective(tmp_path, corpus, capsys):
     code, _, stderr = run_cli(["train", "--objective", "effect", "--kind", "affine", "--model", model_dir, "--data",
                                corpus, "--out", tmp_path / "other"], capsys)
     assert code == 2 and "--kind" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_the_effect_kind_also_trains_on_the_predictive_objective(corpus):
+    """An attribution kind needs the final residual's sigma: the per-head trainer captures it for such kinds."""
+    from attention_lens import TrainConfig, train
+
+    model = make_tiny_model("llama")
+    lens = Lens.from_model(model, "effect")
+    progress = train(lens, DataConfig(data=str(corpus), seq_len=12, holdout=0.25), TrainConfig(tokens=48, batch_size=2))
+    assert progress.tokens == 48 and float(lens.delta.detach().abs().max()) > 0
