@@ -11,6 +11,7 @@ from attention_lens import DataConfig, Lens
 from attention_lens.effect_eval import EffectEvalConfig, effect_fidelity
 from attention_lens.effect_lens import effect_kl_step, fit_effect_lens, train_effect_lens
 from attention_lens.effects import EffectsConfig, measured_batches
+from attention_lens.kinds import kind_names
 from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 from test_concepts import TOKEN, WRITER, make_only_path
 
@@ -118,7 +119,8 @@ def test_untrained_effect_lens_is_dla_and_the_fit_recovers_the_relay(corpus):
     assert effect_fidelity(lens, _data(corpus), config).heads[RELAY]["recovered"] > 0.5
 
 
-def test_scores_equal_a_direct_computation(corpus):
+@pytest.mark.parametrize("kind", kind_names())
+def test_scores_equal_a_direct_computation(corpus, kind):
     model = make_tiny_model("gpt_neox")
     with torch.no_grad():  # louder heads: effects far above fp32 rounding, so the ratios are well defined
         for block in model.layers:
@@ -126,8 +128,11 @@ def test_scores_equal_a_direct_computation(corpus):
         model.hf.get_output_embeddings().weight.mul_(50)  # and a peaked output distribution (random init gives a near-uniform one)
     model._cache.clear()
     config = _config(mode="mean", mean_tokens=24)
-    logit = Lens.logit(model)
-    result = effect_fidelity(logit, _data(corpus), config)
+    lens = Lens.from_model(model, kind)
+    with torch.no_grad():
+        for parameter in lens.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    result = effect_fidelity(lens, _data(corpus), config)
     recovered, corr, top = {}, {}, {}
     sums = {key: torch.zeros(model.n_layers, model.n_heads) for key in ("ablated", "explained", "corr", "top")}
     count = 0
@@ -138,8 +143,9 @@ def test_scores_equal_a_direct_computation(corpus):
         for layer in range(model.n_layers):
             effect = batch.layers[layer]
             log_q = batch.ablated_log_probs(model, layer, slice(None), torch.float32)[:, keep]
-            read = logit.logits(effect.z[keep], layer) - logit.logits(effect.z_ablated[keep], layer)  # (rows, head, vocab)
-            read = read.transpose(0, 1)
+            scale = batch.final_scale[keep]
+            read = lens.logits(effect.z[keep], layer, scale) - lens.logits(effect.z_ablated[keep], layer, scale)
+            read = read.detach().transpose(0, 1)
             p = log_p.exp()
             sums["ablated"][layer] += (p * (log_p - log_q)).sum(-1).sum(-1)
             sums["explained"][layer] += (p * (log_p - torch.log_softmax(log_q + read, -1))).sum(-1).sum(-1)
@@ -157,7 +163,8 @@ def test_scores_equal_a_direct_computation(corpus):
         assert record["top10_agreement"] == pytest.approx(float(sums["top"][layer, head] / count), abs=1e-4)
         assert record["effect_kl"] == pytest.approx(float(sums["ablated"][layer, head] / count), rel=1e-3)
         assert record["recovered_low"] <= record["recovered"] <= record["recovered_high"]
-        assert record["baselines"]["logit"]["recovered"] == record["recovered"]  # the same reading, scored twice
+        if kind in record["baselines"]:  # the same reading, scored twice
+            assert record["baselines"][kind]["recovered"] == record["recovered"]
 
 
 def test_cli_eval_effects(tmp_path, corpus, capsys):
