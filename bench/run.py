@@ -273,7 +273,7 @@ def effects_rates(model, batch, naive_layers) -> dict:
     L's heads at once) against the naive loop (one full forward pass per head under HeadIntervention), on the same
     windows. The naive cost per head does not depend on its layer, so it is timed on the heads of `naive_layers`."""
     from attention_lens.effects import Ablation, EffectsConfig, EffectTotals, head_means
-    from attention_lens.intervene import Edit, HeadIntervention
+    from attention_lens.intervene import HeadIntervention, Mean
 
     means = head_means(model, DATA, 2 * SEQ, BATCH, 0)
     layers = list(range(model.n_layers))
@@ -288,7 +288,7 @@ def effects_rates(model, batch, naive_layers) -> dict:
             p = log_p.exp()
             for layer in naive_layers:
                 for head in range(model.n_heads):
-                    with HeadIntervention(model, [(layer, head)], Edit("mean"), means):
+                    with HeadIntervention(model, [(layer, head)], Mean(means=means)):
                         log_q = torch.log_softmax(model.hf(input_ids=batch, use_cache=False).logits.float(), -1)
                     change = log_p - log_q
                     (p * change).sum(-1)

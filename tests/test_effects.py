@@ -8,7 +8,7 @@ import torch
 
 from attention_lens import AttentionLensError, DataConfig
 from attention_lens.effects import Ablation, EffectsConfig, head_effects, measured_batches
-from attention_lens.intervene import Edit, HeadIntervention, HeadMeans
+from attention_lens.intervene import HeadIntervention, HeadMeans, Mean, Zero
 from conftest import TINY_ARCHITECTURES, make_corpus, make_model_dir, make_tiny_model, run_cli
 from test_concepts import TOKEN, WRITER, make_only_path
 
@@ -36,7 +36,7 @@ def test_replay_equals_one_full_forward_per_head(model_type):
     for layer in range(model.n_layers):
         ours = measured.ablated_log_probs(model, layer, slice(None), torch.float32)  # (head, tokens, vocab)
         for head in range(model.n_heads):
-            with HeadIntervention(model, [(layer, head)], Edit("mean"), means):
+            with HeadIntervention(model, [(layer, head)], Mean(means=means)):
                 naive = _log_probs(model, input_ids)
             effect = (naive - measured.clean_log_probs(model)).abs().max().item()
             assert effect > 1e-5  # the edit changes the output, and the replay reproduces that change
@@ -48,7 +48,7 @@ def test_zero_and_resample_modes_equal_their_direct_edits():
     input_ids, source = torch.randint(2, 90, (2, 8)), torch.randint(2, 90, (2, 8))
     layer, head = 1, 3
     zero = Ablation(model, [layer], "zero", dtype=torch.float32).measure(input_ids)
-    with HeadIntervention(model, [(layer, head)], Edit("zero")):
+    with HeadIntervention(model, [(layer, head)], Zero()):
         naive = _log_probs(model, input_ids)
     torch.testing.assert_close(zero.ablated_log_probs(model, layer, slice(None), torch.float32)[head], naive,
                                atol=1e-5, rtol=0)
