@@ -20,6 +20,7 @@ from ..lens import Lens
 from ..models import DEFAULT_MODEL, load_model
 from ..notebook import visible
 from .common import check_output, emit_json, err, finish_results, parse_indices
+from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
 from .options import Data, Device, Layers, ModelName, OverwriteFile, ResultsOut, SeqLen, SkipBadLines
 from .render import TokenBar
 
@@ -30,17 +31,24 @@ HEADS_SHOWN = 20
 def effects(
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
-    tokens: int = typer.Option(1024, help="Held-out tokens to measure on (whole windows)."),
+    tokens: int = typer.Option(1024, help="Held-out tokens to measure on (whole windows).",
+                               callback=within(1, MAX_TOKENS)),
     mode: str = typer.Option("mean", help="What replaces a head's output: mean (over the training split), zero, "
                              "or resample (its value at the same position of other text)."),
     layers: Layers = None,
     seq_len: SeqLen = 128,
-    batch_size: int = typer.Option(4, help="Windows per clean pass (a layer's replay runs heads x windows)."),
-    holdout: float = typer.Option(0.1, help="Fraction of documents held out and measured on (0: all of them)."),
-    mean_tokens: int = typer.Option(8192, help="Training-split tokens averaged into each head's mean (mode mean)."),
-    top: int = typer.Option(10, help="Tokens per head listed as most raised and most lowered."),
-    seed: int = typer.Option(0, help="Seed of the document order, resampled windows and the bootstrap."),
-    bootstrap: int = typer.Option(200, help="Bootstrap replicates behind the 95% intervals."),
+    batch_size: int = typer.Option(4, help="Windows per clean pass (a layer's replay runs heads x windows).",
+                                   callback=within(1, MAX_BATCH)),
+    holdout: float = typer.Option(0.1, help="Fraction of documents held out and measured on (0: all of them).",
+                                  callback=within(0, 1, below=True)),
+    mean_tokens: int = typer.Option(8192, help="Training-split tokens averaged into each head's mean (mode mean).",
+                                    callback=within(1, MAX_TOKENS)),
+    top: int = typer.Option(10, help="Tokens per head listed as most raised and most lowered.",
+                            callback=within(1, MAX_K)),
+    seed: int = typer.Option(0, help="Seed of the document order, resampled windows and the bootstrap.",
+                             callback=within(0, MAX_SEED)),
+    bootstrap: int = typer.Option(200, help="Bootstrap replicates behind the 95% intervals.",
+                                  callback=within(2, MAX_REPEATS)),
     dtype: str = typer.Option("bfloat16", help="Precision of the change's product with W_U (clean logits stay fp32)."),
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",

@@ -54,9 +54,11 @@ def train(
     objective: str = typer.Option("per-head", help="per-head (each head's own KL, every position), paper "
                                   "(the original: heads' logits summed, last position only), or effect (read what "
                                   "removing the head does to the output: an effect lens trained on measured effects)."),
-    epochs: int = typer.Option(4, help="--objective effect: passes over the measured effects (they are reused)."),
+    epochs: int = typer.Option(4, help="--objective effect: passes over the measured effects (they are reused).",
+                               callback=within(0, 10**6)),
     effect_mode: str = typer.Option("mean", help="--objective effect: what replaces a head (mean, zero, resample)."),
-    mean_tokens: int = typer.Option(8192, help="--objective effect: training tokens averaged into each head's mean."),
+    mean_tokens: int = typer.Option(8192, help="--objective effect: training tokens averaged into each head's mean.",
+                                    callback=within(1, MAX_TOKENS)),
     fit_start: bool = typer.Option(True, help="--objective effect: start from the least-squares fit of the "
                                    "measured effects when it is better in KL than dla (--no-fit-start: from dla)."),
     shard_heads: bool = typer.Option(False, help="Under torchrun: each process owns the lenses of some layers; "

@@ -48,7 +48,8 @@ def eval_(
     effects: bool = typer.Option(False, "--effects", help="Also score how well each head's reading predicts what "
                                  "removing the head does (measured), against dla, logit, zero and the linear ceiling."),
     effect_mode: str = typer.Option("mean", help="With --effects: what replaces a head (mean, zero or resample)."),
-    mean_tokens: int = typer.Option(8192, help="With --effects: training-split tokens averaged into each head's mean."),
+    mean_tokens: int = typer.Option(8192, help="With --effects: training-split tokens averaged into each head's mean.",
+                                    callback=within(1, MAX_TOKENS)),
     compare: Optional[list[Path]] = typer.Option(None, help="With --effects: another lens directory scored side by "
                                                  "side, named by its kind (e.g. a predictive affine lens); repeatable."),
     out: ResultsOut = None,
