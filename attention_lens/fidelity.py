@@ -75,8 +75,9 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
         logit = _finish(shared / baseline.divisor(z[rows], layer).T[..., None], base_constant, lens, cap=True)
         dla = shared.div_(targets.final_scale[None, rows, None])  # attribution: no constant, no cap
         baselines = {"logit": logit, "dla": dla}  # HEAD_BASELINES
-        own = baselines[lens.kind] if is_baseline else factored_logits(lens, z_aug[rows], lens.divisor(z[rows], layer),
-                                                                       own_factors, own_constant)
+        divisor = None if is_baseline else lens.divisor(z[rows], layer, targets.final_scale[rows])
+        own = baselines[lens.kind] if is_baseline else factored_logits(lens, z_aug[rows], divisor, own_factors,
+                                                                       own_constant)
         scores = _lens_scores(own, targets, rows)
         for name, value in scores.items():
             parts[name].append(value)

@@ -208,3 +208,17 @@ def test_the_effect_kind_also_trains_on_the_predictive_objective(corpus):
     lens = Lens.from_model(model, "effect")
     progress = train(lens, DataConfig(data=str(corpus), seq_len=12, holdout=0.25), TrainConfig(tokens=48, batch_size=2))
     assert progress.tokens == 48 and float(lens.delta.detach().abs().max()) > 0
+
+
+def test_eval_of_an_effect_lens_in_fp32_whole_rows_and_in_tiles(corpus):
+    """Its divisor is the final residual's sigma on both of eval's paths."""
+    from attention_lens import EvalConfig, evaluate
+
+    model = make_tiny_model("llama")
+    lens = Lens.from_model(model, "effect")
+    data = DataConfig(data=str(corpus), seq_len=12, holdout=0.25)
+    tiled, exact = (evaluate(lens, data, EvalConfig(tokens=24, batch_size=2, bootstrap=5, constant_tokens=24,
+                                                    exact=exact)) for exact in (False, True))
+    for a, b in zip(tiled.to_json()["heads"], exact.to_json()["heads"]):
+        assert a["kl"] == pytest.approx(b["kl"], rel=0.02, abs=1e-3)
+        assert b["kl"] == pytest.approx(b["baselines"]["dla"]["kl"], abs=1e-4)  # untrained: it is dla
