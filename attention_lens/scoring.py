@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .concepts import Concept, search
 from .data import DataConfig
+from .effects import EffectsConfig, EffectTotals, measured_batches
 from .errors import AttentionLensError
 from .lens import Lens
 from .models import Model
@@ -214,6 +215,28 @@ class Pursuit(Method):
                             token_scores=shares.float(), tokens=seen)
 
 
+class MeasuredEffect(Method):
+    """How much removing each head (zero ablation, the `effects` machinery) lowers the concept's log-probability,
+    measured on the training side (the held-out side is where --verify checks the ranking)."""
+
+    name = "effect"
+
+    def score(self, lens, concept, controls, data, tokens, seed):
+        model = lens.model
+        layers = list(range(model.n_layers))
+        config = EffectsConfig(tokens=tokens, seed=seed, mode="zero")
+        totals = EffectTotals(model, layers, config)
+        for batch in measured_batches(model, data, layers, config, split="train"):
+            totals.add(batch)
+        measured = totals.result({})
+        change = measured.change.float().cpu()  # (layer, head, vocab): log P - log P_ablated
+        concept_change = change[..., list(concept.ids)]
+        control = torch.stack([change[..., list(s)].mean(-1) for s in controls], -1)
+        return MethodResult(method=self.name, concept=concept, layers=layers, heads=list(range(model.n_heads)),
+                            concept_score=concept_change.mean(-1), control=control, token_scores=concept_change,
+                            tokens=totals.count)
+
+
 def pursue(M: Tensor, G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     """SOMP on covariances: for each of n signal sets (covariance C), M[n] = Aᵀ C A over unit atoms A, G = AᵀA.
 
@@ -244,7 +267,8 @@ def pursue(M: Tensor, G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     return explained, share
 
 
-METHODS: dict[str, Method] = {method.name: method for method in (LensLift(), LogitLift(), DlaLift(), Pursuit())}
+METHODS: dict[str, Method] = {method.name: method for method in (LensLift(), LogitLift(), DlaLift(), Pursuit(),
+                                                                  MeasuredEffect())}
 """Every scoring method by the name `search --method` takes."""
 
 
