@@ -92,3 +92,16 @@ def test_results_are_merged_and_read_defensively(tmp_path):
 def test_missing_results_file(tmp_path):
     with pytest.raises(AttentionLensError, match="does not exist"):
         read_results([tmp_path / "none.json"], 2, 4)
+
+
+def test_a_report_needs_no_web_server_packages():
+    """The main job's set-up installs no web extra: writing a report must not import starlette or uvicorn."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['starlette'] = None; sys.modules['uvicorn'] = None\n"
+            "from attention_lens.report import _fill_template\n"
+            "page = _fill_template('t', {'x': 1})\n"
+            "assert '<svg' in page or 'function' in page\n"
+            "assert 'attention_lens.web.app' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -79,7 +79,9 @@ def _asset(package: str, name: str) -> str:
 
 
 def _fill_template(title: str, data: dict) -> str:
-    shared = [_asset("attention_lens.web", f"static/{name}") for name in SHARED_ASSETS]
+    # Read through the top package: importing attention_lens.web would pull in the server (the web extra), which a
+    # report does not need.
+    shared = [_asset("attention_lens", f"web/static/{name}") for name in SHARED_ASSETS]
     # "</script>" or "<!--" inside the data block would end it early, and a prompt is user text.
     # Strict: the page reads it with JSON.parse, which a bare NaN would break.
     payload = strict_json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
