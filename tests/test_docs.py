@@ -42,3 +42,44 @@ def test_docs_link_to_files_that_exist():
     for page in (ROOT / "docs").glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+\.(?:md|ipynb|py|sh))\)", page.read_text(encoding="utf-8")):
             assert (page.parent / target).resolve().exists(), f"{page.name} links to missing {target}"
+
+
+def _readme_example() -> tuple[list[str], list[str]]:
+    """The README's first example: its command's arguments and the table lines that follow it."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.strip()]
+    command = next(line for line in lines if line.startswith("$ attention-lens decode"))
+    table = lines[lines.index(command) + 1:]
+    return shlex.split(command[len("$ attention-lens "):]), table
+
+
+def _table_shape(lines: list[str]) -> tuple[str, list[str], list[str]]:
+    """(title words, header names, layer column) of a printed decode table: what the README must match."""
+    title = " ".join(lines[0].split())
+    header = next(line for line in lines if "layer" in line and "┃" in line)
+    names = [cell.strip() for cell in header.strip("┃ ").split("┃")]
+    layers = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    return title, names, layers
+
+
+def test_readme_first_example_is_what_decode_prints(tmp_path, capsys):
+    """The README's first table has the title, header and layers of a real decode of the main job's recipe (an
+    affine lens fitted on SmolLM2): only the tokens in the cells may differ."""
+    import attention_lens as al
+    from attention_lens.data import DataConfig
+    from attention_lens.fit import FitConfig, fit
+    from conftest import run_cli
+
+    args, table = _readme_example()
+    model = al.load_model("smollm2-135m")
+    lens = al.Lens.from_model(model, "affine")
+    fit(lens, DataConfig(data="sotu", seq_len=64), FitConfig(tokens=256, batch_size=4))
+    directory = lens.save(tmp_path / "lens")
+    args = [str(directory) if arg == "lenses/smollm2" else arg for arg in args]
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0
+    printed = [line for line in stdout.splitlines() if line.strip()]
+    assert _table_shape(table) == _table_shape(printed)
