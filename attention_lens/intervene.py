@@ -11,6 +11,7 @@ Each kind of intervention is a class in INTERVENTIONS; `Intervention.parse('scal
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Iterable, Sequence
 
@@ -28,7 +29,7 @@ Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
-class Intervention:
+class Intervention(ABC):
     """What happens to a chosen head's z_h. Subclasses: Zero, Mean, Resample, Scale (the registry INTERVENTIONS)."""
 
     name: ClassVar[str]
@@ -58,9 +59,9 @@ class Intervention:
         """This intervention with what it needs from the unmodified model on `windows` (a copy; self if nothing)."""
         return self
 
+    @abstractmethod
     def new_z(self, z: Tensor, layer: int, head: int, rows: slice) -> Tensor:
         """The head's replacement z_h (batch, pos, d_head) for the windows `rows` of the measured set."""
-        raise NotImplementedError
 
     def __str__(self) -> str:
         return self.name

@@ -10,6 +10,7 @@ score for frequency-matched random token sets of the concept's size, so a head c
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -119,7 +120,7 @@ def control_sets(concept_ids: Sequence[int], counts: Tensor, sets: int = CONTROL
     return out
 
 
-class Method:
+class Method(ABC):
     """A way to score heads for a concept. `score` returns the concept's and the control sets' scores."""
 
     name: ClassVar[str]
@@ -130,9 +131,10 @@ class Method:
         """The lens the method reads through (the given one unless the method names its own kind)."""
         return given
 
+    @abstractmethod
     def score(self, lens: Lens, concept: Concept, controls: list[list[int]], data: DataConfig, tokens: int,
               seed: int) -> MethodResult:
-        raise NotImplementedError
+        """Scores of every lens head for `concept` and for each control token set."""
 
 
 class LensLift(Method):
