@@ -36,6 +36,8 @@ class Intervention(ABC):
     usage: ClassVar[str]
     needs_corpus: ClassVar[bool] = False
     """Whether it draws on measured windows (so `generate`, which has none, cannot use it)."""
+    needs_means: ClassVar[bool] = False
+    """Whether `prepared` needs every head's mean output over the measured windows (HeadMeans)."""
 
     @classmethod
     def from_value(cls, value: str) -> "Intervention":
@@ -85,6 +87,7 @@ class Mean(Intervention):
     name: ClassVar[str] = "mean"
     usage: ClassVar[str] = "mean"
     needs_corpus: ClassVar[bool] = True
+    needs_means: ClassVar[bool] = True
     means: Tensor | None = field(default=None, compare=False, repr=False)
     """(layer, head, d_head): raw projection inputs, from `HeadMeans`."""
 
@@ -285,6 +288,18 @@ class Metrics:
     """(window, 4) float64: summed log p of concept targets, their count, summed log p of other targets, their
     count; what a bootstrap over windows resamples."""
 
+    @staticmethod
+    def from_sums(per_window: Tensor, mass: float) -> "Metrics":
+        """Metrics from `per_window` (window, 4) sums (see the field) and the concept's summed probability mass
+        over all scored positions."""
+        sums = per_window.double().cpu()
+        concept, n_concept, other, n_other = sums.sum(0).tolist()
+        n_concept, n_other = int(n_concept), int(n_other)
+        return Metrics(concept_logprob=concept / max(n_concept, 1), other_logprob=other / max(n_other, 1),
+                       concept_mass=mass / max(n_concept + n_other, 1),
+                       loss=-(concept + other) / max(n_concept + n_other, 1),
+                       concept_targets=n_concept, other_targets=n_other, per_window=sums)
+
     def to_json(self) -> dict:
         return {"concept_logprob": self.concept_logprob, "other_logprob": self.other_logprob,
                 "concept_mass": self.concept_mass, "loss": self.loss, "concept_targets": self.concept_targets,
@@ -306,12 +321,7 @@ def measure(model: Model, windows: Tensor, concept_ids: Sequence[int], batch_siz
         per_window.append(torch.stack([(target_log_p * is_concept).sum(1), is_concept.sum(1).double(),
                                        (target_log_p * ~is_concept).sum(1), (~is_concept).sum(1).double()], 1))
         mass += torch.logsumexp(log_p[..., ids], dim=-1).exp().sum().item()
-    sums = torch.cat(per_window).cpu()
-    concept, n_concept, other, n_other = sums.sum(0).tolist()
-    n_concept, n_other = int(n_concept), int(n_other)
-    return Metrics(concept_logprob=concept / max(n_concept, 1), other_logprob=other / max(n_other, 1),
-                   concept_mass=mass / (n_concept + n_other), loss=-(concept + other) / (n_concept + n_other),
-                   concept_targets=n_concept, other_targets=n_other, per_window=sums)
+    return Metrics.from_sums(torch.cat(per_window), mass)
 
 
 @dataclass
@@ -348,7 +358,12 @@ def effect(model: Model, heads: Sequence[Head], edit: Intervention, windows: Ten
     chosen = list(heads)
     with HeadIntervention(model, chosen, edit.prepared(model, chosen, windows, means)):
         metrics = measure(model, windows, concept_ids)
-    return Effect(heads=chosen, metrics=metrics,
+    return compare(chosen, metrics, clean)
+
+
+def compare(heads: Sequence[Head], metrics: Metrics, clean: Metrics) -> Effect:
+    """What an intervention on `heads` that measured `metrics` changed against the `clean` metrics."""
+    return Effect(heads=list(heads), metrics=metrics,
                   concept_drop=clean.concept_logprob - metrics.concept_logprob,
                   other_drop=clean.other_logprob - metrics.other_logprob,
                   mass_change=metrics.concept_mass / clean.concept_mass - 1 if clean.concept_mass else 0.0,

@@ -8,7 +8,7 @@ compute the kept residual again. What a replay keeps per head-token is the chang
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -145,20 +145,29 @@ class _Clean:
 
 
 def _clean_pass(model: Model, input_ids: Tensor, layers: list[int]) -> _Clean:
-    residual: dict[int, Tensor] = {}
     raw_z: dict[int, Tensor] = {}
-    handles = []
-    for layer in layers:
-        handles.append(model.layers[layer].register_forward_pre_hook(_keep_residual(residual, layer),
-                                                                      with_kwargs=True))
-        handles.append(model.out_proj(layer).register_forward_pre_hook(_keep_raw_z(model, raw_z, layer)))
+    handles = [model.out_proj(layer).register_forward_pre_hook(_keep_raw_z(model, raw_z, layer)) for layer in layers]
     try:
         with HeadCapture(model, layers, final_residual=True) as capture:
-            final = model.hf.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            final, residual = clean_residuals(model, input_ids, layers)
     finally:
         for handle in handles:
             handle.remove()
     return _Clean(final=final.float(), residual=residual, raw_z=raw_z, capture=capture)
+
+
+def clean_residuals(model: Model, input_ids: Tensor, layers: Iterable[int]) -> tuple[Tensor, dict[int, Tensor]]:
+    """The unmodified model on `input_ids` (batch, pos): its final-normed residual (batch, pos, d_model), as the
+    model computes it, and the residual entering each block of `layers`, what `replay` starts from."""
+    residual: dict[int, Tensor] = {}
+    handles = [model.layers[layer].register_forward_pre_hook(_keep_residual(residual, layer), with_kwargs=True)
+               for layer in sorted(set(layers))]
+    try:
+        final = model.hf.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return final, residual
 
 
 def _keep_residual(store: dict, layer: int):
@@ -178,34 +187,52 @@ def _keep_raw_z(model: Model, store: dict, layer: int):
 def _replay(model: Model, layer: int, residual: Tensor, input_ids: Tensor, replacement: Tensor) -> Tensor:
     """Blocks layer.. only, for every head of `layer` at once: sequence h * batch + w is window w with head h
     replaced. Returns the final-normed residual (head, batch, pos, d_model)."""
-    heads, (windows, length) = model.n_heads, input_ids.shape
-    start = residual.repeat(heads, 1, 1)  # (head * batch, pos, d_model)
+    heads, windows, length = model.n_heads, *input_ids.shape
     index = torch.arange(heads, device=residual.device)
+
+    def edit(z: Tensor) -> None:
+        # Sequence group h gets head h replaced: advanced indices on both head axes pick (h, ..., h).
+        z.view(heads, windows, length, heads, model.d_head)[index, :, :, index] = replacement.to(z.dtype)
+
+    return replay(model, layer, residual, input_ids, heads, {layer: edit}).float()
+
+
+def replay(model: Model, start: int, residual: Tensor, input_ids: Tensor, copies: int,
+           edits: dict[int, Callable[[Tensor], None]]) -> Tensor:
+    """Blocks start.. only, on `copies` copies of the batch side by side (sequence c * batch + w is copy c of
+    window w), from `residual` (batch, pos, d_model), the clean residual entering block `start`. `edits[layer]`
+    rewrites, in place, that layer's output-projection input z (copies * batch, pos, head, d_head) where the lens
+    reads and interventions edit. Returns the final-normed residual (copies, batch, pos, d_model), model dtype."""
+    if any(layer < start for layer in edits):
+        raise ValueError(f"a replay from block {start} cannot edit an earlier block ({min(edits)})")
+    windows, length = input_ids.shape
+    first = residual.repeat(copies, 1, 1)  # (copies * batch, pos, d_model)
 
     def inject(module, args, kwargs):
         if args:
-            return (start, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": start}
+            return (first, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": first}
 
-    def edit(module, args):
-        z = args[0].unflatten(-1, (heads, model.d_head)).clone()  # (head * batch, pos, head, d_head)
-        # Sequence group h gets head h replaced: advanced indices on both head axes pick (h, ..., h).
-        z.view(heads, windows, length, heads, model.d_head)[index, :, :, index] = replacement.to(z.dtype)
-        return (z.flatten(-2), *args[1:])
+    def at(layer: int):
+        def hook(module, args):
+            z = args[0].unflatten(-1, (model.n_heads, model.d_head)).clone()  # (copies * batch, pos, head, d_head)
+            edits[layer](z)
+            return (z.flatten(-2), *args[1:])
+        return hook
 
-    skipped = list(model.layers)[:layer]
-    handles = [model.layers[layer].register_forward_pre_hook(inject, with_kwargs=True),
-               model.out_proj(layer).register_forward_pre_hook(edit)]
+    skipped = list(model.layers)[:start]
+    handles = [model.layers[start].register_forward_pre_hook(inject, with_kwargs=True)]
+    handles += [model.out_proj(layer).register_forward_pre_hook(at(layer)) for layer in edits]
     for block in skipped:
         block.forward = _pass_through  # an instance attribute: the block's own forward is untouched
     try:
-        final = model.hf.base_model(input_ids=input_ids.repeat(heads, 1), use_cache=False).last_hidden_state
+        final = model.hf.base_model(input_ids=input_ids.repeat(copies, 1), use_cache=False).last_hidden_state
     finally:
         for block in skipped:
             del block.forward
         for handle in handles:
             handle.remove()
-    return final.float().view(heads, windows, length, -1)
+    return final.view(copies, windows, length, -1)
 
 
 def _pass_through(*args, **kwargs):

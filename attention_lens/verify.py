@@ -13,8 +13,9 @@ from torch import Tensor
 
 from .data import DataConfig
 from .errors import AttentionLensError
-from .intervene import Effect, Head, HeadMeans, Intervention, Metrics, Scale, effect, measure
+from .intervene import Effect, Head, Intervention, Metrics, Scale, compare, effect
 from .models import Model
+from .replay_edits import MAX_TOKENS, Edit, cost as edit_cost, measure_edits
 from .stream import HeadStream
 
 MIN_TARGETS = 400
@@ -182,79 +183,115 @@ def bootstrap_specific_drop(clean: Metrics, edited: Metrics, replicates: int = 1
     return float(low), float(high)
 
 
-class CleanPass:
-    """The unmodified model on a set of windows: its metrics and every head's mean output (for Mean edits)."""
+def random_draws(model: Model, heads: Sequence[Head], repeats: int, seed: int = 0,
+                 layer_matched: bool = True) -> list[list[Head]]:
+    """`repeats` draws of as many random other heads as `heads` (a fresh Random(seed) for each set of heads)."""
+    if not repeats:
+        return []
+    check_random_pool(model, heads, layer_matched)
+    rng = random.Random(seed)
+    return [random_heads(model, heads, rng, layer_matched) for _ in range(repeats)]
 
-    def __init__(self, model: Model, windows: Tensor, concept_ids: Sequence[int]):
-        with HeadMeans(model) as recorder:
-            self.metrics = measure(model, windows, concept_ids)
-        self.means = recorder.means
+
+@dataclass
+class SweepPlan:
+    """Every intervention a sweep measures: for each k, the top k heads then their random draws; then steering."""
+
+    ks: list[int]
+    found: list[list[Head]]
+    drawn: list[list[list[Head]]]
+    edits: list[Edit]
+    steer_alpha: float | None
+
+    def cost(self, model: Model) -> float:
+        """Forward-equivalents the sweep runs over its windows (one full forward pass over them: 1)."""
+        return edit_cost(model, self.edits)
+
+
+def plan_sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], edit: Intervention, repeats: int = 0,
+               seed: int = 0, layer_matched: bool = True, alpha: float | None = None) -> SweepPlan:
+    """What `sweep` will measure (its random draws included), without measuring it."""
+    found, drawn, edits = [], [], []
+    for k in ks:
+        heads = list(ranked[:k])
+        if not heads:
+            raise AttentionLensError("no heads to intervene on; give `heads` like 12.3,14.0")
+        found.append(heads)
+        drawn.append(random_draws(model, heads, repeats, seed, layer_matched))
+        edits.extend(Edit(tuple(chosen), edit) for chosen in [heads, *drawn[-1]])
+    if alpha is not None:
+        edits.append(Edit(tuple(ranked[:max(ks)]), Scale(factor=alpha)))
+    return SweepPlan(ks=list(ks), found=found, drawn=drawn, edits=edits, steer_alpha=alpha)
+
+
+@torch.no_grad()
+def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: Sequence[int],
+          windows: Tensor | HeldWindows, edit: Intervention, repeats: int = 0, seed: int = 0,
+          layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = None,
+          on_windows: Callable[[int], None] | None = None, max_tokens: int = MAX_TOKENS) -> tuple[list[AblationResult], dict | None]:
+    """For every k in `ks`: apply `edit` to the top k of `ranked`, then to `repeats` draws of as many random other
+    heads (layer-matched: the same count in each layer); bootstrap the found heads' specific drop over windows.
+    With `alpha`, also amplify the largest k's heads by alpha (steering). Returns one result per k and the
+    steering record (None without alpha).
+
+    Random heads are drawn from the heads not chosen, so the baseline says what editing *other* heads does.
+    Means for mode 'mean' come from the unmodified model on the same windows. Everything is measured at once
+    (replay_edits): one clean pass, and each intervention replays only the blocks from its earliest edited one.
+    """
+    held = windows if isinstance(windows, HeldWindows) else None
+    tokens = held.windows if held is not None else windows
+    plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha)
+    clean, measured = measure_edits(model, tokens, concept_ids, plan.edits, max_tokens=max_tokens,
+                                    on_windows=on_windows)
+    results, at = [], 0
+    for found, drawn in zip(plan.found, plan.drawn):
+        effects = [compare(heads, metrics, clean) for heads, metrics in zip([found, *drawn], measured[at:])]
+        at += len(effects)
+        interval = bootstrap_specific_drop(clean, effects[0].metrics, bootstrap, seed)
+        results.append(AblationResult(edit=edit, clean=clean, found=effects[0], random=effects[1:],
+                                      layer_matched=layer_matched, interval=interval, held=held))
+    steered = None
+    if alpha is not None:
+        steered = _steer_record(alpha, compare(list(plan.edits[-1].heads), measured[-1], clean), clean)
+    return results, steered
 
 
 @torch.no_grad()
 def ablate(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor | HeldWindows,
            edit: Intervention, repeats: int = 0, seed: int = 0, layer_matched: bool = True,
-           bootstrap: int = 1000, clean: CleanPass | None = None,
-           on_pass: Callable[[], None] | None = None) -> AblationResult:
-    """Apply `edit` to `heads`, then to `repeats` draws of as many random other heads (layer-matched: the same
-    count in each layer); measure each pass, and bootstrap the found heads' specific drop over windows.
-
-    Random heads are drawn from the heads not chosen, so the baseline says what editing *other* heads does.
-    Means for mode 'mean' come from the unmodified pass over the same windows.
-    """
+           bootstrap: int = 1000, on_windows: Callable[[int], None] | None = None) -> AblationResult:
+    """Apply `edit` to `heads`, then to `repeats` draws of as many random other heads (see `sweep`, with k all
+    of `heads`)."""
     if not heads:
         raise AttentionLensError("no heads to intervene on; give `heads` like 12.3,14.0")
-    held = windows if isinstance(windows, HeldWindows) else None
-    tokens = held.windows if held is not None else windows
-    if repeats:
-        check_random_pool(model, heads, layer_matched)
-    clean = clean or CleanPass(model, tokens, concept_ids)
-    found = effect(model, heads, edit, tokens, concept_ids, clean.metrics, clean.means)
-    if on_pass:
-        on_pass()
-    rng = random.Random(seed)
-    drawn = []
-    for _ in range(repeats):
-        drawn.append(effect(model, random_heads(model, heads, rng, layer_matched), edit, tokens, concept_ids,
-                            clean.metrics, clean.means))
-        if on_pass:
-            on_pass()
-    interval = bootstrap_specific_drop(clean.metrics, found.metrics, bootstrap, seed)
-    return AblationResult(edit=edit, clean=clean.metrics, found=found, random=drawn, layer_matched=layer_matched,
-                          interval=interval, held=held)
+    results, _ = sweep(model, heads, [len(heads)], concept_ids, windows, edit, repeats, seed, layer_matched,
+                       bootstrap, on_windows=on_windows)
+    return results[0]
 
 
-@torch.no_grad()
-def steer(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor, clean: Metrics,
-          alpha: float = STEER_ALPHA) -> dict:
-    """Amplify `heads` by `alpha`: how much the concept's probability mass rises, at what overall loss change."""
-    steered = effect(model, heads, Scale(factor=alpha), windows, concept_ids, clean)
-    return {"alpha": alpha, "heads": [f"{layer}.{head}" for layer, head in heads],
+def _steer_record(alpha: float, steered: Effect, clean: Metrics) -> dict:
+    return {"alpha": alpha, "heads": [f"{layer}.{head}" for layer, head in steered.heads],
             "clean_concept_mass": clean.concept_mass, "concept_mass": steered.metrics.concept_mass,
             "mass_change": steered.mass_change, "concept_logprob_change": -steered.concept_drop,
             "loss_change": steered.loss_change}
 
 
 @torch.no_grad()
+def steer(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor, clean: Metrics,
+          alpha: float = STEER_ALPHA) -> dict:
+    """Amplify `heads` by `alpha`: how much the concept's probability mass rises, at what overall loss change."""
+    return _steer_record(alpha, effect(model, heads, Scale(factor=alpha), windows, concept_ids, clean), clean)
+
+
+@torch.no_grad()
 def verify_ranking(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: Sequence[int],
                    held: HeldWindows, edit: Intervention, repeats: int = MIN_REPEATS, seed: int = 0,
                    layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = STEER_ALPHA,
-                   on_pass: Callable[[], None] | None = None) -> tuple[list[dict], dict | None]:
-    """Verify the top k of `ranked` for every k in `ks` (one clean pass shared); steer with the largest k's heads.
+                   on_windows: Callable[[int], None] | None = None) -> tuple[list[dict], dict | None]:
+    """Verify the top k of `ranked` for every k in `ks` (`sweep`); steer with the largest k's heads.
 
     Returns one verify record per k (in the order of `ks`) and the steering record (None when alpha is None).
     """
-    clean = CleanPass(model, held.windows, concept_ids)
-    records = [ablate(model, list(ranked[:k]), concept_ids, held, edit, repeats, seed, layer_matched, bootstrap,
-                      clean, on_pass).verify_record() for k in ks]
-    steered = None
-    if alpha is not None:
-        steered = steer(model, list(ranked[:max(ks)]), concept_ids, held.windows, clean.metrics, alpha)
-        if on_pass:
-            on_pass()
-    return records, steered
-
-
-def verify_passes(ks: Sequence[int], repeats: int, steer_too: bool) -> int:
-    """Forward passes over the windows `verify_ranking` makes after its clean pass (for a progress bar)."""
-    return len(ks) * (1 + repeats) + int(steer_too)
+    results, steered = sweep(model, ranked, ks, concept_ids, held, edit, repeats, seed, layer_matched, bootstrap,
+                             alpha, on_windows)
+    return [result.verify_record() for result in results], steered

@@ -154,6 +154,17 @@ def test_cli_ablate(paths, capsys):
     document = json.loads(stdout)
     assert document["found"]["heads"] == ["1.0", "0.3"] and len(document["random"]) == 3
     assert document["verify"]["repeats"] == 3 and document["mode"] == "mean"
+    assert document["k_sweep"] == [document["verify"]]
+    code, stdout, _ = run_cli(base + ["--baseline", "random", "--repeats", "3", "--k", "2,1", "--json"], capsys)
+    assert code == 0
+    document = json.loads(stdout)
+    assert [record["k"] for record in document["k_sweep"]] == [1, 2] and document["k_sweep"][-1] == document["verify"]
+    assert [record["heads"] for record in document["k_sweep"]] == [["1.0"], ["1.0", "0.3"]]
+    assert document["found"]["heads"] == ["1.0", "0.3"] and document["k_sweep"][0]["repeats"] == 3
+    code, stdout, _ = run_cli(base + ["--baseline", "random", "--repeats", "3", "--k", "1,2"], capsys)
+    assert code == 0 and "top k heads" in stdout
+    code, stdout, err = run_cli(base + ["--k", "3"], capsys)
+    assert code == 2 and stdout == "" and "more heads than the 2 given with --heads" in err
     code, stdout, _ = run_cli(base + ["--mode", "resample", "--json"], capsys)
     assert code == 0 and json.loads(stdout)["mode"] == "resample" and "verify" not in json.loads(stdout)
     code, stdout, _ = run_cli(base + ["--scale", "2"], capsys)

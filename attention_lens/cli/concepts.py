@@ -16,8 +16,7 @@ from ..intervene import Intervention, Scale, generate as generate_text, parse_he
 from ..models import DEFAULT_MODEL, Model, load_model
 from ..notebook import visible
 from ..scoring import CONTROL_SETS, METHODS, score_heads
-from ..verify import (MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, ablate as ablate_heads, held_windows, verify_passes,
-                      verify_ranking)
+from ..verify import MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, held_windows, plan_sweep, sweep
 from .common import emit_json, err, lens_and_model
 from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SCALE, MAX_SEED, MAX_TOKENS, within
 from .options import (Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision,
@@ -38,9 +37,21 @@ def _edit(mode: str, scale: float | None) -> Intervention:
     return Scale(factor=scale) if scale is not None else Intervention.parse(mode)
 
 
-def _pass_bar(what: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed}/{task.total} forward passes"),
+def _window_bar(what: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), TextColumn("{task.completed}/{task.total} windows"),
                     TimeElapsedColumn(), console=err)
+
+
+def _measured_sweep(what: str, model: Model, ranked: list, ks: list[int], concept_ids: list[int], held, edit,
+                    repeats: int, seed: int, layer_matched: bool, bootstrap: int, alpha: float | None):
+    """`sweep` with a progress bar over the held-out windows, after saying how much it will run."""
+    plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha)
+    err.print(f"{what}: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
+              f"({held.drawn} drawn); {len(plan.edits)} interventions, {plan.cost(model):.1f} forward-equivalents")
+    with _window_bar(what) as bar:
+        task = bar.add_task(what, total=int(held.windows.shape[0]))
+        return sweep(model, ranked, ks, concept_ids, held, edit, repeats, seed, layer_matched, bootstrap, alpha,
+                     on_windows=lambda n: bar.update(task, advance=n))
 
 
 def _check_counts(**counts: int) -> None:
@@ -49,15 +60,15 @@ def _check_counts(**counts: int) -> None:
             raise AttentionLensError(f"--{name.replace('_', '-')} must be at least {least}; got {value}")
 
 
-def parse_ks(text: str, available: int) -> list[int]:
-    """'1,3,8' -> [1, 3, 8]: head counts to verify, each from 1 to `available` (the heads ranked)."""
+def parse_ks(text: str, available: int, where: str = "there are to rank") -> list[int]:
+    """'1,3,8' -> [1, 3, 8]: head counts to verify, each from 1 to `available` (the heads ranked or given)."""
     ks = []
     for part in text.split(","):
         part = part.strip()
         if not part.isdigit() or int(part) < 1:
             raise AttentionLensError(f"--k {text!r}: give head counts like 1,3,8 (whole numbers from 1)")
         if int(part) > available:
-            raise AttentionLensError(f"--k {part} is more heads than the {available} there are to rank; "
+            raise AttentionLensError(f"--k {part} is more heads than the {available} {where}; "
                                      f"use at most {available}")
         ks.append(int(part))
     return sorted(set(ks))
@@ -121,15 +132,9 @@ def search(
                 "heads": [record.to_json() for record in result.records(top, loaded.tokenizer)]}
     if verify:
         held = held_windows(loaded, data_config, found.ids, min_targets, seed)
-        err.print(f"verify: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
-                  f"({held.drawn} drawn)")
-        alpha = steer or None
-        with _pass_bar("verify") as bar:
-            task = bar.add_task("verify", total=1 + verify_passes(ks, repeats, alpha is not None))
-            bar.update(task, advance=1)
-            records, steered = verify_ranking(loaded, result.ranked(), ks, found.ids, held, edit, repeats, seed,
-                                              layer_matched, bootstrap, alpha,
-                                              on_pass=lambda: bar.update(task, advance=1))
+        results, steered = _measured_sweep("verify", loaded, result.ranked(), ks, found.ids, held, edit, repeats,
+                                           seed, layer_matched, bootstrap, steer or None)
+        records = [measured.verify_record() for measured in results]
         document["verify"] = records[-1]
         document["k_sweep"] = records
         document["steer"] = steered
@@ -172,11 +177,14 @@ def ablate(
                                 callback=within(0, MAX_REPEATS)),
     layer_matched: LayerMatched = True,
     bootstrap: Bootstrap = 1000,
+    k: Optional[str] = typer.Option(None, help="Head counts to measure, each the first k of --heads in the order "
+                                               "given, e.g. 1,3,8: one record per count in k_sweep (default: all)."),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {clean, found, random, verify}."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {clean, found, random, verify, "
+                                                       "k_sweep}; the first four for the largest k."),
 ) -> None:
     """Intervene on heads' outputs; measure the concept's log-prob and mass, and the overall loss."""
     if baseline not in ("none", "random"):
@@ -187,16 +195,12 @@ def ablate(
     loaded = load_model(model, device=device, revision=revision, device_map=device_map)
     chosen = parse_heads(heads, loaded)
     found = make_concept(loaded.tokenizer, read_concept_words(concept))
+    ks = parse_ks(k, len(chosen), "given with --heads") if k is not None else [len(chosen)]
     held = held_windows(loaded, DataConfig(data=data, seq_len=seq_len, holdout=holdout), found.ids, min_targets,
                         seed, tokens)
-    err.print(f"ablate: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
-              f"({held.drawn} drawn)")
-    with _pass_bar("ablate") as bar:
-        task = bar.add_task("ablate", total=2 + repeats)
-        bar.update(task, advance=1)
-        result = ablate_heads(loaded, chosen, found.ids, held, edit, repeats=repeats, seed=seed,
-                              layer_matched=layer_matched, bootstrap=bootstrap,
-                              on_pass=lambda: bar.update(task, advance=1))
+    results, _ = _measured_sweep("ablate", loaded, chosen, ks, found.ids, held, edit, repeats, seed, layer_matched,
+                                 bootstrap, None)
+    result = results[-1]
     document = {"concept": found.to_json(loaded.tokenizer), "mode": str(edit), "tokens": int(held.windows.numel()),
                 "windows": int(held.windows.shape[0]), "windows_drawn": held.drawn,
                 "clean": result.clean.to_json(), "found": result.found.to_json(),
@@ -204,6 +208,7 @@ def ablate(
     document["specificity_interval"] = None if result.interval is None else list(result.interval)
     if repeats:
         document["verify"] = result.verify_record()
+    document["k_sweep"] = [measured.verify_record() for measured in results]
     if as_json:
         emit_json(document)
         return
@@ -212,6 +217,8 @@ def ablate(
     if repeats:
         _print_record(f"against {repeats} {'layer-matched ' if layer_matched else ''}draws of random heads",
                       document["verify"])
+    if len(ks) > 1:
+        _print_sweep(document["k_sweep"])
 
 
 def generate(
