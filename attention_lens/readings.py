@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,6 +31,44 @@ from .storage import read_tensors, write_tensors
 from .stream import HeadStream
 
 READINGS = ("raw", "promoted", "effect")
+READING_LABELS = {
+    "raw": "raw: the lens's own top tokens and their probabilities",
+    "promoted": "promoted: log-prob minus the best constant's (nats over the prior: what this head adds to it)",
+    "effect": "effect: the predicted logit change if the head were removed, read(z) - read(mean z)",
+}
+"""What each reading shows, in the words the report and the explorer label their token grids with."""
+
+
+@dataclass
+class ChosenReading:
+    """A reading with the corpus statistics it needs: `decode(model, lens, text, **chosen.decode_args())`."""
+
+    name: str
+    prior: Tensor | None = None
+    """(vocab,) the prior's log-probabilities (promoted)."""
+    means: Tensor | None = None
+    """(layer, head, d_head) the heads' mean z (effect)."""
+
+    @property
+    def label(self) -> str:
+        return READING_LABELS[self.name]
+
+    def decode_args(self) -> dict:
+        return {"reading": self.name, "prior": self.prior, "means": self.means}
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "label": self.label}
+
+
+def choose_reading(model: Model, lens: Lens, name: str | None = None, data: str | None = None) -> ChosenReading:
+    """`name` (default: the lens kind's) with its statistics on `data` (default: see prior_data), computed once
+    per model and corpus and cached."""
+    name = check_reading(name) if name is not None else default_reading(lens)
+    if name == "promoted":
+        return ChosenReading(name, prior=prior_log_probs(model, prior_data(lens, data)))
+    if name == "effect":
+        return ChosenReading(name, means=cached_head_means(model, prior_data(lens, data)))
+    return ChosenReading(name)
 
 
 def default_reading(lens: Lens) -> str:

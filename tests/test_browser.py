@@ -12,11 +12,12 @@ import pytest
 from attention_lens import load_model
 from attention_lens.cli import main
 from attention_lens.lens import Lens
+from attention_lens.readings import READING_LABELS
 from attention_lens.report import read_results
 from attention_lens.web import create_app
-from conftest import make_model_dir
+from conftest import make_corpus, make_model_dir
 from live_server import live_server
-from test_serve import write_eval
+from test_serve import write_effect_files, write_eval
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -54,9 +55,10 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(files):
-    model_dir, eval_file, _ = files
+    model_dir, eval_file, root = files
     model = load_model(str(model_dir))
-    results = read_results([eval_file], model.n_layers, model.n_heads)
+    _, effects_file = write_effect_files(root)
+    results = read_results([eval_file], model.n_layers, model.n_heads, effects=effects_file)
     with live_server(create_app(model, Lens.logit(model), results)) as url:
         yield url, model
 
@@ -86,6 +88,11 @@ def test_explorer_prompt_grid_and_head(server, page):
     assert page.locator("#attention svg rect").count() == n_tokens * (n_tokens + 1) // 2 + 1
     assert "kl_gain_vs_logit" in page.inner_text("#head-results")
     assert page.locator("#heatmap svg.heatmap rect.cell").count() == model.n_layers * model.n_heads
+    assert page.inner_text("#reading-label") == READING_LABELS["raw"]
+    # the effects file: each head's effect size next to the metric's heatmap, its true reading in the panel
+    assert page.locator("#effect-heatmap svg.heatmap rect.cell").count() == model.n_layers * model.n_heads
+    assert "KL 0.0876 nats when removed [0.0612, 0.1093]" in page.inner_text("#head-results")
+    assert "·Paris +0.731" in page.inner_text("#head-results")
 
     page.click("#positions .chip[data-position='1']")  # another position keeps the head selected
     page.wait_for_selector("#head-title:has-text('position 1')")
@@ -136,6 +143,38 @@ def test_report_heatmap_and_grid(files, page, capsys):
     assert requests == [out.as_uri()]  # nothing else fetched: the file is self-contained
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+
+
+def test_report_reading_and_effects(files, page, tmp_path, monkeypatch, capsys):
+    """--reading effect and the effect files: the page names the reading, shows signed changes, and each head's
+    measured effect in a second heatmap, its tooltip and the head panel."""
+    model_dir, _, root = files
+    monkeypatch.setattr("attention_lens.readings.CACHE_DIR", tmp_path / "cache")
+    eval_file, effects_file = write_effect_files(tmp_path)
+    out = tmp_path / "report.html"
+    assert main(["report", "--model", str(model_dir), "--reading", "effect", "--prior-data",
+                 str(make_corpus(tmp_path / "corpus")), "--eval", str(eval_file), "--effects", str(effects_file),
+                 "--prompt", PROMPT, "--out", str(out)]) == 0
+    page.goto(out.as_uri())
+    cells = page.locator("#effect-heatmap svg.heatmap rect.cell")
+    cells.first.wait_for()
+    assert page.inner_text("#reading-label") == READING_LABELS["effect"]
+    assert "logit change" in page.inner_text("#colour-note")
+    assert cells.count() == 2 * 4 and page.input_value("#effect-metric") == "effect recovered"
+    cells.nth(6).hover()  # layer 1, head 2
+    tooltip = page.inner_text("#lv-tooltip")
+    assert "effect recovered: 0.424 [0.313, 0.535] (dla -0.071)" in tooltip
+    assert "effect size: KL 0.0876 nats when removed [0.0612, 0.1093]" in tooltip
+    assert "raises (true reading): ·Paris +0.731" in tooltip
+    cells.nth(1).hover()  # head 0.1: its recovered is null, so only the heatmap's own line names it
+    tooltip = page.inner_text("#lv-tooltip")
+    assert "effect recovered: –" in tooltip and tooltip.count("effect recovered") == 1
+    page.click("table.grid td.cell[data-layer='1'][data-head='2']")
+    page.wait_for_selector("#topk .tok")
+    assert all(text[0] in "+-" for text in page.locator("#topk .pct").all_inner_texts())  # changes, not percents
+    assert "lowers (true reading)" in page.inner_text("#head-results")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "report-effects.png"), full_page=True)
 
 
 def _api(page, url, body, path="/api/decode"):

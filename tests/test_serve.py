@@ -30,6 +30,36 @@ def write_eval(path, n_layers=2, n_heads=4):
     return path
 
 
+def write_effect_files(root, n_layers=2, n_heads=4):
+    """By hand, as `eval --effects --json` and `effects --json` write them: (eval file, effects file). Head 1.2 has
+    numbers found nowhere else; head 0.0 has no `effect` and head 0.1 a `recovered` of null (both omitted)."""
+    heads = []
+    for l in range(n_layers):
+        for h in range(n_heads):
+            record = {"layer": l, "head": h, "kl": 2.0 + l + h / 10, "top1": 0.1 * h}
+            if (l, h) != (0, 0):
+                record["effect"] = {"effect_kl": 0.01 * (1 + l + h), "recovered": 0.1 * h, "recovered_low": 0.0,
+                                    "recovered_high": 0.2 * h, "corr": 0.5, "top10_agreement": 0.3,
+                                    "baselines": {"dla": {"recovered": 0.05}, "zero": {"recovered": 0.0}}}
+            heads.append(record)
+    heads[1]["effect"]["recovered"] = None
+    heads[6]["effect"].update(recovered=0.4242, recovered_low=0.3131, recovered_high=0.5353)
+    heads[6]["effect"]["baselines"]["dla"]["recovered"] = -0.0707
+    eval_file = root / "eval-effects.json"
+    eval_file.write_text(json.dumps({"summary": {"kl_mean": 2.5, "effect_recovered_median": 0.2}, "heads": heads}))
+    effects = [{"layer": l, "head": h, "effect_kl": 0.02 * (1 + h), "effect_kl_low": 0.01, "effect_kl_high": 0.1,
+                "raises": [{"token": " big", "id": 7, "change": 0.25}], "lowers": [{"token": " small", "id": 8,
+                                                                                  "change": -0.2}], "examples": []}
+               for l in range(n_layers) for h in range(n_heads)]
+    effects[6].update(effect_kl=0.0876, effect_kl_low=0.0612, effect_kl_high=0.1093,
+                      raises=[{"token": " Paris", "id": 5, "change": 0.7311}, {"token": " Rome", "id": 6, "change": 0.1}],
+                      lowers=[{"token": " London", "id": 9, "change": -0.5122}])
+    effects_file = root / "effects.json"
+    effects_file.write_text(json.dumps({"summary": {"tokens": 96, "heads": 8, "effect_kl_mean": 0.05},
+                                        "heads": effects, "mode": "mean", "data": "sotu"}))
+    return eval_file, effects_file
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -187,3 +217,36 @@ def test_serve_cli_busy_port_is_one_line(setup, capsys):
         code = main(["serve", "--model", str(setup[1]), "--port", str(port)])
     err = capsys.readouterr().err
     assert code == 2 and "another --port" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_cli_reading_and_effects(setup, tmp_path, monkeypatch, capsys):
+    """serve --reading effect: /api/info names the reading and carries each head's measured effect; /api/decode
+    answers exactly what `decode --reading effect --json` prints."""
+    import attention_lens.web as web
+    from attention_lens.readings import READING_LABELS
+    from conftest import make_corpus
+
+    monkeypatch.setattr("attention_lens.readings.CACHE_DIR", tmp_path / "cache")
+    corpus = str(make_corpus(tmp_path / "corpus"))
+    eval_file, effects_file = write_effect_files(tmp_path)
+    served = {}
+    monkeypatch.setattr(web, "run_server", lambda app, sock: served.update(app=app))
+    assert main(["serve", "--model", str(setup[1]), "--lens", "logit", "--port", "0", "--reading", "effect",
+                 "--prior-data", corpus, "--eval", str(eval_file), "--effects", str(effects_file)]) == 0
+    capsys.readouterr()
+    with TestClient(served["app"]) as client:
+        info = client.get("/api/info").json()
+        answer = client.post("/api/decode", json={"text": PROMPT, "k": 3, "position": "all"}).json()
+    assert info["reading"] == {"name": "effect", "label": READING_LABELS["effect"]}
+    effects = info["results"]["effects"]
+    assert effects["1,2"] == {"effect_kl": 0.0876, "effect_kl_low": 0.0612, "effect_kl_high": 0.1093,
+                              "recovered": 0.4242, "recovered_low": 0.3131, "recovered_high": 0.5353, "corr": 0.5,
+                              "top10_agreement": 0.3, "dla_recovered": -0.0707,
+                              "raises": [{"token": " Paris", "change": 0.7311}, {"token": " Rome", "change": 0.1}],
+                              "lowers": [{"token": " London", "change": -0.5122}]}
+    assert "recovered" not in effects["0,1"] and "recovered" not in effects["0,0"]  # null / no `effect`: omitted
+    assert info["results"]["metrics"]["effect_kl"]["1,2"] == 0.0876
+    assert main(["decode", "--model", str(setup[1]), "--lens", "logit", "--reading", "effect", "--prior-data", corpus,
+                 "--json", "-k", "3", "--position", "all", PROMPT]) == 0
+    assert answer == json.loads(capsys.readouterr().out)
+    assert answer["reading"] == "effect" and all("change" in e for r in answer["heads"] for e in r["top"])

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ..decode import DecodeResult, decode as decode_prompt
 from ..errors import AttentionLensError
-from ..readings import cached_head_means, check_reading, default_reading, prior_data as reading_data, prior_log_probs
+from ..readings import choose_reading
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
 from .numbers import MAX_K, within
-from .options import Device, DeviceMap, Heads, Layers, LensModel, LensSpec, Revision
+from .options import Device, DeviceMap, Heads, Layers, LensModel, LensSpec, PriorData, Reading, Revision
 
 LAYER_COLUMN = 5
 """Width of the table's layer column."""
@@ -36,27 +34,16 @@ def decode(
     exact: bool = typer.Option(False, help="Compute the readout in fp32 throughout (~2.5x slower on CPU). By "
                                "default a bf16 screen + fp32 recheck gives the same tokens and logits, and "
                                "probabilities within ~1% (relative)."),
-    reading: Optional[str] = typer.Option(None, help="raw (the lens's tokens), promoted (its log-probs minus the "
-                                          "prior's: the default for trained predictive lenses) or effect (the "
-                                          "predicted effect of removing the head: the default for effect lenses)."),
-    prior_data: Optional[str] = typer.Option(None, help="Corpus of the prior (promoted) and of the heads' means "
-                                             "(effect); default: the lens's training data, else sotu. Cached."),
+    reading: Reading = None,
+    prior_data: PriorData = None,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {heads: [...]}."),
 ) -> None:
     """Show the tokens each head's lens reads from its output on a prompt."""
-    if reading is not None:
-        check_reading(reading)
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
-    reading = reading or default_reading(lens_obj)
-    prior = means = None
-    if reading == "promoted":
-        prior = prior_log_probs(loaded, reading_data(lens_obj, prior_data))
-    elif reading == "effect":
-        means = cached_head_means(loaded, reading_data(lens_obj, prior_data))
+    chosen = choose_reading(loaded, lens_obj, reading, prior_data)
     chosen_layers = parse_indices(layers, loaded.n_layers, "layer")
     chosen_heads = parse_indices(heads, loaded.n_heads, "head")
-    result = decode_prompt(loaded, lens_obj, text, k=k, position=position, exact=exact, reading=reading,
-                           prior=prior, means=means)
+    result = decode_prompt(loaded, lens_obj, text, k=k, position=position, exact=exact, **chosen.decode_args())
     result.heads = [r for r in result.heads if (chosen_layers is None or r.layer in chosen_layers)
                     and (chosen_heads is None or r.head in chosen_heads)]
     if not result.heads:

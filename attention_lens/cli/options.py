@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..kinds import kind_names
+from ..readings import READINGS, check_reading
 from .numbers import MAX_SCALE, MAX_SEQ_LEN, MAX_TOKENS, within
 
 ModelName = Annotated[str, typer.Option(
@@ -43,3 +44,11 @@ ResultFiles = Annotated[Optional[list[Path]], typer.Option(
 Scale = Annotated[Optional[float], typer.Option(help="Shorthand for --mode scale=X; X > 1 steers toward the heads.",
                                                 callback=within(-MAX_SCALE, MAX_SCALE))]
 
+Reading = Annotated[Optional[str], typer.Option(
+    help="raw (the lens's tokens), promoted (its log-probs minus the prior's: the default for trained predictive "
+         "lenses) or effect (the predicted effect of removing the head: the default for effect lenses).",
+    callback=lambda value: value if value is None else check_reading(value), metavar="|".join(READINGS))]
+"""Which reading a command shows (readings.py); None: the lens kind's default. Checked before any work."""
+PriorData = Annotated[Optional[str], typer.Option(
+    help="Corpus of the prior (promoted) and of the heads' means (effect); default: the lens's training data, "
+         "else sotu. Cached.")]

@@ -7,13 +7,20 @@ from pathlib import Path
 import typer
 
 from ..errors import AttentionLensError
+from typing import Annotated, Optional
+
 from ..models import Model
+from ..readings import choose_reading
 from ..report import build_report, read_results, write_report
 from .common import check_output, emit_json, err, lens_and_model
 from .numbers import MAX_K, MAX_SEQ_LEN, within
-from .options import Device, DeviceMap, LensModel, LensSpec, OverwriteFile, ResultFiles, Revision
+from .options import (Device, DeviceMap, LensModel, LensSpec, OverwriteFile, PriorData, Reading, ResultFiles,
+                      Revision)
 
 REPORT_PROMPT = "The capital of France is Paris, and the capital of Italy is"
+EffectsFile = Annotated[Optional[Path], typer.Option(
+    "--effects", help="Measured head effects (`effects --json` / --out): each head's effect size and the tokens "
+    "its removal lowers and raises most.")]
 
 
 def report(
@@ -21,8 +28,11 @@ def report(
     lens: LensSpec = "logit",
     model: LensModel = None,
     eval_files: ResultFiles = None,
+    effects: EffectsFile = None,
     prompt: str = typer.Option(REPORT_PROMPT, help="Prompt whose per-position token grid is shown ('' for none)."),
     k: int = typer.Option(5, "-k", "--k", help="Top-k tokens per head kept for the prompt.", callback=within(1, MAX_K)),
+    reading: Reading = None,
+    prior_data: PriorData = None,
     overwrite: OverwriteFile = False,
     device: Device = "cpu",
     revision: Revision = None,
@@ -32,10 +42,12 @@ def report(
     """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity."""
     check_output(out, overwrite)
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
-    results = _read_results(eval_files, loaded)
-    path = write_report(out, build_report(loaded, lens_obj, prompt or None, results, k=k))
+    results = _read_results(eval_files, effects, loaded)
+    chosen = choose_reading(loaded, lens_obj, reading, prior_data) if prompt else None
+    path = write_report(out, build_report(loaded, lens_obj, prompt or None, results, k=k, reading=chosen))
     summary = {"out": str(path), "bytes": path.stat().st_size, "results": [str(p) for p in eval_files or []],
-               "prompt": prompt or None}
+               "effects": None if effects is None else str(effects), "prompt": prompt or None,
+               "reading": None if chosen is None else chosen.name}
     if as_json:
         emit_json(summary)
         return
@@ -46,6 +58,9 @@ def serve(
     lens: LensSpec = "logit",
     model: LensModel = None,
     eval_files: ResultFiles = None,
+    effects: EffectsFile = None,
+    reading: Reading = None,
+    prior_data: PriorData = None,
     host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but localhost exposes the model."),
     port: int = typer.Option(8765, help="Port to listen on.", callback=within(0, 65535)),
     max_tokens: int = typer.Option(128, help="Longest prompt (in tokens) a request may send.",
@@ -67,13 +82,16 @@ def serve(
     sock = bind(host, port)  # before the model loads, so a busy port fails at once
     with sock:
         lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
+        results = _read_results(eval_files, effects, loaded)
         limits = Limits(max_tokens=max_tokens, request_timeout=request_timeout, max_connections=max_connections)
-        app_ = create_app(loaded, lens_obj, _read_results(eval_files, loaded), limits)
+        app_ = create_app(loaded, lens_obj, results, limits, choose_reading(loaded, lens_obj, reading, prior_data))
         if host not in LOCAL_HOSTS:
             err.print(f"warning: listening on {host}: anyone who can reach this machine can run the model")
         err.print(f"attention-lens explorer on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C to stop)")
         run_server(app_, sock)
 
 
-def _read_results(eval_files: list[Path] | None, model: Model):
-    return read_results(eval_files, model.n_layers, model.n_heads) if eval_files else None
+def _read_results(eval_files: list[Path] | None, effects: Path | None, model: Model):
+    if not eval_files and effects is None:
+        return None
+    return read_results(eval_files or [], model.n_layers, model.n_heads, effects)

@@ -18,6 +18,7 @@ from .._version import __version__
 from ..decode import DecodeResult, decode
 from ..lens import Lens
 from ..models import Model
+from ..readings import ChosenReading
 from ..storage import atomic_write
 from .results import HeadResults, read_results
 
@@ -27,12 +28,15 @@ SHARED_ASSETS = ("lens.css", "grid.js")
 
 
 def build_report(model: Model, lens: Lens, prompt: str | None = None, results: HeadResults | None = None,
-                 k: int = 5) -> str:
-    """The report's HTML text; `prompt` adds the per-position token grid, `results` the fidelity heatmaps."""
+                 k: int = 5, reading: ChosenReading | None = None) -> str:
+    """The report's HTML text; `prompt` adds the per-position token grid (under `reading`, default raw), `results`
+    the fidelity heatmaps and, where the files have them, each head's measured effect."""
+    reading = reading or ChosenReading("raw")
     grid = None
     if prompt:
-        grid = compact_decode(decode(model, lens, prompt, k=k, position="all"))
+        grid = compact_decode(decode(model, lens, prompt, k=k, position="all", **reading.decode_args()))
     data = {
+        "reading": reading.to_json(),
         "version": __version__,
         "lens": dataclasses.asdict(lens.config),
         "model": model.fingerprint(),
@@ -42,7 +46,7 @@ def build_report(model: Model, lens: Lens, prompt: str | None = None, results: H
         "prompt": grid,
     }
     title = f"attention-lens report: {lens.kind} lens on {model.name or model.model_type}"
-    return _fill_template(title, data)
+    return _fill_template(title, data, reading.label)
 
 
 def write_report(path: str | Path, html_text: str) -> Path:
@@ -54,16 +58,20 @@ def write_report(path: str | Path, html_text: str) -> Path:
 
 
 def compact_decode(result: DecodeResult) -> dict:
-    """A decode result with each token string stored once: cells "pos,layer,head" -> [[id, prob], ...]."""
+    """A decode result with each token string stored once: cells "pos,layer,head" -> [[id, prob], ...] (raw
+    reading), [[id, prob, promoted], ...] (promoted) or [[id, null, change], ...] (effect)."""
     strings: dict[int, str] = {}
     cells: dict[str, list] = {}
     for record in result.heads:
         top = []
         for entry in record.top:
             strings[entry.id] = entry.token
-            top.append([entry.id, round(entry.prob, 4)])
+            row = [entry.id, None if entry.prob is None else round(entry.prob, 4)]
+            score = entry.promoted if entry.promoted is not None else entry.change
+            top.append(row if score is None else [*row, round(score, 4)])
         cells[f"{record.position},{record.layer},{record.head}"] = top
     return {
+        "reading": result.reading,
         "text": result.text,
         "tokens": result.tokens,
         "positions": result.positions,
@@ -78,15 +86,15 @@ def _asset(package: str, name: str) -> str:
     return resources.files(package).joinpath(name).read_text(encoding="utf-8")
 
 
-def _fill_template(title: str, data: dict) -> str:
+def _fill_template(title: str, data: dict, reading: str = "") -> str:
     # Read through the top package: importing attention_lens.web would pull in the server (the web extra), which a
     # report does not need.
     shared = [_asset("attention_lens", f"web/static/{name}") for name in SHARED_ASSETS]
     # "</script>" or "<!--" inside the data block would end it early, and a prompt is user text.
     # Strict: the page reads it with JSON.parse, which a bare NaN would break.
     payload = strict_json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    values = {"title": html.escape(title), "style": shared[0], "data": payload,
+    values = {"title": html.escape(title), "reading": html.escape(reading), "style": shared[0], "data": payload,
               "script": shared[1] + "\n" + _asset(__name__, "report.js")}
     # One pass, so a placeholder-like string inside the prompt or the scripts is never substituted.
-    return re.sub(r"\{\{(title|style|data|script)\}\}", lambda m: values[m.group(1)],
+    return re.sub(r"\{\{(title|reading|style|data|script)\}\}", lambda m: values[m.group(1)],
                   _asset(__name__, "template.html"))

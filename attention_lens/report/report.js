@@ -6,7 +6,9 @@
   const results = data.results;
   const grid = data.prompt ? LensView.fromCompact(data.prompt) : null;
   const $ = (id) => document.getElementById(id);
-  const PROMPT_METRIC = "prompt: mean top-1 probability";
+  const PROMPT_METRIC = { raw: "prompt: mean top-1 probability", promoted: "prompt: mean top promoted nats",
+    effect: "prompt: mean top logit change" }[grid ? grid.reading : "raw"];
+  const effects = (results && results.effects) || {};
   const state = { position: grid ? grid.positions[grid.positions.length - 1] : 0, head: null };
 
   /** metric name -> {"l,h": value}: the results files' numbers, then what the prompt alone tells. */
@@ -15,7 +17,7 @@
     if (grid) {
       const values = {};
       for (const l of grid.layers) for (const h of grid.heads) {
-        const tops = grid.positions.map((p) => (grid.top(p, l, h)[0] || { prob: 0 }).prob);
+        const tops = grid.positions.map((p) => LensView.score(grid.top(p, l, h)[0] || { prob: 0 }));
         values[`${l},${h}`] = tops.reduce((a, b) => a + b, 0) / tops.length;
       }
       all[PROMPT_METRIC] = values;
@@ -37,8 +39,10 @@
       const lines = [`layer ${l}, head ${h}`, `${name}: ${LensView.format(values[`${l},${h}`])}`];
       const promoted = promotedTokens(l, h);
       if (promoted.tokens.length) {
-        lines.push(`promoted (${promoted.source}): ${promoted.tokens.map(LensView.visible).join("  ")}`);
+        const source = promoted.source === "prompt" ? `prompt, ${grid.reading} reading` : promoted.source;
+        lines.push(`promoted (${source}): ${promoted.tokens.map(LensView.visible).join("  ")}`);
       }
+      for (const [k, v] of LensView.effectRows(effects[`${l},${h}`], 5)) lines.push(`${k}: ${v}`);
       const notes = results && results.notes[`${l},${h}`];
       if (notes) for (const [k, v] of Object.entries(notes)) lines.push(`${k}: ${v}`);
       return lines.join("\n");
@@ -66,12 +70,30 @@
         ? "(logit-lens KL minus lens KL: > 0 = better than the logit lens)" : "";
     };
     $("metric").addEventListener("change", draw);
-    state.redrawHeatmap = draw;
-    draw();
+    const drawEffects = effectHeatmap();
+    state.redrawHeatmap = () => { draw(); drawEffects(); };
+    state.redrawHeatmap();
     const summary = results ? Object.entries(results.summary) : [];
     if (results && results.sources.length) summary.unshift(["files", results.sources.join(", ")]);
     if (summary.length) LensView.keyValues($("summary"), summary);
     else $("summary-panel").remove();
+  }
+
+  /** Next to the metric's heatmap: each head's measured effect (recovered, effect size), when the files have it. */
+  function effectHeatmap() {
+    const maps = LensView.effectMetrics(effects);
+    const names = Object.keys(maps);
+    if (!names.length) return () => {};
+    $("effect-box").hidden = false;
+    $("effect-metric").replaceChildren(...names.map((n) => LensView.el("option", { value: n, text: n })));
+    const draw = () => {
+      const name = $("effect-metric").value;
+      LensView.heatmap($("effect-heatmap"), { nLayers: data.n_layers, nHeads: data.n_heads, values: maps[name],
+        tooltip: tooltip(name, maps[name]), onClick: selectHead, selected: state.head });
+      $("effect-note").textContent = LensView.effectNote(name);
+    };
+    $("effect-metric").addEventListener("change", draw);
+    return draw;
   }
 
   function selectHead(l, h) {
@@ -82,21 +104,15 @@
       if (top.length) LensView.topk($("topk"), top);
       else $("topk").replaceChildren(LensView.el("p", { class: "muted", text: "not covered by this lens" }));
     }
-    const rows = [];
-    if (results) {
-      for (const [name, values] of Object.entries(results.metrics)) {
-        if (`${l},${h}` in values) rows.push([name, values[`${l},${h}`]]);
-      }
-      const promoted = results.tokens[`${l},${h}`];
-      if (promoted) rows.push(["promoted", promoted.map(LensView.visible).join("  ")]);
-      for (const [k, v] of Object.entries(results.notes[`${l},${h}`] || {})) rows.push([k, v]);
-    }
+    const rows = LensView.headRows(results, l, h);
     LensView.keyValues($("head-results"), rows);
     drawGrid();
     if (state.redrawHeatmap) state.redrawHeatmap();
   }
 
   function drawGrid() {
+    $("reading-label").textContent = data.reading.label;
+    $("colour-note").textContent = `(${LensView.colourNote(grid.reading)})`;
     LensView.chips($("positions"), grid.tokens, state.position, (p) => {
       state.position = p;
       if (state.head) selectHead(...state.head.split(",").map(Number));

@@ -8,7 +8,12 @@ hover; short strings (a specialization description) are shown as notes. Nested o
 - `kl` (or `kl.mean`; KL(P_model || P_lens), nats): the default heatmap;
 - with the logit lens's KL under `kl_logit`, `logit`, `baselines.logit` or `baselines.logit.kl` (eval's key; or their `.mean`): derived
   `kl_gain_vs_logit` = logit-lens KL - lens KL (> 0: the lens is closer to the model on that head);
-- `promoted`, `top_tokens`, `tokens` (in that order of preference): the hover tokens.
+- `promoted`, `top_tokens`, `tokens` (in that order of preference): the hover tokens;
+- `effect` (`eval --effects`): the head's measured effect size and the share of it the lens's reading recovers,
+  with their intervals, gathered per head into `effects`.
+
+An `effects --json` document (`read_results(..., effects=path)`) adds each head's measured effect size
+(`effect_kl` and its interval) and the tokens its removal lowers and raises most: the head's true reading.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ LOGIT_KL_KEYS = ("kl_logit", "logit", "baselines.logit", "baselines.logit.kl", "
                  "baselines.logit.mean")
 GAIN_KEY = "kl_gain_vs_logit"
 MAX_NOTE_CHARS = 200
+EFFECT_KEYS = ("effect_kl", "effect_kl_low", "effect_kl_high", "recovered", "recovered_low", "recovered_high",
+               "corr", "top10_agreement", "ceiling_recovered")
+"""The numbers of an `eval --effects` head record's `effect` (and of an `effects --json` head) shown per head."""
+EFFECT_TOKENS = 10
+"""Tokens kept per head of each of `raises` and `lowers` (an `effects --json` file)."""
 
 
 @dataclass
@@ -43,20 +53,24 @@ class HeadResults:
     summary: dict[str, Any] = field(default_factory=dict)
     """Scalar summary entries of the files, for a table."""
     sources: list[str] = field(default_factory=list)
+    effects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """"layer,head" -> the head's measured effect: any of EFFECT_KEYS (numbers), `dla_recovered`, and `raises` /
+    `lowers` ([{"token", "change"}, ...], from an `effects --json` file)."""
 
     def default_metric(self) -> str | None:
         return next((key for key in LENS_KL_KEYS if key in self.metrics), next(iter(self.metrics), None))
 
     def to_json(self) -> dict:
         return {"metrics": self.metrics, "default_metric": self.default_metric(), "tokens": self.tokens,
-                "notes": self.notes, "summary": self.summary, "sources": self.sources}
+                "notes": self.notes, "summary": self.summary, "sources": self.sources, "effects": self.effects}
 
 
-def read_results(paths: list[Path], n_layers: int, n_heads: int) -> HeadResults:
-    """Merge results files (later files win on a shared key); checks every head exists in the model."""
+def read_results(paths: list[Path], n_layers: int, n_heads: int, effects: Path | None = None) -> HeadResults:
+    """Merge results files (later files win on a shared key), then an `effects --json` file; checks every head
+    exists in the model."""
     results = HeadResults()
     for path in paths:
-        document = _load(path)
+        document = _load(path, "eval")
         results.sources.append(Path(path).name)
         summary = document.get("summary")
         if isinstance(summary, dict):
@@ -64,21 +78,75 @@ def read_results(paths: list[Path], n_layers: int, n_heads: int) -> HeadResults:
         for record in document["heads"]:
             key = _head_key(record, path, n_layers, n_heads)
             _add_record(results, key, record)
+            _add_eval_effect(results, key, record, path)
+    if effects is not None:
+        _add_effects(results, effects, n_layers, n_heads)
     _derive_gain(results)
     return results
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, command: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise AttentionLensError(f"results file {path} does not exist; run `attention-lens eval --out {path}` first")
+        raise AttentionLensError(f"results file {path} does not exist; run `attention-lens {command} --out {path}` "
+                                 "first")
     try:
         document = strict_json.loads(path.read_bytes(), str(path))
     except (ValueError, RecursionError) as error:  # bad JSON or bad UTF-8
         raise AttentionLensError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(document, dict) or not isinstance(document.get("heads"), list):
-        raise AttentionLensError(f"{path} must be a JSON object with a 'heads' list (as `eval --json` writes)")
+        raise AttentionLensError(f"{path} must be a JSON object with a 'heads' list (as `{command} --json` writes)")
     return document
+
+
+def _add_eval_effect(results: HeadResults, key: str, record: dict, path: Path) -> None:
+    """An `eval --effects` record's `effect`: its numbers, and dla's `recovered` for comparison."""
+    effect = record.get("effect")
+    if effect is None:
+        return
+    if not isinstance(effect, dict):
+        raise AttentionLensError(f"{path}: head {key.replace(',', '.')} has an 'effect' that is not an object "
+                                 "(`eval --effects --json` writes one per head)")
+    found = {name: float(effect[name]) for name in EFFECT_KEYS if _is_number(effect.get(name))}
+    dla = (effect.get("baselines") or {}).get("dla") if isinstance(effect.get("baselines"), dict) else None
+    if isinstance(dla, dict) and _is_number(dla.get("recovered")):
+        found["dla_recovered"] = float(dla["recovered"])
+    if found:
+        results.effects.setdefault(key, {}).update(found)
+
+
+def _add_effects(results: HeadResults, path: Path, n_layers: int, n_heads: int) -> None:
+    """An `effects --json` document: each head's `effect_kl` (a heatmap metric too) with its interval, and the
+    tokens removing it lowers and raises most."""
+    document = _load(path, "effects")
+    results.sources.append(Path(path).name)
+    summary = document.get("summary")
+    if isinstance(summary, dict):
+        results.summary.update({f"effects.{k}": v for k, v in summary.items() if _is_scalar(v)})
+    for record in document["heads"]:
+        key = _head_key(record, path, n_layers, n_heads)
+        if "effect_kl" not in record or not (record["effect_kl"] is None or _is_number(record["effect_kl"])):
+            raise AttentionLensError(f"{path}: head {key.replace(',', '.')} has no numeric 'effect_kl'; give the "
+                                     "file `attention-lens effects --out FILE` writes")
+        found: dict[str, Any] = {name: float(record[name]) for name in EFFECT_KEYS[:3] if _is_number(record.get(name))}
+        for side in ("raises", "lowers"):
+            tokens = _changes(record.get(side, []), path, key, side)
+            if tokens:
+                found[side] = tokens
+        if found:
+            results.effects.setdefault(key, {}).update(found)
+        if "effect_kl" in found:
+            results.metrics.setdefault("effect_kl", {})[key] = found["effect_kl"]
+
+
+def _changes(value: Any, path: Path, key: str, side: str) -> list[dict]:
+    """[{"token": str, "change": number, ...}, ...] -> the first EFFECT_TOKENS as {"token", "change"}."""
+    if not isinstance(value, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("token"), str) and _is_number(item.get("change"))
+            for item in value):
+        raise AttentionLensError(f"{path}: head {key.replace(',', '.')}'s '{side}' must be a list of "
+                                 "{\"token\", \"change\"} objects, as `effects --json` writes")
+    return [{"token": item["token"], "change": float(item["change"])} for item in value[:EFFECT_TOKENS]]
 
 
 def _head_key(record: Any, path: Path, n_layers: int, n_heads: int) -> str:

@@ -1,8 +1,9 @@
 """The local explorer: a starlette app around one model and one lens, a JSON API and a static page.
 
 API (all answers are JSON; errors are {"error": "what was wrong"} with a 4xx status):
-- GET  /api/info       lens config, model fingerprint, shape, per-head results (or null), limits;
-- POST /api/decode     {"text", "k"=10, "position"="all"} -> the `decode --json` document;
+- GET  /api/info       lens config, model fingerprint, shape, the reading ({"name", "label"}), per-head results
+                       (or null; with each head's measured `effects` where the files had them), limits;
+- POST /api/decode     {"text", "k"=10, "position"="all"} -> the `decode --json` document, under the server's reading;
 - POST /api/attention  {"text", "layer", "head"} -> {"tokens", "layer", "head", "pattern": [query][key]};
 - POST /api/concept    {"text", "concept": "war, battle"} -> {"concept", "scores": {"layer,head": lift}, "top"}.
 """
@@ -30,6 +31,7 @@ from ..errors import AttentionLensError
 from ..lens import Lens
 from ..models import Model
 from ..patterns import attention_patterns
+from ..readings import ChosenReading
 from ..report.results import HeadResults
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -66,14 +68,14 @@ class Explorer:
     """The model, lens and results behind the API. The model runs one request at a time (a lock); the
     others wait their turn in worker threads instead of being dropped."""
 
-    def __init__(self, model: Model, lens: Lens, results: HeadResults | None, limits: Limits):
-        self.model, self.lens, self.results, self.limits = model, lens, results, limits
+    def __init__(self, model: Model, lens: Lens, results: HeadResults | None, limits: Limits, reading: ChosenReading):
+        self.model, self.lens, self.results, self.limits, self.reading = model, lens, results, limits, reading
         self._lock = threading.Lock()
         self._patterns: tuple[str, Any] | None = None  # the last prompt's attention, for clicks on its heads
 
     def info(self) -> dict:
         return {"lens": dataclasses.asdict(self.lens.config), "model": self.model.fingerprint(),
-                "n_layers": self.model.n_layers, "n_heads": self.model.n_heads,
+                "n_layers": self.model.n_layers, "n_heads": self.model.n_heads, "reading": self.reading.to_json(),
                 "results": self.results.to_json() if self.results is not None else None,
                 "limits": dataclasses.asdict(self.limits)}
 
@@ -85,7 +87,7 @@ class Explorer:
             raise RequestError(422, "'position' must be an integer or \"all\"")
         with self._lock:
             self._check_tokens(text)
-            return decode(self.model, self.lens, text, k=k, position=position).to_json()
+            return decode(self.model, self.lens, text, k=k, position=position, **self.reading.decode_args()).to_json()
 
     def attention(self, body: dict) -> dict:
         text = self._text(body)
@@ -207,13 +209,15 @@ def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(model: Model, lens: Lens, results: HeadResults | None = None, limits: Limits | None = None) -> Starlette:
-    """The explorer app; serve it with `run_server` (or any ASGI server)."""
+def create_app(model: Model, lens: Lens, results: HeadResults | None = None, limits: Limits | None = None,
+               reading: ChosenReading | None = None) -> Starlette:
+    """The explorer app; serve it with `run_server` (or any ASGI server). Its token grids show `reading`
+    (readings.choose_reading; default raw)."""
     limits = limits or Limits()
     for name, value in dataclasses.asdict(limits).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise AttentionLensError(f"limit {name} must be a positive finite number; got {value!r}")
-    explorer = Explorer(model, lens, results, limits)
+    explorer = Explorer(model, lens, results, limits, reading or ChosenReading("raw"))
 
     async def index(request: Request) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")

@@ -24,6 +24,8 @@
     $("subtitle").textContent = `${lens.kind} lens on ${model.name || model.model_type} · ${model.model_type}, ` +
       `${state.info.n_layers} layers × ${state.info.n_heads} heads · lens covers ${lens.layers.length} layers`;
     $("k").max = state.info.limits.max_k;
+    $("reading-label").textContent = state.info.reading.label;
+    $("colour-note").textContent = `(${LensView.colourNote(state.info.reading.name)})`;
     drawResults();
   }
 
@@ -84,17 +86,13 @@
 
   function drawHeadResults(l, h) {
     const results = state.info && state.info.results;
-    const rows = [];
-    if (results) {
-      for (const [name, values] of Object.entries(results.metrics)) {
-        if (`${l},${h}` in values) rows.push([name, values[`${l},${h}`]]);
-      }
-      const promoted = results.tokens[`${l},${h}`];
-      if (promoted) rows.push(["promoted", promoted.map(LensView.visible).join("  ")]);
-      for (const [k, v] of Object.entries(results.notes[`${l},${h}`] || {})) rows.push([k, v]);
-    }
+    const rows = LensView.headRows(results, l, h);
     if (!rows.length) rows.push(["fidelity", "no results loaded (serve --eval results.json)"]);
     LensView.keyValues($("head-results"), rows);
+  }
+
+  function effectsOf(results) {
+    return (results && results.effects) || {};
   }
 
   /** Heatmap of the loaded results (fidelity, specialization), when the server was given any. */
@@ -107,15 +105,27 @@
       $("metric").value = results.default_metric;
       $("metric").addEventListener("change", drawResults);
     }
+    const tooltip = (name, values) => (l, h) => {
+      const tokens = results.tokens[`${l},${h}`] || (state.grid ? LensView.promoted(state.grid, l, h) : []);
+      const effect = LensView.effectRows(effectsOf(results)[`${l},${h}`], 5).map(([k, v]) => `\n${k}: ${v}`);
+      return `layer ${l}, head ${h}\n${name}: ${LensView.format(values[`${l},${h}`])}` +
+        (tokens.length ? `\npromoted: ${tokens.map(LensView.visible).join("  ")}` : "") + effect.join("");
+    };
+    const onClick = (l, h) => { if (state.grid) selectHead(l, h); };
     const values = results.metrics[$("metric").value];
     LensView.heatmap($("heatmap"), { nLayers: state.info.n_layers, nHeads: state.info.n_heads, values,
-      selected: state.head,
-      tooltip: (l, h) => {
-        const tokens = results.tokens[`${l},${h}`] || (state.grid ? LensView.promoted(state.grid, l, h) : []);
-        return `layer ${l}, head ${h}\n${$("metric").value}: ${LensView.format(values[`${l},${h}`])}` +
-          (tokens.length ? `\npromoted: ${tokens.map(LensView.visible).join("  ")}` : "");
-      },
-      onClick: (l, h) => { if (state.grid) selectHead(l, h); } });
+      selected: state.head, tooltip: tooltip($("metric").value, values), onClick });
+    const maps = LensView.effectMetrics(effectsOf(results));
+    if (!Object.keys(maps).length) return;
+    $("effect-box").hidden = false;
+    if (!$("effect-metric").options.length) {
+      $("effect-metric").replaceChildren(...Object.keys(maps).map((n) => LensView.el("option", { value: n, text: n })));
+      $("effect-metric").addEventListener("change", drawResults);
+    }
+    const name = $("effect-metric").value;
+    LensView.heatmap($("effect-heatmap"), { nLayers: state.info.n_layers, nHeads: state.info.n_heads,
+      values: maps[name], selected: state.head, tooltip: tooltip(name, maps[name]), onClick });
+    $("effect-note").textContent = LensView.effectNote(name);
   }
 
   /** The concept box: per-head lift of the concept's tokens on the decoded prompt, as a heatmap. */

@@ -137,30 +137,61 @@ const LensView = (() => {
   function fromDecode(doc) {
     const cells = {};
     for (const r of doc.heads) cells[`${r.position},${r.layer},${r.head}`] = r.top;
-    return makeGrid(doc.text, doc.tokens, doc.positions, doc.heads, cells);
+    return makeGrid(doc.reading || "raw", doc.text, doc.tokens, doc.positions, doc.heads, cells);
   }
 
-  /** A grid from the report's compact form, where each token string is stored once. */
+  /** A grid from the report's compact form, where each token string is stored once: [id, prob] (raw),
+      [id, prob, promoted] or [id, null, change] (effect). */
   function fromCompact(c) {
+    const reading = c.reading || "raw";
     const cells = {};
     for (const [key, top] of Object.entries(c.cells)) {
-      cells[key] = top.map(([id, prob]) => ({ id, prob, token: c.strings[id] }));
+      cells[key] = top.map(([id, prob, value]) => {
+        const entry = { id, prob, token: c.strings[id] };
+        if (reading === "promoted") entry.promoted = value;
+        if (reading === "effect") entry.change = value;
+        return entry;
+      });
     }
     const records = c.layers.flatMap((layer) => c.heads.map((head) => ({ layer, head })));
-    return makeGrid(c.text, c.tokens, c.positions, records, cells);
+    return makeGrid(reading, c.text, c.tokens, c.positions, records, cells);
   }
 
-  function makeGrid(text, tokens, positions, records, cells) {
+  function makeGrid(reading, text, tokens, positions, records, cells) {
     const layers = [...new Set(records.map((r) => r.layer))].sort((a, b) => a - b);
     const heads = [...new Set(records.map((r) => r.head))].sort((a, b) => a - b);
-    return { text, tokens, positions, layers, heads, top: (p, l, h) => cells[`${p},${l},${h}`] || [] };
+    return { reading, text, tokens, positions, layers, heads, top: (p, l, h) => cells[`${p},${l},${h}`] || [] };
   }
 
-  /** Per head: its most promoted tokens over all decoded positions (summed probability), best first. */
+  /** The number a token was ranked by: its promoted nats, its predicted logit change, or its probability. */
+  function score(entry) {
+    return entry.promoted != null ? entry.promoted : entry.change != null ? entry.change : entry.prob;
+  }
+
+  /** That number as a cell shows it: "+3.2" nats over the prior, "+0.45" logit change, or "12%". */
+  function shown(entry, short = false) {
+    if (entry.promoted != null) return `${entry.promoted >= 0 ? "+" : ""}${entry.promoted.toFixed(1)}`;
+    if (entry.change != null) return `${entry.change >= 0 ? "+" : ""}${entry.change.toFixed(2)}`;
+    if (short) return entry.prob < 0.01 ? "<1%" : `${Math.round(100 * entry.prob)}%`;
+    return percent(entry.prob);
+  }
+
+  /** What a grid cell's colour means under a reading. */
+  function colourNote(reading) {
+    return reading === "raw" || !reading ? "colour = lens probability"
+      : `colour = the cell's ${reading === "promoted" ? "nats over the prior" : "logit change"}, relative to the ` +
+        "largest at this position";
+  }
+
+  /** Per head: its most promoted tokens over all decoded positions (summed probability, or summed positive
+      score under the promoted and effect readings), best first. */
   function promoted(grid, l, h, count = 5) {
     const mass = new Map();
     for (const p of grid.positions) {
-      for (const e of grid.top(p, l, h)) mass.set(e.token, (mass.get(e.token) || 0) + e.prob);
+      for (const e of grid.top(p, l, h)) {
+        const weight = grid.reading === "raw" ? e.prob : Math.max(score(e), 0);
+        mass.set(e.token, (mass.get(e.token) || 0) + weight);
+      }
     }
     return [...mass.entries()].sort((a, b) => b[1] - a[1]).slice(0, count).map(([token]) => token);
   }
@@ -168,15 +199,24 @@ const LensView = (() => {
   /** Layers x heads table of each head's top token at one position; colour = the lens's probability. */
   function tokenGrid(container, grid, position, opts = {}) {
     container.replaceChildren();
+    // Promoted nats and logit changes have no fixed scale: shade them against this position's largest.
+    let largest = 0;
+    if (grid.reading !== "raw") {
+      for (const l of grid.layers) for (const h of grid.heads) {
+        const best = grid.top(position, l, h)[0];
+        if (best) largest = Math.max(largest, score(best));
+      }
+    }
+    const shade = (entry) => confidence(grid.reading === "raw" ? entry.prob : largest > 0 ? score(entry) / largest : 0);
     const head = el("tr", {}, el("th", { text: "layer" }), ...grid.heads.map((h) => el("th", { text: `H${h}` })));
     const rows = grid.layers.map((l) => el("tr", {}, el("th", { text: `${l}` }), ...grid.heads.map((h) => {
       const best = grid.top(position, l, h)[0];
       const cell = el("td", { class: "cell", "data-layer": l, "data-head": h,
-        title: best ? `L${l} H${h}: ${visible(best.token)} ${percent(best.prob)}` : "" });
+        title: best ? `L${l} H${h}: ${visible(best.token)} ${shown(best)}` : "" });
       if (best) {
-        cell.style.background = confidence(best.prob);
+        cell.style.background = shade(best);
         cell.append(el("span", { class: "tok", text: visible(best.token) }),
-          el("span", { class: "p", text: best.prob < 0.01 ? "<1%" : `${Math.round(100 * best.prob)}%` }));
+          el("span", { class: "p", text: shown(best, true) }));
       }
       if (opts.selected === `${l},${h}`) cell.classList.add("selected");
       if (opts.onClick) cell.addEventListener("click", () => opts.onClick(l, h));
@@ -196,13 +236,84 @@ const LensView = (() => {
     }));
   }
 
+  /** A head's top-k as bars: probability (raw reading), or the ranked-by number relative to the largest. */
   function topk(container, entries) {
+    const raw = entries.every((e) => e.promoted == null && e.change == null);
+    const largest = Math.max(0, ...entries.map(score));
     container.replaceChildren(el("div", { class: "topk" }, ...entries.flatMap((e) => {
       const bar = el("div", { class: "bar" });
-      bar.style.width = `${Math.max(1, 110 * e.prob)}px`;
+      const share = raw ? e.prob : largest > 0 ? Math.max(score(e), 0) / largest : 0;
+      bar.style.width = `${Math.max(1, 110 * share)}px`;
       return [el("span", { class: "tok", text: visible(e.token) }), el("div", {}, bar),
-        el("span", { class: "pct", text: percent(e.prob) })];
+        el("span", { class: "pct", text: shown(e) })];
     })));
+  }
+
+  // ----- measured effects ------------------------------------------------------------------------
+  function interval(record, name, digits) {
+    const low = record[`${name}_low`], high = record[`${name}_high`];
+    return Number.isFinite(low) && Number.isFinite(high) ? ` [${low.toFixed(digits)}, ${high.toFixed(digits)}]` : "";
+  }
+
+  function changes(list, count) {
+    return list.slice(0, count).map((e) => `${visible(e.token)} ${e.change >= 0 ? "+" : ""}${e.change.toFixed(3)}`)
+      .join("  ");
+  }
+
+  /** [name, text] rows of a head's measured effect (results.effects["l,h"]): effect size, the share of it the
+      evaluated lens's reading recovers (with 95% intervals), and the tokens its removal lowers and raises. */
+  function effectRows(record, tokens = 10) {
+    if (!record) return [];
+    const rows = [];
+    if (Number.isFinite(record.effect_kl)) {
+      rows.push(["effect size", `KL ${format(record.effect_kl)} nats when removed${interval(record, "effect_kl", 4)}`]);
+    }
+    if (Number.isFinite(record.recovered)) {
+      rows.push(["effect recovered", `${record.recovered.toFixed(3)}${interval(record, "recovered", 3)}` +
+        (Number.isFinite(record.dla_recovered) ? ` (dla ${record.dla_recovered.toFixed(3)})` : "")]);
+    }
+    if (Number.isFinite(record.corr)) rows.push(["effect correlation", record.corr.toFixed(3)]);
+    if (Number.isFinite(record.top10_agreement)) rows.push(["top-10 agreement", record.top10_agreement.toFixed(3)]);
+    if (Number.isFinite(record.ceiling_recovered)) rows.push(["linear ceiling", record.ceiling_recovered.toFixed(3)]);
+    if (record.raises && record.raises.length) rows.push(["raises (true reading)", changes(record.raises, tokens)]);
+    if (record.lowers && record.lowers.length) rows.push(["lowers (true reading)", changes(record.lowers, tokens)]);
+    return rows;
+  }
+
+  /** [name, value] rows of everything the results say about head l.h, its measured effect first (whose numbers
+      are then not repeated as the `effect.*` metrics they also are). */
+  function headRows(results, l, h) {
+    const key = `${l},${h}`;
+    const effect = results && results.effects && results.effects[key];
+    const rows = effectRows(effect);
+    if (!results) return rows;
+    for (const [name, values] of Object.entries(results.metrics)) {
+      if (effect && /^effect(\.|_kl$)/.test(name)) continue;
+      if (key in values) rows.push([name, values[key]]);
+    }
+    const promoted = results.tokens[key];
+    if (promoted) rows.push(["promoted", promoted.map(visible).join("  ")]);
+    for (const [k, v] of Object.entries(results.notes[key] || {})) rows.push([k, v]);
+    return rows;
+  }
+
+  function effectNote(name) {
+    return name === "effect recovered"
+      ? "(share of the head's measured effect the evaluated lens's reading predicts: 1 = all, 0 = none)"
+      : "(KL(P ‖ P without the head), nats: how much the head matters)";
+  }
+
+  /** name -> {"l,h": value} of the effects worth a heatmap: recovered (eval --effects) and effect size. */
+  function effectMetrics(effects) {
+    const maps = {};
+    for (const [name, field] of [["effect recovered", "recovered"], ["effect size (KL)", "effect_kl"]]) {
+      const values = {};
+      for (const [key, record] of Object.entries(effects || {})) {
+        if (Number.isFinite(record[field])) values[key] = record[field];
+      }
+      if (Object.keys(values).length) maps[name] = values;
+    }
+    return maps;
   }
 
   /** The head's attention matrix (query rows x key columns) with the chosen query row outlined. */
@@ -231,6 +342,6 @@ const LensView = (() => {
       el("tr", {}, el("td", { text: k }), el("td", { text: typeof v === "number" ? format(v) : String(v) }))))));
   }
 
-  return { attention, chips, confidence, el, format, fromCompact, fromDecode, heatmap, keyValues, percent, promoted,
-    tokenGrid, topk, visible };
+  return { attention, chips, colourNote, confidence, effectMetrics, effectNote, effectRows, el, format, fromCompact,
+    fromDecode, headRows, heatmap, keyValues, percent, promoted, score, shown, tokenGrid, topk, visible };
 })();
