@@ -38,9 +38,11 @@ def save_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, pro
     """Lens parameters, optimizer state, RNG state, data position and the run's identity, in one file.
 
     One file written with temp + fsync + rename: a kill at any moment leaves the previous checkpoint whole.
+    A lens split over devices is written as one stack per parameter, its optimizer state too: the file is the
+    same whatever the placement, so a run can resume under another device map.
     """
-    tensors = {f"lens.{name}": p.detach().cpu().contiguous() for name, p in lens.state_dict().items()}
-    optimizer_state = optimizer.state_dict()
+    tensors = {f"lens.{name}": t.contiguous() for name, t in lens.tensors().items()}
+    optimizer_state = _whole(lens, optimizer.state_dict())
     for index, state in optimizer_state["state"].items():
         for key, value in state.items():
             tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
@@ -94,14 +96,49 @@ def load_checkpoint(out: Path, lens: Lens, optimizer: torch.optim.Optimizer, run
 
 
 def _restore(tensors: dict, param_groups: list, lens: Lens, optimizer: torch.optim.Optimizer) -> None:
-    lens.load_state_dict({k[len("lens."):]: v for k, v in tensors.items() if k.startswith("lens.")})
+    lens.load_tensors({k[len("lens."):]: v for k, v in tensors.items() if k.startswith("lens.")})
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value  # load_state_dict moves it to the params
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    optimizer.load_state_dict(_placed(lens, {"state": state, "param_groups": param_groups}))
     torch.set_rng_state(tensors["rng.torch"])
+
+
+def _whole(lens: Lens, optimizer_state: dict) -> dict:
+    """The optimizer state of a split lens as that of one stack per parameter (the split runs' per-layer
+    tensors concatenated, scalars such as Adam's step taken once); an unsplit lens's as it is."""
+    if lens.runs is None:
+        return optimizer_state
+    names, runs = len(lens.split[0]), len(lens.runs)
+    state = optimizer_state["state"]
+    whole = {}
+    for n in range(names):
+        pieces = [state[r * names + n] for r in range(runs) if r * names + n in state]
+        if pieces:
+            whole[n] = {key: torch.cat([piece[key] for piece in pieces]) if _per_layer(value) else value
+                        for key, value in pieces[0].items()}
+    groups = [{**group, "params": list(range(names))} for group in optimizer_state["param_groups"]]
+    return {"state": whole, "param_groups": groups}
+
+
+def _placed(lens: Lens, optimizer_state: dict) -> dict:
+    """The inverse of `_whole`: per-stack optimizer state cut into the lens's split runs."""
+    if lens.runs is None:
+        return optimizer_state
+    names, runs = len(lens.split[0]), len(lens.runs)
+    placed = {}
+    for n, entry in optimizer_state["state"].items():
+        for r, (start, stop) in enumerate(lens.runs):
+            placed[r * names + n] = {key: value[start:stop] if _per_layer(value) else value
+                                     for key, value in entry.items()}
+    groups = [{**group, "params": list(range(runs * names))} for group in optimizer_state["param_groups"]]
+    return {"state": placed, "param_groups": groups}
+
+
+def _per_layer(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0
 
 
 def _counts(progress: Progress) -> bool:

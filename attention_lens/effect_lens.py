@@ -134,8 +134,7 @@ def fit_effect_lens(lens: Lens, measured: Iterable[EffectBatch], ridge: float = 
     for layer, (uu, ut) in moments.items():
         strength = ridge * torch.diagonal(uu, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
         M = torch.linalg.solve(uu + strength[:, None, None] * eye, ut)  # (head, d_head, d_model)
-        i = lens.layer_index(layer)
-        lens.delta[i] = (M.float().to(model.device) - model.W_O[layer, heads])
+        lens.set_layer("delta", layer, M.float().to(model.device) - model.W_O[layer, heads])
     return count
 
 
@@ -234,12 +233,11 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
 
     start_loss, start, fitted = loss(), "initial", 0
     if config.fit:
-        initial = lens.delta.detach().clone()
+        initial = {name: t.clone() for name, t in lens.state_dict().items()}
         fitted = fit_effect_lens(lens, measured, config.ridge)
         start = "fit"
         if loss() > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
-            with torch.no_grad():
-                lens.delta.copy_(initial)
+            lens.load_state_dict(initial)
             start = "initial (the fit was worse in KL)"
     train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
     final_loss = loss()

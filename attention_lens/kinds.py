@@ -124,9 +124,14 @@ class ResidualKind(LensKind):
         """F_h = W_U diag(gamma) C [M_h; b_h]: the final norm is linear up to its per-position divisor. Building F_h
         costs vocab x d_model x d_head once per call; each head-token then costs ~d_head x vocab instead of
         d_model x vocab. The result is a transposed view of a (head, d_head + 1, vocab) tensor: the layout the
-        blockwise KL multiplies by, chunk by chunk."""
+        blockwise KL multiplies by, chunk by chunk.
+
+        On a model split over devices the product is formed on the readout's device: W_U and the targets it is
+        scored against are vocabulary-sized and already there, while what comes from the layer's device, M_h and
+        b_h, is (head, d_head + 1, d_model); forming F_h at home would move vocab x d_model in and the
+        (head, d_head + 1, vocab) result, or the targets, out."""
         unembed = lens.model.unembed
-        M, b = self.affine_map(lens, layer)
+        M, b = self.affine_map(lens, layer)  # on the readout's device (Lens.layer_tensor)
         if b is None:
             b = torch.zeros(M.shape[0], unembed.d_model, device=M.device)
         M_b = unembed.center(torch.cat([M, b[:, None, :]], dim=1))  # (head, d_head + 1, d_model)
@@ -207,15 +212,14 @@ class AffineKind(ResidualKind):
         return {"delta": (layers, heads, d_head, d_model), "bias": (layers, heads, d_model)}
 
     def affine_map(self, lens: Any, layer: int) -> tuple[Tensor, Tensor | None]:
-        i = lens.layer_index(layer)
-        return lens.model.W_O[layer, lens.config.heads] + lens.delta[i], lens.bias[i]
+        delta, bias = lens.layer_tensor("delta", layer), lens.layer_tensor("bias", layer)
+        return lens.model.W_O[layer, lens.config.heads] + delta, bias
 
     @torch.no_grad()
     def set_affine(self, lens: Any, layer: int, M: Tensor, b: Tensor) -> None:
-        i = lens.layer_index(layer)
         W_O = lens.model.W_O[layer, lens.config.heads].to(M.dtype)
-        lens.delta[i] = (M - W_O).float()
-        lens.bias[i] = b.float()
+        lens.set_layer("delta", layer, (M - W_O).float())
+        lens.set_layer("bias", layer, b.float())
 
 
 @register
@@ -234,18 +238,21 @@ class FullKind(LensKind):
     @torch.no_grad()
     def initialize(self, lens: Any) -> None:
         model = lens.model
-        for i, layer in enumerate(lens.config.layers):
-            lens.weight[i] = model.W_O[layer, lens.config.heads] @ model.unembed.W_U.T  # (head, d_head, vocab)
+        for layer in lens.config.layers:
+            # Formed where W_U is; on a split model each layer's (head, d_head, vocab) then travels home once.
+            lens.set_layer("weight", layer, model.W_O[layer, lens.config.heads] @ model.unembed.W_U.T)
             if model.unembed.b_U is not None:
-                lens.bias[i] = model.unembed.b_U
+                lens.set_layer("bias", layer, model.unembed.b_U)
 
+    # Its parameters are vocabulary-sized: on a split model each use brings one layer's (head, d_head + 1, vocab)
+    # to the readout's device, the one vocabulary-sized copy the other kinds never make (see Lens.layer_tensor).
     def hidden(self, lens: Any, z: Tensor, layer: int) -> Tensor:
-        i = lens.layer_index(layer)
-        return torch.einsum("...hd,hdv->...hv", z, lens.weight[i].to(z.dtype)) + lens.bias[i]
+        weight, bias = lens.layer_tensor("weight", layer), lens.layer_tensor("bias", layer)
+        return torch.einsum("...hd,hdv->...hv", z, weight.to(z.dtype)) + bias
 
     def factors(self, lens: Any, layer: int) -> tuple[Tensor, Tensor | None]:
-        i = lens.layer_index(layer)
-        return torch.cat([lens.weight[i], lens.bias[i][:, None, :]], dim=1).transpose(1, 2), None
+        weight, bias = lens.layer_tensor("weight", layer), lens.layer_tensor("bias", layer)
+        return torch.cat([weight, bias[:, None, :]], dim=1).transpose(1, 2), None
 
     def divisor(self, lens: Any, z: Tensor, layer: int, final_scale: Tensor | None) -> Tensor:
         return torch.ones(z.shape[:-1], device=z.device)
@@ -270,7 +277,7 @@ class EffectKind(DlaKind):
         return {"delta": (layers, heads, d_head, d_model)}
 
     def affine_map(self, lens: Any, layer: int) -> tuple[Tensor, Tensor | None]:
-        return lens.model.W_O[layer, lens.config.heads] + lens.delta[lens.layer_index(layer)], None
+        return lens.model.W_O[layer, lens.config.heads] + lens.layer_tensor("delta", layer), None
 
 
 def _final_scale(final_scale: Tensor | None) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -23,18 +24,38 @@ class Lens(nn.Module):
 
     What the map is comes from the kind (`attention_lens.kinds`): logit, dla, affine, full, or any registered one.
     The methods here select the lens's heads and layer, and ask the kind.
+
+    Each parameter is one (layer, head, ...) stack. On a model split over devices (`--device-map`) the stack is
+    cut into runs of consecutive layers that share a device, each run on its layers' device (`devices`, one per
+    lens layer; None: one stack). Kinds read a layer's slice with `layer_tensor` and write it with `set_layer`,
+    so they never see the cut; the lens file holds the whole stacks either way (`tensors`).
     """
 
-    def __init__(self, config: LensConfig):
+    def __init__(self, config: LensConfig, devices: Sequence[torch.device] | None = None):
         super().__init__()
         self.kind_spec: LensKind = get_kind(config.kind)  # what the lens computes and needs: ask it, not the name
         self.config = config
         shapes = self.kind_spec.parameter_shapes(len(config.layers), len(config.heads), config.d_head,
                                                  config.d_model, config.vocab)
-        for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
         self._layer_index = {layer: i for i, layer in enumerate(config.layers)}
         self._model: Model | None = None
+        self._runs: list[tuple[int, int]] | None = None  # [start, stop) of the lens layers in each split run
+        if devices is None:
+            for name, shape in shapes.items():
+                self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+            return
+        if len(devices) != len(config.layers):
+            raise ValueError(f"{len(devices)} devices for {len(config.layers)} layers")
+        self._runs = _runs(devices)
+        # An OrderedDict: ParameterDict sorts a plain dict's keys, and the parameters' order (run by run, each in
+        # the kind's order) is what checkpoints map optimizer state by.
+        self.split = nn.ModuleList(
+            nn.ParameterDict(OrderedDict(
+                (name, nn.Parameter(torch.zeros(stop - start, *shape[1:], device=devices[start])))
+                for name, shape in shapes.items()))
+            for start, stop in self._runs
+        )
+        self._slot = [(run, i - start) for run, (start, stop) in enumerate(self._runs) for i in range(start, stop)]
 
     # ----- construction -------------------------------------------------------------------------
     @classmethod
@@ -71,10 +92,29 @@ class Lens(nn.Module):
             with torch.device("meta"):
                 return cls(config).bind(model)
         check_memory(parameter_bytes(config), f"the {kind} lens's parameters")
-        lens = cls(config).to(model.device)
+        lens = cls._placed(config, model)
         lens.bind(model)
         lens.kind_spec.initialize(lens)
         return lens
+
+    @classmethod
+    def _placed(cls, config: LensConfig, model: Model) -> "Lens":
+        """A zero lens of `config` whose layers live where `model` runs them: one stack on the model's device
+        (the readout's) when every layer runs there, else split runs (see the class docstring)."""
+        devices = [model.layer_device(layer) for layer in config.layers]
+        if not get_kind(config.kind).trainable or all(device == model.device for device in devices):
+            return cls(config).to(model.device)
+        return cls(config, devices)
+
+    @property
+    def is_split(self) -> bool:
+        """Its layers' parameters are spread over the devices that run those layers."""
+        return self._runs is not None
+
+    @property
+    def runs(self) -> list[tuple[int, int]] | None:
+        """[start, stop) of the lens layers in each split run, in parameter order; None for one stack."""
+        return self._runs
 
     @property
     def is_skeleton(self) -> bool:
@@ -113,6 +153,56 @@ class Lens(nn.Module):
             raise AttentionLensError(
                 f"layer {layer} is not covered by this lens (it covers layers {self.config.layers})"
             ) from None
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where the parameters of `layer` live (an untrained kind has none: the readout's device)."""
+        names = list(self.kind_spec.parameter_shapes(1, 1, 1, 1, 1))
+        return self._home(names[0], layer).device if names else self.model.device
+
+    def layer_tensor(self, name: str, layer: int) -> Tensor:
+        """Parameter `name`'s slice for `layer` (head, ...), differentiable, on the readout's device.
+
+        A split lens sends the slice from its layer's device to the readout's: what every kind multiplies it
+        with (W_O, W_U, the targets, the captured z_h) is there, and for every kind but `full` the slice has no
+        vocabulary dimension, so this per-layer copy is the smallest thing that can cross. Its gradient flows
+        back to the layer's device, where the parameter and its optimizer state stay.
+        """
+        if self._runs is None:
+            return getattr(self, name)[self.layer_index(layer)]
+        return self._home(name, layer).to(self.model.device)
+
+    @torch.no_grad()
+    def set_layer(self, name: str, layer: int, value: Tensor) -> None:
+        """Overwrite parameter `name`'s slice for `layer` (head, ...) wherever it lives."""
+        self._home(name, layer).copy_(value)
+
+    def _home(self, name: str, layer: int) -> Tensor:
+        """The slice of `layer` in the stack (or split run) that holds it, on its own device."""
+        i = self.layer_index(layer)
+        if self._runs is None:
+            return getattr(self, name)[i]
+        run, row = self._slot[i]
+        return self.split[run][name][row]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Each parameter as one (layer, ...) stack on the CPU, detached: what the lens file holds, split or not."""
+        if self._runs is None:
+            return {name: p.detach().cpu() for name, p in self.named_parameters()}
+        names = self.split[0].keys()
+        return {name: torch.cat([run[name].detach().cpu() for run in self.split]) for name in names}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """The inverse of `tensors`: every (layer, ...) stack into the parameters, wherever they live."""
+        if self._runs is None:
+            self.load_state_dict(tensors)
+            return
+        names = set(self.split[0].keys())
+        if set(tensors) != names:
+            raise RuntimeError(f"expected tensors {sorted(names)}, got {sorted(tensors)}")
+        for run, (start, stop) in zip(self.split, self._runs):
+            for name, parameter in run.items():
+                parameter.copy_(tensors[name][start:stop])
 
     def hidden(self, z: Tensor, layer: int) -> Tensor:
         """The lens's pre-readout vector per head: (..., head, d_head) -> (..., lens head, d_model | vocab).
@@ -170,7 +260,7 @@ class Lens(nn.Module):
         cannot pair new weights with an old config unnoticed.
         """
         directory = Path(directory)
-        tensors = {name: p.detach().contiguous().cpu() for name, p in self.state_dict().items()}
+        tensors = {name: t.contiguous() for name, t in self.tensors().items()}  # whole stacks, split or not
         for name, tensor in tensors.items():  # load() refuses such a lens: never write one
             if not torch.isfinite(tensor).all():
                 raise AttentionLensError(f"the {self.kind} lens's {name!r} holds non-finite values; nothing was "
@@ -205,11 +295,13 @@ class Lens(nn.Module):
                 f"{weights} and its config.json come from different saves (an interrupted save?); "
                 "retrain, or finish the run with `attention-lens train --resume`"
             )
-        lens = cls(config)
-        lens.load_state_dict(state)
-        if model is not None:
-            lens.to(model.device).bind(model)
-        return lens
+        if model is None:
+            lens = cls(config)
+            lens.load_state_dict(state)
+            return lens
+        lens = cls._placed(config, model)
+        lens.load_tensors(state)
+        return lens.bind(model)
 
     def save_pretrained(self, directory: str | Path, evaluation: dict | None = None) -> Path:
         """`save()` plus a generated README.md model card (model, data, tokens, eval numbers): a Hub-ready folder."""
@@ -222,6 +314,12 @@ class Lens(nn.Module):
                         revision: str | None = None) -> "Lens":
         """A lens from a local directory or a Hugging Face Hub repo id `owner/name` (needs the Hub online once)."""
         return cls.load(hub.resolve(name_or_path, revision), model)
+
+
+def _runs(devices: Sequence[torch.device]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive equal devices."""
+    starts = [i for i in range(len(devices)) if i == 0 or devices[i] != devices[i - 1]]
+    return list(zip(starts, starts[1:] + [len(devices)]))
 
 
 def _tensor_shapes(config: LensConfig, path: Path) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .architectures import ArchSpec, arch_spec
 from . import strict_json
 from .errors import AttentionLensError
-from .placement import loading_options, parse_device_map, release_with
+from .placement import execution_device, loading_options, parse_device_map, release_with
 from .sources import local_directory
 from .unembed import Unembed
 
@@ -59,12 +59,19 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        """Where the readout runs and lenses live: the unembedding's device (its execution device when a
-        device map offloads it)."""
+        """Where the readout runs, and with it everything vocabulary-sized (W_U, the lenses' factor products,
+        the targets): the unembedding's device (its execution device when a device map offloads it)."""
         head = self.hf.get_output_embeddings()
         hook = getattr(head, "_hf_hook", None)
         execution = getattr(hook, "execution_device", None)
         return torch.device(execution) if execution is not None else head.weight.device
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where decoder layer `layer` runs, and so where a lens keeps that layer's parameters: under a device
+        map, the device accelerate runs it on; otherwise the model's device."""
+        if getattr(self.hf, "hf_device_map", None) is None:
+            return self.device
+        return execution_device(self.layers[layer]) or self.device
 
     @property
     def layers(self) -> nn.ModuleList:

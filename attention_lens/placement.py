@@ -9,6 +9,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import AttentionLensError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -64,6 +66,20 @@ def release_with(model: Any, options: dict) -> None:
     folder = options.get("offload_folder")
     if folder is not None:
         weakref.finalize(model, shutil.rmtree, folder, True)
+
+
+def execution_device(module: Any) -> torch.device | None:
+    """Where `module` computes: the execution device of an accelerate hook on it or inside it (a part offloaded
+    to CPU memory or disk runs on the main device, not where its weights wait), else its weights' device;
+    None for a module without weights on a real device."""
+    for part in module.modules():
+        execution = getattr(getattr(part, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+    for tensor in module.parameters():
+        if tensor.device.type != "meta":
+            return tensor.device
+    return None
 
 
 def weight_devices(model: Any) -> dict[str, int]:

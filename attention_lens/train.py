@@ -156,6 +156,10 @@ def _local_shard(full: Lens, config: TrainConfig, world: World) -> Lens:
         raise AttentionLensError("`shard_heads` trains the per-head objective only")
     if config.batch_size % world.size:
         raise AttentionLensError(f"`shard_heads` needs `batch_size` divisible by the {world.size} processes")
+    model = full.model
+    if any(model.layer_device(layer) != model.device for layer in full.config.layers):
+        raise AttentionLensError("`shard_heads` and a model split over devices (`device_map`) do not combine: "
+                                 "each process of a sharded run holds the whole model; use one or the other")
     layers = owned_layers(full.config.layers, world)
     if not layers:
         raise AttentionLensError(f"{world.size} processes but only {len(full.config.layers)} layers to shard")
