@@ -64,7 +64,8 @@ class HeadCapture:
         device = model.device
 
         def hook(module, inputs, output):
-            # To the lens's device: under a device map this layer may run on another one.
+            # To the readout's device, where lenses compute: under a device map this layer may run on another
+            # one, and z_h (d_head per head and token) is the smallest thing of the layer that can cross.
             merged = inputs[0].to(device)  # (batch, pos, head * d_head): the heads' outputs, concatenated
             z = merged.float().unflatten(-1, (model.n_heads, model.d_head))  # (batch, pos, head, d_head)
             scale = None

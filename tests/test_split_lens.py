@@ -157,3 +157,19 @@ def _moments(lens, optimizer) -> dict:
         return {(name, key): optimizer.state[p][key] for name, p in named.items() for key in ("exp_avg", "exp_avg_sq")}
     return {(name, key): torch.cat([optimizer.state[run[name]][key] for run in lens.split])
             for name in lens.split[0] for key in ("exp_avg", "exp_avg_sq")}
+
+
+def test_cli_effects_under_a_device_map_match_the_whole_model(model_dir, data, capsys):
+    import json
+
+    from conftest import run_cli
+
+    documents = []
+    for extra in ([], ["--device-map", json.dumps(LAYER_SPLIT)]):
+        code, out, err = run_cli(["effects", "--model", model_dir, "--data", data.data, "--seq-len", "16",
+                                  "--tokens", "32", "--mean-tokens", "32", "--bootstrap", "2", "--dtype", "float32",
+                                  "--json", *extra], capsys)
+        assert code == 0, err
+        documents.append(json.loads(out))
+    kl = [[h["effect_kl"] for h in document["heads"]] for document in documents]
+    assert kl[0] == pytest.approx(kl[1], rel=1e-4)

@@ -21,7 +21,7 @@ from ..models import DEFAULT_MODEL, load_model
 from ..notebook import visible
 from .common import check_output, emit_json, err, finish_results, parse_indices
 from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
-from .options import Data, Device, Layers, ModelName, OverwriteFile, ResultsOut, SeqLen, SkipBadLines
+from .options import Data, Device, DeviceMap, Layers, ModelName, OverwriteFile, ResultsOut, SeqLen, SkipBadLines
 from .render import TokenBar
 
 HEADS_SHOWN = 20
@@ -52,6 +52,7 @@ def effects(
     dtype: str = typer.Option("bfloat16", help="Precision of the change's product with W_U (clean logits stay fp32)."),
     skip_bad_lines: SkipBadLines = False,
     device: Device = "cpu",
+    device_map: DeviceMap = None,
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
@@ -64,7 +65,7 @@ def effects(
     config = EffectsConfig(tokens=tokens, batch_size=batch_size, mode=mode, mean_tokens=mean_tokens, seed=seed,
                            bootstrap=bootstrap, top=top, dtype=dtype)
     check_config(config)  # before the model loads: a bad flag costs nothing
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, device_map=device_map)
     chosen = parse_indices(layers, loaded.n_layers, "layer")
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     with TokenBar(err, "effects") as bar:
@@ -93,7 +94,7 @@ def effects_table(document: dict) -> Table:
 def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | None, heads: str | None,
                       init: Path | None, data: DataConfig, tokens: int, batch_size: int, lr: float, seed: int,
                       epochs: int, mode: str, mean_tokens: int, fit_start: bool, resume: bool, overwrite: bool,
-                      device: str, as_json: bool) -> None:
+                      device: str, device_map: str | None, as_json: bool) -> None:
     """train --objective effect: measure effects on the training split, fit, train, save (no checkpoints: the
     measurement is kept in memory and one run trains on it)."""
     if kind not in (None, "effect"):
@@ -105,7 +106,7 @@ def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | Non
     config = EffectTrainConfig(effects=EffectsConfig(tokens=tokens, batch_size=batch_size, mode=mode, seed=seed,
                                                      mean_tokens=mean_tokens), epochs=epochs, lr=lr, fit=fit_start)
     check_config(config.effects)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, device_map=device_map)
     if init is not None:
         lens = Lens.load(init, loaded)
     else:

@@ -81,7 +81,7 @@ def train(
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     if objective == "effect":
         train_effect_lens(out, model, kind, layers, heads, init, data_config, tokens, batch_size, lr, seed, epochs,
-                          effect_mode, mean_tokens, fit_start, resume, overwrite, device, as_json)
+                          effect_mode, mean_tokens, fit_start, resume, overwrite, device, device_map, as_json)
         return
     kind = kind or "affine"
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
