@@ -15,9 +15,12 @@ from torch import Tensor
 
 from .errors import AttentionLensError
 from .heads import HeadCapture
+from .intervene import INTERVENTIONS, Intervention, Resample
 from .models import Model
 
 MODES = ("mean", "zero", "resample")
+"""The interventions (intervene.INTERVENTIONS) an ablation may use: each puts another value in the head's place,
+whatever it wrote (scale=X would keep a multiple of it)."""
 
 
 # ----- one measured batch ----------------------------------------------------------------------------
@@ -88,16 +91,21 @@ def _raw_logits(model: Model, final: Tensor) -> Tensor:
 class Ablation:
     """Measures, for every head of `layers`, the model's output with that head alone replaced.
 
-    `means` (layer, head, d_head): the raw projection inputs' means (HeadMeans), needed for mode 'mean'.
+    The replacement is the `mode` intervention's `new_z` (intervene.py), the same definition `ablate` and
+    `verify` edit with. `means` (layer, head, d_head): the raw projection inputs' means (HeadMeans), needed for
+    mode 'mean'. Mode 'resample' takes each head's output on the source windows given to `measure`, at the same
+    positions.
     """
 
     def __init__(self, model: Model, layers: Iterable[int], mode: str = "mean", means: Tensor | None = None,
                  dtype: torch.dtype = torch.bfloat16):
         if mode not in MODES:
             raise AttentionLensError(f"unknown ablation mode {mode!r}; use {', '.join(MODES)}")
-        if mode == "mean" and means is None:
-            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
-        self.model, self.layers, self.mode, self.means, self.dtype = model, sorted(set(layers)), mode, means, dtype
+        intervention = INTERVENTIONS[mode]()
+        if intervention.needs_means:  # refuses a missing `means`
+            intervention = intervention.prepared(model, [], None, None if means is None else means.to(model.device))
+        self.model, self.layers, self.mode, self.dtype = model, sorted(set(layers)), mode, dtype
+        self.intervention: Intervention = intervention
 
     @torch.no_grad()
     def measure(self, input_ids: Tensor, source_ids: Tensor | None = None) -> EffectBatch:
@@ -105,15 +113,17 @@ class Ablation:
         `source_ids` (same shape) at the same positions."""
         model = self.model
         clean = _clean_pass(model, input_ids, self.layers)
-        source = None
-        if self.mode == "resample":
+        intervention = self.intervention
+        if isinstance(intervention, Resample):  # its donors are this batch's source windows, not rolled windows
             if source_ids is None or source_ids.shape != input_ids.shape:
                 raise AttentionLensError("resample ablation needs source windows of the scored batch's shape")
             source = _clean_pass(model, source_ids, self.layers).raw_z
+            intervention = Resample(donors={(layer, head): z[:, :, head] for layer, z in source.items()
+                                            for head in range(model.n_heads)})
         final = clean.final.flatten(0, 1)  # (tokens, d_model)
         layers = {}
         for layer in self.layers:
-            replacement = self._replacement(layer, input_ids.shape, source)  # (head, batch, pos, d_head), raw
+            replacement = _replacement(intervention, layer, clean.raw_z[layer])  # (head, batch, pos, d_head), raw
             ablated = _replay(model, layer, clean.residual[layer], input_ids, replacement)  # (head, batch, pos, d_model)
             delta = (ablated.flatten(1, 2) - final).to(self.dtype)  # (head, tokens, d_model)
             scale = clean.capture.heads[layer].scale  # Gemma's post-attention norm scale (batch, pos), else None
@@ -126,14 +136,12 @@ class Ablation:
         return EffectBatch(input_ids=input_ids, final=final, final_scale=scale,
                            scored=~_sinks(input_ids, model.tokenizer).flatten(), layers=layers)
 
-    def _replacement(self, layer: int, shape: torch.Size, source: dict[int, Tensor] | None) -> Tensor:
-        """(head, batch, pos, d_head) raw projection inputs that replace each head's own, or broadcastable."""
-        model = self.model
-        if self.mode == "zero":
-            return torch.zeros(model.n_heads, *shape, model.d_head, device=model.device)
-        if self.mode == "mean":
-            return self.means[layer][:, None, None, :].expand(-1, *shape, -1).to(model.device)
-        return source[layer].permute(2, 0, 1, 3)  # (head, batch, pos, d_head)
+
+def _replacement(intervention: Intervention, layer: int, raw_z: Tensor) -> Tensor:
+    """(head, batch, pos, d_head): each head's replacement for its raw projection input raw_z (batch, pos, head,
+    d_head). In fp32: the lens reads it as it is, the replay casts it to the model's dtype."""
+    z = raw_z.float()
+    return torch.stack([intervention.new_z(z[:, :, head], layer, head, slice(None)) for head in range(z.shape[2])])
 
 
 @dataclass
