@@ -59,8 +59,11 @@ def server(files):
     model = load_model(str(model_dir))
     _, effects_file = write_effect_files(root)
     results = read_results([eval_file], model.n_layers, model.n_heads, effects=effects_file)
-    with live_server(create_app(model, Lens.logit(model), results)) as url:
-        yield url, model
+    corpus = str(make_corpus(root / "corpus"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("attention_lens.readings.CACHE_DIR", root / "cache")
+        with live_server(create_app(model, Lens.logit(model), results, prior_data=corpus)) as url:
+            yield url, model
 
 
 def test_explorer_prompt_grid_and_head(server, page):
@@ -105,6 +108,15 @@ def test_explorer_prompt_grid_and_head(server, page):
     answer = _api(page, url, {"text": PROMPT, "concept": "fox, dog"}, path="/api/concept")
     best = answer["top"][0]
     assert page.inner_text("#concept-top").startswith(f"head {best['layer']}.{best['head']}")
+
+    # Another reading: the grid is decoded again under it and says so; the numbers are logit changes.
+    page.select_option("#reading", "effect")
+    page.wait_for_selector(f"#reading-label:has-text('{READING_LABELS['effect'][:20]}')")
+    expected = _api(page, url, {"text": PROMPT, "k": 4, "position": "all", "reading": "effect"})
+    best = next(r for r in expected["heads"] if (r["layer"], r["head"], r["position"]) == (0, 1, n_tokens - 1))
+    cell = page.locator("table.grid td.cell[data-layer='0'][data-head='1']")
+    assert cell.locator(".tok").inner_text() == _visible(best["top"][0]["token"])
+    assert cell.locator(".p").inner_text() == f"{best['top'][0]['change']:+.2f}"
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
 

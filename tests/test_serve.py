@@ -123,6 +123,7 @@ def test_info_carries_lens_model_and_results(setup, client):
     ("/api/decode", b'{"text": "hi", "k": 51}', 422, "'k'"),
     ("/api/decode", b'{"text": "hi", "position": "last"}', 422, "'position'"),
     ("/api/decode", b'{"text": "hi", "position": 99}', 422, "outside the prompt"),
+    ("/api/decode", b'{"text": "hi", "reading": "sideways"}', 422, "'reading' must be one of raw, promoted, effect"),
     ("/api/decode", json.dumps({"text": "x" * 301}).encode(), 413, "characters"),
     ("/api/decode", json.dumps({"text": "ab " * 60}).encode(), 413, "tokens"),
     ("/api/decode", json.dumps({"text": "hi", "pad": "y" * 3000}).encode(), 413, "byte limit"),
@@ -250,3 +251,11 @@ def test_serve_cli_reading_and_effects(setup, tmp_path, monkeypatch, capsys):
                  "--json", "-k", "3", "--position", "all", PROMPT]) == 0
     assert answer == json.loads(capsys.readouterr().out)
     assert answer["reading"] == "effect" and all("change" in e for r in answer["heads"] for e in r["top"])
+    assert info["readings"] == READING_LABELS
+
+    # Another reading on request: its statistics from the server's --prior-data, the same numbers as decode's.
+    with TestClient(served["app"]) as client:
+        promoted = client.post("/api/decode", json={"text": PROMPT, "k": 3, "reading": "promoted"}).json()
+    assert main(["decode", "--model", str(setup[1]), "--lens", "logit", "--reading", "promoted", "--prior-data",
+                 corpus, "--json", "-k", "3", "--position", "all", PROMPT]) == 0
+    assert promoted == json.loads(capsys.readouterr().out) and promoted["reading"] == "promoted"

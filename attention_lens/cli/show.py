@@ -84,7 +84,8 @@ def serve(
         lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
         results = _read_results(eval_files, effects, loaded)
         limits = Limits(max_tokens=max_tokens, request_timeout=request_timeout, max_connections=max_connections)
-        app_ = create_app(loaded, lens_obj, results, limits, choose_reading(loaded, lens_obj, reading, prior_data))
+        app_ = create_app(loaded, lens_obj, results, limits, choose_reading(loaded, lens_obj, reading, prior_data),
+                          prior_data)
         if host not in LOCAL_HOSTS:
             err.print(f"warning: listening on {host}: anyone who can reach this machine can run the model")
         err.print(f"attention-lens explorer on http://{host}:{sock.getsockname()[1]}/ (Ctrl-C to stop)")

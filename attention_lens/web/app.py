@@ -1,9 +1,10 @@
 """The local explorer: a starlette app around one model and one lens, a JSON API and a static page.
 
 API (all answers are JSON; errors are {"error": "what was wrong"} with a 4xx status):
-- GET  /api/info       lens config, model fingerprint, shape, the reading ({"name", "label"}), per-head results
-                       (or null; with each head's measured `effects` where the files had them), limits;
-- POST /api/decode     {"text", "k"=10, "position"="all"} -> the `decode --json` document, under the server's reading;
+- GET  /api/info       lens config, model fingerprint, shape, the default reading ({"name", "label"}) and every
+                       reading's label, per-head results (or null; with each head's measured `effects` where the
+                       files had them), limits;
+- POST /api/decode     {"text", "k"=10, "position"="all", "reading"=the server's} -> the `decode --json` document;
 - POST /api/attention  {"text", "layer", "head"} -> {"tokens", "layer", "head", "pattern": [query][key]};
 - POST /api/concept    {"text", "concept": "war, battle"} -> {"concept", "scores": {"layer,head": lift}, "top"}.
 """
@@ -31,7 +32,7 @@ from ..errors import AttentionLensError
 from ..lens import Lens
 from ..models import Model
 from ..patterns import attention_patterns
-from ..readings import ChosenReading
+from ..readings import READING_LABELS, READINGS, ChosenReading, choose_reading
 from ..report.results import HeadResults
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -66,16 +67,21 @@ class RequestError(Exception):
 
 class Explorer:
     """The model, lens and results behind the API. The model runs one request at a time (a lock); the
-    others wait their turn in worker threads instead of being dropped."""
+    others wait their turn in worker threads instead of being dropped. A reading other than the default gets its
+    corpus statistics (on `prior_data`) the first time a request asks for it."""
 
-    def __init__(self, model: Model, lens: Lens, results: HeadResults | None, limits: Limits, reading: ChosenReading):
+    def __init__(self, model: Model, lens: Lens, results: HeadResults | None, limits: Limits, reading: ChosenReading,
+                 prior_data: str | None = None):
         self.model, self.lens, self.results, self.limits, self.reading = model, lens, results, limits, reading
+        self.prior_data = prior_data
+        self._readings = {reading.name: reading}
         self._lock = threading.Lock()
         self._patterns: tuple[str, Any] | None = None  # the last prompt's attention, for clicks on its heads
 
     def info(self) -> dict:
         return {"lens": dataclasses.asdict(self.lens.config), "model": self.model.fingerprint(),
                 "n_layers": self.model.n_layers, "n_heads": self.model.n_heads, "reading": self.reading.to_json(),
+                "readings": READING_LABELS,
                 "results": self.results.to_json() if self.results is not None else None,
                 "limits": dataclasses.asdict(self.limits)}
 
@@ -85,9 +91,15 @@ class Explorer:
         position = body.get("position", "all")
         if not (position == "all" or (isinstance(position, int) and not isinstance(position, bool))):
             raise RequestError(422, "'position' must be an integer or \"all\"")
+        name = body.get("reading", self.reading.name)
+        if name not in READINGS:
+            raise RequestError(422, f"'reading' must be one of {', '.join(READINGS)}")
         with self._lock:
             self._check_tokens(text)
-            return decode(self.model, self.lens, text, k=k, position=position, **self.reading.decode_args()).to_json()
+            if name not in self._readings:
+                self._readings[name] = choose_reading(self.model, self.lens, name, self.prior_data)
+            return decode(self.model, self.lens, text, k=k, position=position,
+                          **self._readings[name].decode_args()).to_json()
 
     def attention(self, body: dict) -> dict:
         text = self._text(body)
@@ -210,14 +222,15 @@ def _error(message: str, status: int) -> JSONResponse:
 
 
 def create_app(model: Model, lens: Lens, results: HeadResults | None = None, limits: Limits | None = None,
-               reading: ChosenReading | None = None) -> Starlette:
+               reading: ChosenReading | None = None, prior_data: str | None = None) -> Starlette:
     """The explorer app; serve it with `run_server` (or any ASGI server). Its token grids show `reading`
-    (readings.choose_reading; default raw)."""
+    (readings.choose_reading; default raw) unless a request asks for another, whose statistics come from
+    `prior_data` (default: the lens's training data, else sotu)."""
     limits = limits or Limits()
     for name, value in dataclasses.asdict(limits).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise AttentionLensError(f"limit {name} must be a positive finite number; got {value!r}")
-    explorer = Explorer(model, lens, results, limits, reading or ChosenReading("raw"))
+    explorer = Explorer(model, lens, results, limits, reading or ChosenReading("raw"), prior_data)
 
     async def index(request: Request) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")

@@ -24,8 +24,9 @@
     $("subtitle").textContent = `${lens.kind} lens on ${model.name || model.model_type} · ${model.model_type}, ` +
       `${state.info.n_layers} layers × ${state.info.n_heads} heads · lens covers ${lens.layers.length} layers`;
     $("k").max = state.info.limits.max_k;
-    $("reading-label").textContent = state.info.reading.label;
-    $("colour-note").textContent = `(${LensView.colourNote(state.info.reading.name)})`;
+    $("reading").replaceChildren(...Object.entries(state.info.readings).map(([name, label]) =>
+      LensView.el("option", { value: name, text: name, title: label })));
+    $("reading").value = state.info.reading.name;
     drawResults();
   }
 
@@ -36,8 +37,11 @@
     $("run").disabled = true;
     setStatus("decoding…");
     try {
-      const doc = await api("/api/decode", { text: $("prompt").value, k: Number($("k").value), position: "all" });
+      const doc = await api("/api/decode", { text: $("prompt").value, k: Number($("k").value), position: "all",
+        reading: $("reading").value });
       if (request !== state.requested) return;
+      $("reading-label").textContent = state.info.readings[doc.reading];
+      $("colour-note").textContent = `(${LensView.colourNote(doc.reading)})`;
       state.grid = LensView.fromDecode(doc);
       state.position = doc.tokens.length - 1;
       state.head = null;
@@ -151,6 +155,7 @@
   }
 
   $("form").addEventListener("submit", runDecode);
+  $("reading").addEventListener("change", () => { if (state.grid) runDecode(); });
   $("concept-form").addEventListener("submit", runConcept);
   loadInfo().catch((error) => setStatus(error.message, true));
 })();
