@@ -228,7 +228,8 @@ def plan_sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], edit: In
 def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: Sequence[int],
           windows: Tensor | HeldWindows, edit: Intervention, repeats: int = 0, seed: int = 0,
           layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = None,
-          on_windows: Callable[[int], None] | None = None, max_tokens: int = MAX_TOKENS) -> tuple[list[AblationResult], dict | None]:
+          on_windows: Callable[[int], None] | None = None,
+          max_tokens: int = MAX_TOKENS) -> tuple[list[AblationResult], dict | None]:
     """For every k in `ks`: apply `edit` to the top k of `ranked`, then to `repeats` draws of as many random other
     heads (layer-matched: the same count in each layer); bootstrap the found heads' specific drop over windows.
     With `alpha`, also amplify the largest k's heads by alpha (steering). Returns one result per k and the
