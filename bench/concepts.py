@@ -117,26 +117,30 @@ def run(args) -> int:
     totals = {"before": 0.0, "after": 0.0}
     held_by_name = {}
     for number, (method, name) in enumerate(jobs, start=1):
-        done = {row["k"] for row in document["rows"] if (row["method"], row["concept"]) == (method, name)}
+        words = ", ".join(w.strip() for w in concepts[name].split(",") if w.strip())
+        done = {row["k"] for row in document["rows"]
+                if (row["method"], row["concept"], row.get("words")) == (method, name, words)}
         missing = [k for k in ks if k not in done]
-        errors = None in done  # a measured refusal (no layer-matched draw exists) stays one
         where = f"[{number}/{len(jobs)}] {method} x {name}"
-        if not missing or errors:
+        if not missing or None in done:  # None: a refusal, measured once (settings and words are the same)
             _say(f"{where}: already measured in {out}, skipped")
             continue
-        concept = make_concept(model.tokenizer, [w.strip() for w in concepts[name].split(",")])
         if name not in held_by_name:
-            held_by_name[name] = held_windows(model, data, concept.ids, args.min_targets, SEED)
-        held = held_by_name[name]
-        ranked = _ranking(document, model, method, name, concept, data, args.tokens, where, out)
+            try:
+                concept = make_concept(model.tokenizer, words.split(", "))
+                held_by_name[name] = concept, held_windows(model, data, concept.ids, args.min_targets, SEED)
+            except AttentionLensError as error:  # e.g. too few concept targets in the held-out text
+                held_by_name[name] = error
+        if isinstance(held_by_name[name], AttentionLensError):
+            _refuse(document, out, where, method, name, words, held_by_name[name], args.estimate)
+            continue
+        concept, held = held_by_name[name]
+        ranked = _ranking(document, model, method, f"{name}: {words}", concept, data, args.tokens, where, out)
         try:
             plan = plan_sweep(model, ranked, missing, Zero(), args.repeats, SEED, True,
                               STEER_ALPHA if max(ks) in missing else None)
         except AttentionLensError as error:  # e.g. top heads crowding one layer: no layer-matched draw
-            _say(f"{where}: {error}")
-            if not args.estimate:
-                document["rows"].append({"method": method, "concept": name, "k": None, "error": str(error)})
-                _save(out, document)
+            _refuse(document, out, where, method, name, words, error, args.estimate)
             continue
         windows = int(held.windows.shape[0])
         before, after = (1 + len(plan.edits)) * windows, plan.cost(model) * windows
@@ -160,7 +164,7 @@ def run(args) -> int:
         for result in results:
             record = result.verify_record()
             top = record["k"] == max(ks) and steer is not None
-            document["rows"].append({"method": method, "concept": name, **record,
+            document["rows"].append({"method": method, "concept": name, "words": words, **record,
                                      "steer_mass_change": steer["mass_change"] if top else None,
                                      "steer_loss_change": steer["loss_change"] if top else None,
                                      "sweep_ks": plan.ks, "sweep_forward_equivalents": after,
@@ -168,16 +172,25 @@ def run(args) -> int:
             _say(_line(document["rows"][-1]))
         _save(out, document)
     if args.estimate:
-        _say(f"total: {totals['after']:,.0f} forward-equivalents over {len(jobs)} method x concept pairs "
+        _say(f"total: {totals['after']:,.0f} forward-equivalents for what is left to measure "
              f"(one full forward pass per intervention: {totals['before']:,.0f})")
     if args.json:
         print(json.dumps(document, indent=1))
     return 0
 
 
+def _refuse(document: dict, out: Path, where: str, method: str, name: str, words: str, error: Exception,
+            estimate: bool) -> None:
+    """Say why a method x concept cannot be measured and, measuring, keep that as its row; the table goes on."""
+    _say(f"{where}: not measured: {error}")
+    if not estimate:
+        document["rows"].append({"method": method, "concept": name, "words": words, "k": None, "error": str(error)})
+        _save(out, document)
+
+
 def _ranking(document: dict, model, method: str, name: str, concept, data, tokens: int, where: str,
              out: Path) -> list[tuple[int, int]]:
-    """The method's ranking of heads for the concept, scored once and kept in the file."""
+    """The method's ranking of heads for the concept (named with its words), scored once and kept in the file."""
     key = f"{method}/{name}"
     if key not in document["rankings"]:
         _say(f"{where}: scoring heads on {tokens} training tokens")

@@ -33,7 +33,7 @@ def test_rows_are_appended_resumed_and_estimated(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "forward-equivalents" in err and "total:" in err
     document = json.loads(out.read_text())
-    assert document["rows"] == [] and len(document["rankings"]["dla/animals"]) == 8  # scored once, kept
+    assert document["rows"] == [] and len(document["rankings"]["dla/animals: fox, dog"]) == 8  # scored once, kept
 
     assert bench.main(base + ["--k", "1"]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -48,6 +48,13 @@ def test_rows_are_appended_resumed_and_estimated(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert [row["k"] for row in document["rows"]] == [1, 2] and document["rows"][0] == rows[0]
     assert document["rows"][1]["steer_mass_change"] is not None and document["rows"][1]["sweep_ks"] == [2]
+
+    rare = ["--concept", "rare=fox", "--concepts", "rare", "--min-targets", "100000", "--out", str(tmp_path / "rare.json"), "--k", "1"]
+    assert bench.main(base + rare) == 0  # a concept the held-out text cannot supply: its refusal is its row
+    assert "not measured" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "rare.json").read_text())["rows"]
+    assert rows[0]["concept"] == "rare" and rows[0]["error"].startswith("the held-out text holds")
+    assert bench.main(base + rare) == 0 and "already measured" in capsys.readouterr().err
 
     assert bench.main(base + ["--k", "1", "--repeats", "4"]) == 2
     err = capsys.readouterr().err
