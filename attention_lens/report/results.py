@@ -108,7 +108,8 @@ def _add_eval_effect(results: HeadResults, key: str, record: dict, path: Path) -
         raise AttentionLensError(f"{path}: head {key.replace(',', '.')} has an 'effect' that is not an object "
                                  "(`eval --effects --json` writes one per head)")
     found = {name: float(effect[name]) for name in EFFECT_KEYS if _is_number(effect.get(name))}
-    dla = (effect.get("baselines") or {}).get("dla") if isinstance(effect.get("baselines"), dict) else None
+    baselines = effect.get("baselines")
+    dla = baselines.get("dla") if isinstance(baselines, dict) else None
     if isinstance(dla, dict) and _is_number(dla.get("recovered")):
         found["dla_recovered"] = float(dla["recovered"])
     if found:
