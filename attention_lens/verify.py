@@ -61,6 +61,10 @@ def held_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], min
         if targets >= min_targets and len(kept) * data.seq_len >= tokens:
             return HeldWindows(windows=torch.stack(kept), drawn=drawn, targets=targets)
     where = "held-out text" if data.holdout > 0 else "text"
+    if targets >= min_targets:
+        raise AttentionLensError(f"the {where} has only {len(kept)} windows of {data.seq_len} tokens holding a "
+                                 f"concept target ({len(kept) * data.seq_len} tokens, {targets} targets); --tokens "
+                                 f"asks for {tokens}: use more data, a larger --holdout or fewer --tokens")
     raise AttentionLensError(f"the {where} holds only {targets} concept target positions (in {drawn} windows of "
                              f"{data.seq_len} tokens); --min-targets asks for {min_targets}: use more data, a "
                              "larger --holdout, more common words, or a lower --min-targets")

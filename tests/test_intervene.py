@@ -165,6 +165,8 @@ def test_cli_ablate(paths, capsys):
     assert code == 0 and "top k heads" in stdout
     code, stdout, err = run_cli(base + ["--k", "3"], capsys)
     assert code == 2 and stdout == "" and "more heads than the 2 given with --heads" in err
+    code, stdout, err = run_cli(base + ["--tokens", "1000000"], capsys)  # targets enough, tokens not
+    assert code == 2 and stdout == "" and "--tokens asks for 1000000" in err and len(err.strip().splitlines()) == 1
     code, stdout, _ = run_cli(base + ["--mode", "resample", "--json"], capsys)
     assert code == 0 and json.loads(stdout)["mode"] == "resample" and "verify" not in json.loads(stdout)
     code, stdout, _ = run_cli(base + ["--scale", "2"], capsys)

@@ -47,7 +47,8 @@ def _measured_sweep(what: str, model: Model, ranked: list, ks: list[int], concep
     """`sweep` with a progress bar over the held-out windows, after saying how much it will run."""
     plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha)
     err.print(f"{what}: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
-              f"({held.drawn} drawn); {len(plan.edits)} interventions, {plan.cost(model):.1f} forward-equivalents")
+              f"({held.drawn} drawn); {len(plan.edits)} interventions, {plan.cost(model):.1f} full forward passes' "
+              f"worth over these windows (one pass each would be {1 + len(plan.edits)})")
     with _window_bar(what) as bar:
         task = bar.add_task(what, total=int(held.windows.shape[0]))
         return sweep(model, ranked, ks, concept_ids, held, edit, repeats, seed, layer_matched, bootstrap, alpha,
