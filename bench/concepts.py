@@ -13,7 +13,9 @@ Goal (issue 14): z >= 3 and the 99th percentile for the specific drop with k <= 
 
 Rows are appended to --out as each method x concept is measured (the file is rewritten whole each time, never
 half-written); a rerun skips rows already there, so an interrupted table resumes where it stopped, and one
-method or concept can be run at a time (--methods dla --concepts war). Rankings are kept in the file too.
+method or concept can be run at a time (--methods dla --concepts war). Rankings are kept in the file too. Where a
+method's top k heads are the same set another method's row measured (for the same concept), that row is copied
+(`same_heads_as`) instead of measured again: the random draws depend on the set of heads and the seed alone.
 --estimate scores heads (cheap: --tokens tokens per method and concept), prints how many forward-equivalents
 the verification will run (one forward-equivalent: the full model over one window of --seq-len tokens; counted
 by weights multiplied per token, replays from block L count blocks L.. and the unembedding), and measures nothing.
@@ -116,6 +118,7 @@ def run(args) -> int:
     jobs = [(method, name) for name in names for method in methods]
     totals = {"before": 0.0, "after": 0.0}
     held_by_name = {}
+    planned: dict = {}  # (words, k, set of heads) -> the method whose sweep --estimate counted
     for number, (method, name) in enumerate(jobs, start=1):
         words = ", ".join(w.strip() for w in concepts[name].split(",") if w.strip())
         done = {row["k"] for row in document["rows"]
@@ -136,15 +139,31 @@ def run(args) -> int:
             continue
         concept, held = held_by_name[name]
         ranked = _ranking(document, model, method, f"{name}: {words}", concept, data, args.tokens, where, out)
+        windows = int(held.windows.shape[0])
+        # One full forward pass per intervention, as before replay_edits: the clean pass, each k's found heads and
+        # draws, steering.
+        totals["before"] += (1 + len(missing) * (1 + args.repeats) + int(max(ks) in missing)) * windows
+        for k in list(missing):  # the same heads another method found: the same measurement, draws included
+            twin = _twin(document["rows"], planned if args.estimate else {}, words, k, ranked[:k], k == max(ks))
+            if twin is None:
+                continue
+            missing.remove(k)
+            _say(f"{where}: k {k}: the heads {twin} found; its row is this one's")
+            if not args.estimate:
+                document["rows"].append(_copy(document["rows"], twin, method, words, k, ranked[:k]))
+                _save(out, document)
+        if not missing:
+            _say(f"{where}: nothing left to measure")
+            continue
         try:
             plan = plan_sweep(model, ranked, missing, Zero(), args.repeats, SEED, True,
                               STEER_ALPHA if max(ks) in missing else None)
         except AttentionLensError as error:  # e.g. top heads crowding one layer: no layer-matched draw
             _refuse(document, out, where, method, name, words, error, args.estimate)
             continue
-        windows = int(held.windows.shape[0])
+        for k in missing:
+            planned[words, k, frozenset(ranked[:k])] = method
         before, after = (1 + len(plan.edits)) * windows, plan.cost(model) * windows
-        totals["before"] += before
         totals["after"] += after
         _say(f"{where}: k {','.join(map(str, plan.ks))}: {held.targets} targets in {windows} windows, "
              f"{len(plan.edits)} interventions: {after:,.0f} forward-equivalents (one full pass each: {before:,.0f})")
@@ -177,6 +196,24 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(document, indent=1))
     return 0
+
+
+def _twin(rows: list[dict], planned: dict, words: str, k: int, heads: list, steered: bool) -> str | None:
+    """The method that measured (or in this run will measure) the same set of k heads for the same concept, with
+    steering where this row needs it. Its row is exactly this one's: random draws depend on the set of heads and
+    the seed alone, and the bootstrap on the seed and the measurements."""
+    chosen = sorted(f"{layer}.{head}" for layer, head in heads)
+    for row in rows:
+        if ((row.get("words"), row["k"]) == (words, k) and "error" not in row and sorted(row["heads"]) == chosen
+                and not (steered and row["steer_mass_change"] is None)):
+            return row["method"]
+    return planned.get((words, k, frozenset(heads)))
+
+
+def _copy(rows: list[dict], twin: str, method: str, words: str, k: int, heads: list) -> dict:
+    row = next(row for row in rows if (row["method"], row.get("words"), row["k"]) == (twin, words, k))
+    return {**row, "method": method, "heads": [f"{layer}.{head}" for layer, head in heads], "same_heads_as": twin,
+            "sweep_ks": [], "sweep_forward_equivalents": 0.0, "sweep_seconds": 0.0}
 
 
 def _refuse(document: dict, out: Path, where: str, method: str, name: str, words: str, error: Exception,

@@ -59,3 +59,31 @@ def test_rows_are_appended_resumed_and_estimated(tmp_path, capsys):
     assert bench.main(base + ["--k", "1", "--repeats", "4"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "other settings (repeats 3 -> 4)" in err
+
+
+def test_a_method_that_found_the_same_heads_gets_the_same_row_without_measuring_it(tmp_path, capsys):
+    bench = _bench()
+    model, corpus = make_model_dir(tmp_path / "model"), make_corpus(tmp_path / "corpus", documents=16)
+    base = ["--model", str(model), "--data", str(corpus), "--seq-len", "16", "--holdout", "0.3", "--tokens", "64",
+            "--min-targets", "20", "--repeats", "3", "--concept", "animals=fox, dog", "--k", "2"]
+    shared, alone = tmp_path / "shared.json", tmp_path / "alone.json"
+    assert bench.main(base + ["--methods", "dla", "--out", str(shared), "--estimate"]) == 0
+    document = json.loads(shared.read_text())
+    dla = document["rankings"]["dla/animals: fox, dog"]
+    logit = [dla[1], dla[0], *dla[2:]]  # the same two heads first, in another order
+    document["rankings"]["logit/animals: fox, dog"] = logit
+    shared.write_text(json.dumps(document))
+    alone.write_text(json.dumps({**document, "rankings": {"logit/animals: fox, dog": logit}}))
+    capsys.readouterr()
+
+    assert bench.main(base + ["--methods", "dla,logit", "--out", str(shared), "--estimate"]) == 0
+    assert "the heads dla found" in capsys.readouterr().err
+    assert bench.main(base + ["--methods", "dla,logit", "--out", str(shared)]) == 0
+    dla_row, copied = json.loads(shared.read_text())["rows"]
+    assert copied["method"] == "logit" and copied["same_heads_as"] == "dla" and copied["heads"] == logit[:2]
+    assert bench.main(base + ["--methods", "logit", "--out", str(alone)]) == 0  # measured for itself
+    (measured,) = json.loads(alone.read_text())["rows"]
+    ignored = {"same_heads_as", "sweep_ks", "sweep_forward_equivalents", "sweep_seconds"}
+    assert {key: value for key, value in copied.items() if key not in ignored} == \
+        {key: value for key, value in measured.items() if key not in ignored}
+    assert copied["found_drop"] == dla_row["found_drop"] and measured["steer_mass_change"] is not None
