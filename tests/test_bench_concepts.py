@@ -49,7 +49,8 @@ def test_rows_are_appended_resumed_and_estimated(tmp_path, capsys):
     assert [row["k"] for row in document["rows"]] == [1, 2] and document["rows"][0] == rows[0]
     assert document["rows"][1]["steer_mass_change"] is not None and document["rows"][1]["sweep_ks"] == [2]
 
-    rare = ["--concept", "rare=fox", "--concepts", "rare", "--min-targets", "100000", "--out", str(tmp_path / "rare.json"), "--k", "1"]
+    rare = ["--concept", "rare=fox", "--concepts", "rare", "--min-targets", "100000", "--k", "1",
+            "--out", str(tmp_path / "rare.json")]
     assert bench.main(base + rare) == 0  # a concept the held-out text cannot supply: its refusal is its row
     assert "not measured" in capsys.readouterr().err
     rows = json.loads((tmp_path / "rare.json").read_text())["rows"]
