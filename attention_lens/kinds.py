@@ -93,6 +93,15 @@ class LensKind(ABC):
     def divisor(self, lens: Any, z: Tensor, layer: int, final_scale: Tensor | None) -> Tensor:
         """Per (..., lens head) divisor of the factored logits."""
 
+    def expected_factors(self, lens: Any, layer: int, p: Tensor, p_readout: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The factors and constant averaged under distributions p (rows, vocab), in fp32: sum_v p_v F_h[v]
+        (head, rows, d_head + 1) and sum_v p_v constant_v (rows,) or None. With them the cross term sum_v p_v l_v of
+        the factored logits is one d_head-sized dot product per head-token. p_readout = p @ W_U diag(gamma)
+        (rows, d_model) serves kinds that meet W_U; this generic form reads the vocabulary-sized factors."""
+        factors, constant = self.factors(lens, layer)
+        mean = torch.einsum("rv,hvk->hrk", p, factors.float())
+        return mean, None if constant is None else p @ constant.float()
+
     @abstractmethod
     def readout(self, lens: Any, hidden: Tensor, final_scale: Tensor | None) -> Tensor:
         """Logits (..., head, vocab) from `hidden`."""
@@ -131,16 +140,28 @@ class ResidualKind(LensKind):
         b_h, is (head, d_head + 1, d_model); forming F_h at home would move vocab x d_model in and the
         (head, d_head + 1, vocab) result, or the targets, out."""
         unembed = lens.model.unembed
-        M, b = self.affine_map(lens, layer)  # on the readout's device (Lens.layer_tensor)
-        if b is None:
-            b = torch.zeros(M.shape[0], unembed.d_model, device=M.device)
-        M_b = unembed.center(torch.cat([M, b[:, None, :]], dim=1))  # (head, d_head + 1, d_model)
+        M_b = self._centered_map(lens, layer)  # (head, d_head + 1, d_model), on the readout's device
         device = M_b.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else M_b.dtype
         readout = unembed.readout_matrix(dtype)  # (vocab, d_model): W_U diag(gamma)
         # One 2-D product; a batched einsum copied the (vocab, d_model) readout into its transpose every call.
         factors = (M_b.to(dtype).flatten(0, 1) @ readout.T).view(*M_b.shape[:2], -1).transpose(1, 2)
         return factors, self._constant(unembed)
+
+    def expected_factors(self, lens: Any, layer: int, p: Tensor, p_readout: Tensor) -> tuple[Tensor, Tensor | None]:
+        """F_h = W_U diag(gamma) C [M_h; b_h], so sum_v p_v F_h[v] = C [M_h; b_h] (p W_U diag(gamma))^T: one
+        (d_head + 1) x d_model product per head-row, once p_readout is formed (once per batch, for every layer)."""
+        M_b = self._centered_map(lens, layer).float()  # (head, d_head + 1, d_model)
+        constant = self._constant(lens.model.unembed)
+        return p_readout @ M_b.transpose(1, 2), None if constant is None else p @ constant.float()
+
+    def _centered_map(self, lens: Any, layer: int) -> Tensor:
+        """C [M_h; b_h], (head, d_head + 1, d_model): what W_U diag(gamma) multiplies."""
+        unembed = lens.model.unembed
+        M, b = self.affine_map(lens, layer)  # on the readout's device (Lens.layer_tensor)
+        if b is None:
+            b = torch.zeros(M.shape[0], unembed.d_model, device=M.device)
+        return unembed.center(torch.cat([M, b[:, None, :]], dim=1))
 
     def _constant(self, unembed: Any) -> Tensor | None:
         """W_U beta + b_U: what the model's readout adds whatever the input."""

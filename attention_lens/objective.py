@@ -124,10 +124,10 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors_t: Tensor, constant: Tenso
     return kl, spread.T
 
 
-def _chunks(vocab: int, device: torch.device) -> list[slice]:
-    """Cache-sized vocabulary chunks on CPUs; one chunk on GPUs, where each extra kernel launch costs more
-    than the memory traffic it saves."""
-    size = vocab if device.type == "cuda" else VOCAB_CHUNK
+def _chunks(vocab: int, device: torch.device, size: int | None = None) -> list[slice]:
+    """Cache-sized vocabulary chunks on CPUs (VOCAB_CHUNK entries unless `size` says); one chunk on GPUs, where
+    each extra kernel launch costs more than the memory traffic it saves."""
+    size = vocab if device.type == "cuda" else size or VOCAB_CHUNK
     return [slice(start, min(start + size, vocab)) for start in range(0, vocab, size)]
 
 

@@ -118,15 +118,12 @@ def test_every_score_matches_a_direct_computation(corpus, model_type, kind, exac
     assert result.setup["constant"]["tokens"] == math.ceil(CONSTANT_TOKENS / SEQ_LEN) * SEQ_LEN
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
-@pytest.mark.parametrize("kind", kind_names())
-def test_tiles_in_fp32_give_the_whole_row_scores(model_type, kind):
-    """The tiled scorer's math (online logsumexp, entropy, chunk-wise top-k, picked logits) with rounding taken
-    out: in fp32 it equals the whole-row scorer, in tiles of 3 rows and vocabulary chunks smaller than a row."""
-    from attention_lens import fidelity, objective
+def tiled_and_whole(lens: Lens) -> tuple[dict, dict]:
+    """Layer 1's scores from the whole-row scorer and from the tiled one in fp32, with tiles of 3 rows and
+    vocabulary chunks smaller than a row (the last one short)."""
+    from attention_lens import fidelity
 
-    model = make_tiny_model(model_type)
-    lens = perturbed_lens(model, kind)
+    model = lens.model
     baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
     input_ids = torch.randint(0, model.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -134,16 +131,45 @@ def test_tiles_in_fp32_give_the_whole_row_scores(model_type, kind):
         targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
         z = capture.heads[1].z.flatten(0, 1)
         whole = fidelity.score_layer(lens, baseline, 1, z, targets, block_rows=64)
-        chunk = objective.VOCAB_CHUNK
-        objective.VOCAB_CHUNK = model.vocab // 3 + 1  # several chunks, the last one short
+        chunk = fidelity.SCORE_VOCAB_CHUNK
+        fidelity.SCORE_VOCAB_CHUNK = model.vocab // 3 + 1
         try:
             tiled = fidelity.score_layer_tiled(lens, baseline, 1, z, targets, block_rows=6, dtype=torch.float32)
         finally:
-            objective.VOCAB_CHUNK = chunk
+            fidelity.SCORE_VOCAB_CHUNK = chunk
+    return tiled, whole
+
+
+def assert_same_scores(tiled: dict, whole: dict, atol: float = 2e-5) -> None:
     assert set(tiled) == set(whole)
     for name in whole:
-        torch.testing.assert_close(tiled[name].float(), whole[name].float(), atol=2e-5, rtol=1e-5,
+        torch.testing.assert_close(tiled[name].float(), whole[name].float(), atol=atol, rtol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", kind_names())
+def test_tiles_in_fp32_give_the_whole_row_scores(model_type, kind):
+    """The tiled scorer's math (shift inside the product, online logsumexp, entropy, cross terms from averaged
+    factors, top-k from group maxima, picked logits) with rounding taken out: in fp32 it equals the whole-row
+    scorer."""
+    model = make_tiny_model(model_type)
+    assert_same_scores(*tiled_and_whole(perturbed_lens(model, kind)))
+
+
+def test_tiles_move_their_shift_when_a_later_chunk_is_far_larger():
+    """Logits that climb by hundreds of nats from chunk to chunk (and fall far below the first chunk's): the sweep
+    must move its shift, rescale its sums and keep every group maximum comparable, or exp overflows or the top-k
+    and entropy go wrong."""
+    model = make_tiny_model("llama")
+    lens = perturbed_lens(model, "full")
+    with torch.no_grad():
+        ramp = torch.linspace(-300.0, 300.0, model.vocab)  # later tokens far above earlier ones
+        lens.bias[:] = ramp + torch.randn(model.vocab, generator=torch.Generator().manual_seed(2))
+    tiled, whole = tiled_and_whole(lens)
+    assert torch.isfinite(tiled["kl"]).all() and torch.isfinite(tiled["entropy"]).all()
+    # The whole-row scorer subtracts logits of ~300 from each other in fp32 (eps 6e-8): ~2e-5 of its own error.
+    assert_same_scores(tiled, whole, atol=2e-4)
 
 
 def test_token_writer_head_reads_its_token(corpus):
