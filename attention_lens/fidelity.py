@@ -42,7 +42,7 @@ class Targets:
     """The actual next token (tokens,); -1 at a window's last position, which has none."""
     final_scale: Tensor
     """sigma of the final residual (tokens,), for DLA."""
-    _derived: dict = field(default_factory=dict)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def p_chunks(self, dtype: torch.dtype, chunks: list[slice]) -> list[Tensor]:
         """p in `dtype`, one contiguous (tokens, chunk) block per vocabulary chunk: converted and laid out once per
