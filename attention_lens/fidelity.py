@@ -106,29 +106,29 @@ def score_layer(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targ
 
 
 def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets,
-                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
-    """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles in `dtype`, summed in fp32.
+                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16,
+                      lens_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles, summed in fp32.
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
     factors and differ only in divisor and constant; they run as one product). Each view streams through an online
     logsumexp whose shift sits inside the product (`_Sweep`), so a chunk costs one product, one exp and one sum;
-    no vocabulary-sized row of any view is ever whole. The lens's cross term sum_v p_v l_v comes from the same
-    rounded logits as its logsumexp, so their rounding errors cancel where the lens is close to the model (a fitted
-    SmolLM2 lens: per-head KL within 0.01 nats of fp32; exact cross terms left 0.05). The baselines, far from the
-    model by design, take theirs exactly in fp32 from factors averaged under p (`expected_factors`), which touches
-    no vocabulary per head. The lens's view
-    also keeps its entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups
-    with the largest maxima. In bf16, the product's inputs round to ~2^-8 relative: per-head KL of a fitted SmolLM2 lens agrees with
-    `score_layer`'s fp32 to ~1e-2 nats, less where logits are smaller. Not for soft-capped readouts (the cap is
-    not linear in the factors): `score_layer` serves those.
+    no vocabulary-sized row of any view is ever whole. The lens's view runs in `lens_dtype` (fp32), its cross term
+    sum_v p_v l_v from the same logits as its logsumexp: in bf16 its per-head KL on a fitted SmolLM2 lens strayed
+    up to 0.01 nats from fp32, which is the margin a head is judged by. The baselines run in `dtype` (bf16); they
+    are far from the model by design (KL ~3-80 nats) and take their cross terms exactly in fp32 from factors
+    averaged under p (`expected_factors`), which touches no vocabulary per head. The lens's view also keeps its
+    entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups with the
+    largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer` serves them.
     """
     heads = lens.config.heads
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
-    with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
+    with _autocast(z.device, lens_dtype):
         own_factors, own_constant = lens.vocab_factors(layer)
+    with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
         base_factors, base_constant = baseline.vocab_factors(layer)
     groups = _Groups(lens.model.vocab, z.device)
-    own = _extended_factors(own_factors, own_constant, dtype, groups.chunks)
+    own = _extended_factors(own_factors, own_constant, lens_dtype, groups.chunks)
     base = _extended_factors(base_factors, base_constant, dtype, groups.chunks)
     own_rows = own_factors.flatten(0, 1).contiguous()  # (head * vocab, d_head + 1): rows top-k candidates gather
     rows_per_tile = max(1, block_rows // len(heads))
@@ -142,8 +142,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
             "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
         }
         n_rows = scaled["own"].shape[1]
-        p = [block[rows] for block in targets.p_chunks(dtype, groups.chunks)]
-        own_sweep = _Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p)
+        p = [block[rows] for block in targets.p_chunks(lens_dtype, groups.chunks)]
+        own_sweep = _Sweep(scaled["own"], own_constant is not None, own, lens_dtype, groups, p=p)
         # logit then DLA rows, one product: DLA is an attribution and adds no constant.
         base_sweep = _Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
                             dtype, constant_rows=n_rows)
