@@ -61,8 +61,8 @@ def decode(model: Model, lens: Lens, text: str, k: int = 10, position: int | str
     bound certifies the result; see vocab_topk). Probabilities use bf16 logits for tokens outside the top 64:
     measured within 1.1% (relative) of fp32 on SmolLM2. `exact=True` computes everything in fp32 (~2.5x slower).
 
-    reading='promoted' ranks by the lens's log-probability minus `prior` (vocab,), a log-distribution
-    (readings.prior_log_probs); reading='effect' by E_h = read(z_h) - read(z̄_h), z̄_h from `means`
+    reading='promoted' ranks tokens by their share of KL(lens || prior), q log(q / prior), with `prior` (vocab,) a
+    log-distribution (readings.prior_log_probs), and reports log(q / prior) as `promoted`; reading='effect' by E_h = read(z_h) - read(z̄_h), z̄_h from `means`
     (layer, head, d_head), the raw projection inputs' means (readings.cached_head_means). Both in fp32.
     """
     if lens._model is not model:
@@ -117,9 +117,12 @@ def _decode_reading(lens: Lens, capture, positions: list[int], final_scale: Tens
         logits = lens.logits(z, layer, final_scale).float()  # (position, lens head, vocab)
         if reading == "promoted":
             log_q = torch.log_softmax(logits, dim=-1)
-            top = (log_q - prior).topk(k, dim=-1)
+            log_ratio = log_q - prior
+            # Ranked by each token's share of KL(lens || prior), q log(q / prior): ranked by log(q / prior) alone,
+            # tokens the prior almost never predicts (SmolLM2 on SOTU: "}$", "ished") won every head at q ~ 1e-5.
+            top = (log_q.exp() * log_ratio).topk(k, dim=-1)
             values = {"logit": logits.gather(-1, top.indices), "prob": log_q.gather(-1, top.indices).exp(),
-                      "promoted": top.values}
+                      "promoted": log_ratio.gather(-1, top.indices), "share": top.values}
         else:
             z_bar = means[layer].to(z.dtype).expand_as(z)
             if heads.scale is not None:  # Gemma: the lens reads z times the post-attention norm's scale

@@ -1,9 +1,10 @@
 """What a decoded head shows: raw lens tokens, tokens promoted over the lens's prior, or its predicted effect.
 
 - raw:      the lens's own top tokens (its log-probabilities).
-- promoted: the lens's log-probabilities minus the best constant prediction's (the model's mean next-token
-            distribution over the training text): what this head's reading adds to the prior. A predictive lens
-            mostly predicts the prior (" the", ",", "."), so its raw tokens say little about the head.
+- promoted: the tokens that make up most of the lens's difference from the best constant prediction (the model's
+            mean next-token distribution over the training text), ranked by q log(q / prior), each shown with
+            log(q / prior): what this head's reading adds to the prior. A predictive lens mostly predicts the prior
+            (" the", ",", "."), so its raw tokens say little about the head.
 - effect:   the predicted effect E_h = read(z_h) - read(z̄_h), z̄_h the head's mean over the training text: the
             logit change the reading says removing the head would cause (the effect lens is trained for it).
 
@@ -33,7 +34,8 @@ from .stream import HeadStream
 READINGS = ("raw", "promoted", "effect")
 READING_LABELS = {
     "raw": "raw: the lens's own top tokens and their probabilities",
-    "promoted": "promoted: log-prob minus the best constant's (nats over the prior: what this head adds to it)",
+    "promoted": "promoted: the tokens this head adds over the prior (ranked by q log(q/prior); value: log-prob minus "
+                "the best constant's, nats)",
     "effect": "effect: the predicted logit change if the head were removed, read(z) - read(mean z)",
 }
 """What each reading shows, in the words the report and the explorer label their token grids with."""

@@ -21,7 +21,9 @@ class TokenScore:
     prob: float | None
     """The lens's probability; None under the effect reading (a change has no probability)."""
     promoted: float | None = None
-    """Promoted reading: the lens's log-probability minus the prior's, nats (what it was ranked by)."""
+    """Promoted reading: the lens's log-probability minus the prior's, log(q / prior), nats."""
+    share: float | None = None
+    """Promoted reading: the token's share of KL(lens || prior), q log(q / prior) (what it was ranked by)."""
     change: float | None = None
     """Effect reading: E_h = read(z_h) - read(z̄_h) for this token (what it was ranked by)."""
 
@@ -29,6 +31,8 @@ class TokenScore:
         record = {"token": self.token, "id": self.id, "logit": self.logit, "prob": self.prob}
         if self.promoted is not None:
             record["promoted"] = self.promoted
+        if self.share is not None:
+            record["share"] = self.share
         if self.change is not None:
             record["change"] = self.change
         return record

@@ -29,7 +29,7 @@ def _top(result, layer, head, position):
     return [r.to_json() for r in result.heads if (r.layer, r.head, r.position) == (layer, head, position)][0]["top"]
 
 
-def test_promoted_ranks_by_log_prob_minus_the_prior(corpus):
+def test_promoted_ranks_by_share_of_kl_to_the_prior(corpus):
     model = make_tiny_model("llama")
     lens = Lens.from_model(model, "affine")
     with torch.no_grad():
@@ -42,11 +42,13 @@ def test_promoted_ranks_by_log_prob_minus_the_prior(corpus):
         with torch.no_grad():
             log_q = torch.log_softmax(lens.logits(capture.heads[layer].z[0], layer), -1)  # (pos, head, vocab)
         for position in result.positions:
-            expected = (log_q[position] - prior).topk(5, dim=-1)
+            log_ratio = log_q[position] - prior
+            expected = (log_q[position].exp() * log_ratio).topk(5, dim=-1)
             for head in range(model.n_heads):
                 top = _top(result, layer, head, position)
                 assert [e["id"] for e in top] == expected.indices[head].tolist()
-                assert top[0]["promoted"] == pytest.approx(float(expected.values[head, 0]), abs=1e-3)
+                assert top[0]["share"] == pytest.approx(float(expected.values[head, 0]), abs=1e-4)
+                assert top[0]["promoted"] == pytest.approx(float(log_ratio[head, top[0]["id"]]), abs=1e-3)
                 assert top[0]["prob"] == pytest.approx(float(log_q[position, head, top[0]["id"]].exp()), abs=1e-5)
     assert result.to_json()["reading"] == "promoted"
 

@@ -68,7 +68,7 @@ def decode(
 def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[int]) -> Table:
     """Layers x `heads` at one position; every cell whole (a token is never cut: it folds onto a second line)."""
     shown = {"raw": "top token and its probability",
-             "promoted": "top token promoted over the prior (its log-prob minus the prior's, nats)",
+             "promoted": "top token over the prior (ranked by q·log(q/prior), shown as log(q/prior), nats)",
              "effect": "top token of the predicted effect of removing the head (logit change)"}[result.reading]
     table = Table(title=f"{result.kind} lens, {result.reading} reading, position {position} "
                         f"({visible(result.tokens[position])}): {shown}", show_lines=False)

@@ -45,8 +45,8 @@ Scale = Annotated[Optional[float], typer.Option(help="Shorthand for --mode scale
                                                 callback=within(-MAX_SCALE, MAX_SCALE))]
 
 Reading = Annotated[Optional[str], typer.Option(
-    help="raw (the lens's tokens), promoted (its log-probs minus the prior's: the default for trained predictive "
-         "lenses) or effect (the predicted effect of removing the head: the default for effect lenses).",
+    help="raw (the lens's tokens), promoted (the tokens it adds over the prior, ranked by q log(q/prior): the "
+         "default for trained predictive lenses) or effect (the predicted effect of removing the head: the default for effect lenses).",
     callback=lambda value: value if value is None else check_reading(value), metavar="|".join(READINGS))]
 """Which reading a command shows (readings.py); None: the lens kind's default. Checked before any work."""
 PriorData = Annotated[Optional[str], typer.Option(

@@ -163,7 +163,8 @@ const LensView = (() => {
     return { reading, text, tokens, positions, layers, heads, top: (p, l, h) => cells[`${p},${l},${h}`] || [] };
   }
 
-  /** The number a token was ranked by: its promoted nats, its predicted logit change, or its probability. */
+  /** The number a token shows: its promoted nats (it was ranked by q log(q/prior)), its predicted logit change, or
+   * its probability. */
   function score(entry) {
     return entry.promoted != null ? entry.promoted : entry.change != null ? entry.change : entry.prob;
   }
