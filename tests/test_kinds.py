@@ -138,3 +138,36 @@ def test_the_cli_trains_and_decodes_it(setup, capsys):
     assert json.loads(stdout)["kind"] == "shift"
     code, stdout, err = run_cli(["decode", "--lens", out, "--json", "jumps over"], capsys)
     assert code == 0 and json.loads(stdout)["lens"] == "shift"
+
+
+class TiltKind(ResidualKind):
+    """The logit lens under another name: an untrained kind, so `--lens tilt` is offered and `--kind tilt` is not."""
+
+    name = "tilt"
+    description = "final norm + W_U of o_h (the logit lens), untrained"
+
+    def affine_map(self, lens, layer):
+        return lens.model.W_O[layer, lens.config.heads], None
+
+
+def _option_help(command: str, option: str) -> str:
+    import typer
+
+    from attention_lens.cli import app
+
+    group = typer.main.get_command(app)  # built as each run, --help and docs/cli.md build it
+    return next(p.help for p in group.commands[command].params if p.name == option)
+
+
+def test_the_cli_help_lists_the_kinds_registered_when_it_is_shown(shift_kind):
+    # The help is read when the command is built, not when the CLI was first imported: otherwise a kind registered
+    # at that moment (shift, here) stays listed after it is gone, and docs/cli.md depends on the order tests run in.
+    assert "shift" in _option_help("train", "kind") and "shift" not in _option_help("decode", "lens")
+    assert "tilt" not in _option_help("decode", "lens")
+    register(TiltKind)
+    try:
+        assert "tilt" in _option_help("decode", "lens") and "tilt" in _option_help("eval", "lens")
+        assert "tilt" not in _option_help("train", "kind")
+    finally:
+        unregister("tilt")
+    assert "tilt" not in _option_help("decode", "lens")

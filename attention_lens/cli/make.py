@@ -17,7 +17,6 @@ from ..errors import AttentionLensError
 from ..evaluate import heldout_kl
 from ..fit import FitConfig, fit as fit_lens
 from ..interrupts import Interrupted
-from ..kinds import kind_names
 from ..lens import Lens
 from ..models import DEFAULT_MODEL, load_model
 from ..train import TrainConfig, existing_run, train as train_lens
@@ -25,7 +24,7 @@ from .common import check_output, emit_json, err, parse_indices
 from .numbers import MAX_BATCH, MAX_SEED, MAX_TOKENS, within
 from .effects import train_effect_lens
 from .options import (Data, Device, DeviceMap, EvalTokens, Heads, Layers, ModelName, Overwrite, Revision, SeqLen,
-                      SkipBadLines)
+                      SkipBadLines, TrainKind)
 from .render import TokenBar
 
 
@@ -34,8 +33,7 @@ def train(
     out: Path = typer.Option(..., help="Lens directory to write (config.json, lens.safetensors, checkpoints/)."),
     model: ModelName = DEFAULT_MODEL,
     data: Data = "sotu",
-    kind: Optional[str] = typer.Option(None, help=f"Lens kind: {' or '.join(kind_names(trainable=True))} (default "
-                                       "affine; effect with --objective effect)."),
+    kind: TrainKind = None,
     layers: Layers = None,
     heads: Heads = None,
     tokens: int = typer.Option(20_000, help="Token budget; at least one step runs.", callback=within(1, MAX_TOKENS)),

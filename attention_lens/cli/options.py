@@ -7,24 +7,46 @@ names the parameter as the alias does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
+from typer.models import OptionInfo
 
 from ..kinds import kind_names
 from ..readings import READINGS, check_reading
 from .numbers import MAX_SCALE, MAX_SEQ_LEN, MAX_TOKENS, within
+
+
+class KindsOption(OptionInfo):
+    """An option whose help names the registered lens kinds: written by `describe()` each time the command is built
+    (every run, --help, docs/cli.md), not frozen when this module is imported, so a kind registered later is listed
+    while it is registered, and only then."""
+
+    def __init__(self, describe: Callable[[], str], **option) -> None:
+        vars(self).update(vars(typer.Option(**option)))  # every setting as typer.Option makes it (defaults, decls)
+        self.describe = describe
+
+    @property
+    def help(self) -> str:
+        return self.describe()
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        pass  # OptionInfo.__init__ sets it; the text is always describe()'s
+
 
 ModelName = Annotated[str, typer.Option(
     help="Registered name (smollm2-135m, gemma3-270m), local HF directory, .gguf file or Hugging Face Hub id.")]
 """The model a command runs on (default `DEFAULT_MODEL`)."""
 LensModel = Annotated[Optional[str], typer.Option(help="Model (default: the lens's own, or smollm2-135m).")]
 """The model of a command that takes a lens: optional, a lens directory knows its model."""
-LensSpec = Annotated[str, typer.Option(
-    help=f"{', '.join(kind_names(trainable=False))}, a lens directory, or a Hugging Face Hub id of one.")]
+LensSpec = Annotated[str, KindsOption(
+    lambda: f"{', '.join(kind_names(trainable=False))}, a lens directory, or a Hugging Face Hub id of one.")]
 Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit) of a Hub id --model.")]
 DeviceMap = Annotated[Optional[str], typer.Option(
     help="Spread the model over devices (accelerate): auto, balanced, sequential, or JSON {module: device}.")]
+TrainKind = Annotated[Optional[str], KindsOption(
+    lambda: f"Lens kind: {' or '.join(kind_names(trainable=True))} (default affine; effect with --objective effect).")]
 Data = Annotated[str, typer.Option(help="sotu, shakespeare, a .txt/.jsonl file or a directory of .txt files.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window.", callback=within(2, MAX_SEQ_LEN))]
 Device = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
