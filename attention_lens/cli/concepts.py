@@ -19,7 +19,7 @@ from ..scoring import CONTROL_SETS, METHODS, score_heads
 from ..verify import MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, held_windows, plan_sweep, sweep
 from .common import emit_json, err, lens_and_model
 from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SCALE, MAX_SEED, MAX_TOKENS, within
-from .options import (Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision,
+from .options import (AsJson, Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision,
                       Scale as ScaleOption, SeqLen)
 
 MinTargets = Annotated[int, typer.Option(help="Draw held-out windows until they hold this many concept target "
@@ -109,11 +109,12 @@ def search(
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {concept, heads, verify, k_sweep, "
-                                                       "steer}."),
+    as_json: AsJson = False,
 ) -> None:
     """Rank heads by how much they carry a concept (--method) over random token sets; --verify proves it by
-    intervention."""
+    intervention.
+
+    --json: {concept, heads, verify, k_sweep, steer}."""
     _check_counts(tokens=(tokens, 1), top=(top, 1), repeats=(repeats, 2), seq_len=(seq_len, 2))
     edit = Intervention.parse(mode)
     scorer = METHODS.get(method)
@@ -184,10 +185,11 @@ def ablate(
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {clean, found, random, verify, "
-                                                       "k_sweep}; the first four for the largest k."),
+    as_json: AsJson = False,
 ) -> None:
-    """Intervene on heads' outputs; measure the concept's log-prob and mass, and the overall loss."""
+    """Intervene on heads' outputs; measure the concept's log-prob and mass, and the overall loss.
+
+    --json: {clean, found, random, verify, k_sweep}; the first four for the largest k."""
     if baseline not in ("none", "random"):
         raise AttentionLensError(f"--baseline {baseline!r}: use none or random")
     repeats = repeats if baseline == "random" else 0
@@ -232,9 +234,11 @@ def generate(
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {prompt, plain, intervened}."),
+    as_json: AsJson = False,
 ) -> None:
-    """Greedy continuation of a prompt with and without an intervention on heads, side by side."""
+    """Greedy continuation of a prompt with and without an intervention on heads, side by side.
+
+    --json: {prompt, plain, intervened}."""
     _check_counts(max_new_tokens=(max_new_tokens, 1))
     edit = _edit(mode, scale)
     loaded = load_model(model, device=device, revision=revision, device_map=device_map)

@@ -12,7 +12,7 @@ from ..readings import choose_reading
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
 from .numbers import MAX_K, within
-from .options import Device, DeviceMap, Heads, Layers, LensModel, LensSpec, PriorData, Reading, Revision
+from .options import AsJson, Device, DeviceMap, Heads, Layers, LensModel, LensSpec, PriorData, Reading, Revision
 
 LAYER_COLUMN = 5
 """Width of the table's layer column."""
@@ -36,9 +36,11 @@ def decode(
                                "probabilities within ~1% (relative)."),
     reading: Reading = None,
     prior_data: PriorData = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {heads: [...]}."),
+    as_json: AsJson = False,
 ) -> None:
-    """Show the tokens each head's lens reads from its output on a prompt."""
+    """Show the tokens each head's lens reads from its output on a prompt.
+
+    --json: {heads: [...]}."""
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     chosen = choose_reading(loaded, lens_obj, reading, prior_data)
     chosen_layers = parse_indices(layers, loaded.n_layers, "layer")

@@ -21,7 +21,8 @@ from ..models import DEFAULT_MODEL, load_model
 from ..notebook import visible
 from .common import check_output, emit_json, err, finish_results, parse_indices
 from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
-from .options import Data, Device, DeviceMap, Layers, ModelName, OverwriteFile, ResultsOut, SeqLen, SkipBadLines
+from .options import (AsJson, Data, Device, DeviceMap, Layers, ModelName, OverwriteFile, ResultsOut, SeqLen,
+                      SkipBadLines)
 from .render import TokenBar
 
 HEADS_SHOWN = 20
@@ -55,9 +56,11 @@ def effects(
     device_map: DeviceMap = None,
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
+    as_json: AsJson = False,
 ) -> None:
-    """Measure each head's effect: the change of the next-token log-probabilities when it alone is replaced."""
+    """Measure each head's effect: the change of the next-token log-probabilities when it alone is replaced.
+
+    --json: {summary, heads: [...]}."""
     if out is not None:
         check_output(out, overwrite)
     if seq_len < 2:

@@ -23,8 +23,8 @@ from ..train import TrainConfig, existing_run, train as train_lens
 from .common import check_output, emit_json, err, parse_indices
 from .numbers import MAX_BATCH, MAX_SEED, MAX_TOKENS, within
 from .effects import train_effect_lens
-from .options import (Data, Device, DeviceMap, EvalTokens, Heads, Layers, ModelName, Overwrite, Revision, SeqLen,
-                      SkipBadLines, TrainKind)
+from .options import (AsJson, Data, Device, DeviceMap, EvalTokens, Heads, Layers, ModelName, Overwrite, Revision,
+                      SeqLen, SkipBadLines, TrainKind)
 from .render import TokenBar
 
 
@@ -68,7 +68,7 @@ def train(
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the results."),
+    as_json: AsJson = False,
 ) -> None:
     """Train per-head lenses against the model's own next-token distribution (KL)."""
     if resume and overwrite:
@@ -180,7 +180,7 @@ def fit(
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document with the results."),
+    as_json: AsJson = False,
 ) -> None:
     """Fit affine lenses in closed form (ridge regression per head); a starting point for `train --init`."""
     if existing_run(out) and not overwrite:

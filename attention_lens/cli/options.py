@@ -60,6 +60,9 @@ OverwriteFile = Annotated[bool, typer.Option(help="Replace the --out file if it 
                                              "is refused).")]
 EvalTokens = Annotated[int, typer.Option(help="Held-out tokens to score the lens on at the end (0: skip).",
                                          callback=within(0, MAX_TOKENS))]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document with the results.")]
+"""`--json` (not `--as-json`, the parameter's name): stdout holds one JSON document, progress and logs go to stderr;
+a command's docstring outlines its document."""
 ResultsOut = Annotated[Optional[Path], typer.Option(help="Also write the JSON results to this file.")]
 ResultFiles = Annotated[Optional[list[Path]], typer.Option(
     "--eval", help="Per-head results JSON (eval, specialize); repeatable.")]

@@ -16,7 +16,7 @@ from ..sources import read_config
 from ..train import DTYPES
 from .common import emit_json, parse_indices
 from .numbers import MAX_BATCH, MAX_TOKENS, within
-from .options import Device, DeviceMap, Layers, ModelName, Revision, SeqLen
+from .options import AsJson, Device, DeviceMap, Layers, ModelName, Revision, SeqLen
 
 
 def plan(
@@ -31,9 +31,11 @@ def plan(
     dtype: str = typer.Option("float32", help="Training dtype of the vocabulary-sized matmuls: float32 | bfloat16."),
     device: Device = "cpu",
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {model, memory, hardware, seconds}."),
+    as_json: AsJson = False,
 ) -> None:
-    """Predict memory (weights, lens, optimizer state, activations, peak) and time, reading only config.json."""
+    """Predict memory (weights, lens, optimizer state, activations, peak) and time, reading only config.json.
+
+    --json: {model, memory, hardware, seconds}."""
     get_kind(kind)  # an unknown kind is one clear error
     if dtype not in DTYPES:
         raise AttentionLensError(f"unknown --dtype {dtype!r}; use {' or '.join(DTYPES)}")

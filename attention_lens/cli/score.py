@@ -17,7 +17,7 @@ from .render import TokenBar, effect_table, eval_tables, specialize_tables
 from ..specialize import SpecializeConfig, specialize as specialize_heads
 from .common import check_output, err, finish_results, lens_and_model, scored_data
 from .numbers import MAX_BATCH, MAX_K, MAX_REPEATS, MAX_SEED, MAX_TOKENS, within
-from .options import (Data, Device, DeviceMap, LensModel, LensSpec, OverwriteFile, ResultsOut, Revision, SeqLen,
+from .options import (AsJson, Data, Device, DeviceMap, LensModel, LensSpec, OverwriteFile, ResultsOut, Revision, SeqLen,
                       SkipBadLines)
 
 
@@ -54,9 +54,11 @@ def eval_(
                                                  "side, named by its kind (e.g. a predictive affine lens); repeatable."),
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads: [...]}."),
+    as_json: AsJson = False,
 ) -> None:
-    """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines."""
+    """Score every head's lens on held-out text against the logit, dla, uniform and constant baselines.
+
+    --json: {summary, heads: [...]}."""
     if out is not None:
         check_output(out, overwrite)
     effect_config = None
@@ -112,9 +114,11 @@ def specialize(
     device_map: DeviceMap = None,
     out: ResultsOut = None,
     overwrite: OverwriteFile = False,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: {summary, heads, groups}."),
+    as_json: AsJson = False,
 ) -> None:
-    """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads."""
+    """What each head writes over a corpus: promoted tokens, concentration, description, groups of heads.
+
+    --json: {summary, heads, groups}."""
     if out is not None:
         check_output(out, overwrite)
     lens_obj, _ = lens_and_model(lens, model, device, revision, device_map)

@@ -14,7 +14,7 @@ from ..readings import choose_reading
 from ..report import build_report, read_results, write_report
 from .common import check_output, emit_json, err, lens_and_model
 from .numbers import MAX_K, MAX_SEQ_LEN, within
-from .options import (Device, DeviceMap, LensModel, LensSpec, OverwriteFile, PriorData, Reading, ResultFiles,
+from .options import (AsJson, Device, DeviceMap, LensModel, LensSpec, OverwriteFile, PriorData, Reading, ResultFiles,
                       Revision)
 
 REPORT_PROMPT = "The capital of France is Paris, and the capital of Italy is"
@@ -37,9 +37,11 @@ def report(
     device: Device = "cpu",
     revision: Revision = None,
     device_map: DeviceMap = None,
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON document describing the written file."),
+    as_json: AsJson = False,
 ) -> None:
-    """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity."""
+    """Write an HTML report: per-head heatmaps, a prompt's token grid (click a head), the lens's identity.
+
+    --json describes the written file."""
     check_output(out, overwrite)
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
     results = _read_results(eval_files, effects, loaded)
