@@ -93,15 +93,6 @@ class LensKind(ABC):
     def divisor(self, lens: Any, z: Tensor, layer: int, final_scale: Tensor | None) -> Tensor:
         """Per (..., lens head) divisor of the factored logits."""
 
-    def expected_factors(self, lens: Any, layer: int, p: Tensor, p_readout: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The factors and constant averaged under distributions p (rows, vocab), in fp32: sum_v p_v F_h[v]
-        (head, rows, d_head + 1) and sum_v p_v constant_v (rows,) or None. With them the cross term sum_v p_v l_v of
-        the factored logits is one d_head-sized dot product per head-token. p_readout = p @ W_U diag(gamma)
-        (rows, d_model) serves kinds that meet W_U; this generic form reads the vocabulary-sized factors."""
-        factors, constant = self.factors(lens, layer)
-        mean = torch.einsum("rv,hvk->hrk", p, factors.float())
-        return mean, None if constant is None else p @ constant.float()
-
     @abstractmethod
     def readout(self, lens: Any, hidden: Tensor, final_scale: Tensor | None) -> Tensor:
         """Logits (..., head, vocab) from `hidden`."""
@@ -149,8 +140,11 @@ class ResidualKind(LensKind):
         return factors, self._constant(unembed)
 
     def expected_factors(self, lens: Any, layer: int, p: Tensor, p_readout: Tensor) -> tuple[Tensor, Tensor | None]:
-        """F_h = W_U diag(gamma) C [M_h; b_h], so sum_v p_v F_h[v] = C [M_h; b_h] (p W_U diag(gamma))^T: one
-        (d_head + 1) x d_model product per head-row, once p_readout is formed (once per batch, for every layer)."""
+        """The factors and constant averaged under distributions p (rows, vocab), in fp32: sum_v p_v F_h[v]
+        (head, rows, d_head + 1) and sum_v p_v constant_v (rows,) or None, so the cross term sum_v p_v l_v of the
+        factored logits is one d_head-sized dot product per head-token. F_h = W_U diag(gamma) C [M_h; b_h], so
+        sum_v p_v F_h[v] = C [M_h; b_h] (p W_U diag(gamma))^T: one (d_head + 1) x d_model product per head-row, given
+        p_readout = p W_U diag(gamma) (rows, d_model), formed once per batch for every layer."""
         M_b = self._centered_map(lens, layer).float()  # (head, d_head + 1, d_model)
         constant = self._constant(lens.model.unembed)
         return p_readout @ M_b.transpose(1, 2), None if constant is None else p @ constant.float()
