@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .data import DataConfig, Document, load_documents, split_by_document
 from .errors import AttentionLensError
-from .fidelity import HEAD_SCORES, FidelityTotals, Targets, score_layer, score_layer_tiled
+from .fidelity import HEAD_SCORES, FidelityTotals, Targets, score_layer
+from .fidelity_tiles import score_layer_tiled
 from .lens import Lens
 from .models import Model
 from .objective import head_kl, target_distribution

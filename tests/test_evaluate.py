@@ -121,7 +121,7 @@ def test_every_score_matches_a_direct_computation(corpus, model_type, kind, exac
 def tiled_and_whole(lens: Lens) -> tuple[dict, dict]:
     """Layer 1's scores from the whole-row scorer and from the tiled one in fp32, with tiles of 3 rows and
     vocabulary chunks smaller than a row (the last one short)."""
-    from attention_lens import fidelity
+    from attention_lens import fidelity, fidelity_tiles
 
     model = lens.model
     baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
@@ -131,12 +131,12 @@ def tiled_and_whole(lens: Lens) -> tuple[dict, dict]:
         targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
         z = capture.heads[1].z.flatten(0, 1)
         whole = fidelity.score_layer(lens, baseline, 1, z, targets, block_rows=64)
-        chunk = fidelity.SCORE_VOCAB_CHUNK
-        fidelity.SCORE_VOCAB_CHUNK = model.vocab // 3 + 1
+        chunk = fidelity_tiles.SCORE_VOCAB_CHUNK
+        fidelity_tiles.SCORE_VOCAB_CHUNK = model.vocab // 3 + 1
         try:
-            tiled = fidelity.score_layer_tiled(lens, baseline, 1, z, targets, block_rows=6, dtype=torch.float32)
+            tiled = fidelity_tiles.score_layer_tiled(lens, baseline, 1, z, targets, block_rows=6, dtype=torch.float32)
         finally:
-            fidelity.SCORE_VOCAB_CHUNK = chunk
+            fidelity_tiles.SCORE_VOCAB_CHUNK = chunk
     return tiled, whole
 
 

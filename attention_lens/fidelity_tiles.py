@@ -1,0 +1,314 @@
+"""The default scorer of `eval`: `fidelity.score_layer`'s per-head scores from cache-sized (head, rows, vocabulary
+chunk) tiles, each view an online logsumexp with its running shift inside its product (`_Sweep`)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from .fidelity import Targets
+from .lens import Lens
+from .objective import DEFAULT_BLOCK_ROWS, _autocast, _chunks
+
+SCORE_TILE_ROWS = 2 * DEFAULT_BLOCK_ROWS
+"""Head-token rows per tile when scoring (e.g. 256 tokens x 9 heads): the bf16 products need a few hundred rows per
+head to run near the GEMM rate (64 rows ran at a quarter of it on 2 cores), and the tile must stay cache-sized."""
+
+
+def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets,
+                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16,
+                      lens_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles, summed in fp32.
+
+    The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
+    factors and differ only in divisor and constant; they run as one product). Each view streams through an online
+    logsumexp whose shift sits inside the product (`_Sweep`), so a chunk costs one product, one exp and one sum;
+    no vocabulary-sized row of any view is ever whole. The lens's view runs in `lens_dtype` (fp32), its cross term
+    sum_v p_v l_v from the same logits as its logsumexp: in bf16 its per-head KL on a fitted SmolLM2 lens strayed
+    up to 0.01 nats from fp32, which is the margin a head is judged by. The baselines run in `dtype` (bf16); they
+    are far from the model by design (KL ~3-80 nats) and take their cross terms exactly in fp32 from factors
+    averaged under p (`expected_factors`), which touches no vocabulary per head. The lens's view also keeps its
+    entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups with the
+    largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer` serves them.
+    """
+    heads = lens.config.heads
+    z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
+    with _autocast(z.device, lens_dtype):
+        own_factors, own_constant = lens.vocab_factors(layer)
+    with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
+        base_factors, base_constant = baseline.vocab_factors(layer)
+    groups = _Groups(lens.model.vocab, z.device)
+    own = _extended_factors(own_factors, own_constant, lens_dtype, groups.chunks)
+    base = _extended_factors(base_factors, base_constant, dtype, groups.chunks)
+    own_rows = own_factors.flatten(0, 1).contiguous()  # (head * vocab, d_head + 1): rows top-k candidates gather
+    rows_per_tile = max(1, block_rows // len(heads))
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    for start in range(0, z.shape[0], rows_per_tile):
+        rows = slice(start, start + rows_per_tile)
+        final_scale = targets.final_scale[rows]
+        scaled = {
+            "own": _scaled(z_aug[rows], lens.divisor(z[rows], layer, final_scale)),
+            "logit": _scaled(z_aug[rows], baseline.divisor(z[rows], layer)),
+            "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
+        }
+        n_rows = scaled["own"].shape[1]
+        p = [block[rows] for block in targets.p_chunks(lens_dtype, groups.chunks)]
+        own_sweep = _Sweep(scaled["own"], own_constant is not None, own, lens_dtype, groups, p=p)
+        # logit then DLA rows, one product: DLA is an attribution and adds no constant.
+        base_sweep = _Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
+                            dtype, constant_rows=n_rows)
+        for index in range(len(groups.chunks)):
+            own_sweep.add(index)
+            base_sweep.add(index)
+        base_lse = base_sweep.log_sum_exp()
+        cross = _baseline_cross_terms(baseline, layer, scaled, targets, rows)
+        neg_entropy = targets.neg_entropy[rows]
+        next_token = targets.next_token[rows]
+        picked = _picked_logits(scaled["own"], own_factors, own_constant, next_token)
+        top_ids = groups.top_ids(own_sweep.maxima(), scaled["own"], own_rows, own_constant, targets.top.shape[-1])
+        scores = _own_scores(own_sweep, targets, rows, picked, top_ids)
+        scores["logit"] = (neg_entropy - cross["logit"] + base_lse[:, :n_rows]).T
+        scores["dla"] = (neg_entropy - cross["dla"] + base_lse[:, n_rows:]).T
+        for name, value in scores.items():
+            parts[name].append(value)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype,
+                      chunks: list[slice]) -> list[Tensor]:
+    """Per vocabulary chunk, a contiguous (head, d_head + 3, chunk) block in `dtype`: the factors, then the
+    constant's row (zeros if none), then a row of ones, so [z_h, 1] / divisor, a constant weight and -shift
+    multiply all three in one product. Contiguous blocks, once per layer: a strided chunk would be copied by every
+    product of every tile."""
+    heads, vocab = factors.shape[0], factors.shape[1]
+    extra = torch.ones(heads, 2, vocab, dtype=dtype, device=factors.device)
+    extra[:, 0] = 0 if constant is None else constant.to(dtype)
+    extended = torch.cat([factors.detach().to(dtype).transpose(1, 2), extra], dim=1)
+    return [extended[:, :, chunk].contiguous() for chunk in chunks]
+
+
+def _scaled(z_aug: Tensor, divisor: Tensor) -> Tensor:
+    """(head, rows, d_head + 1) = [z_h, 1] / divisor in fp32: the divisor goes on the small side of the product."""
+    return (z_aug / divisor[..., None]).transpose(0, 1)
+
+
+def _baseline_cross_terms(baseline: Lens, layer: int, scaled: dict[str, Tensor], targets: Targets,
+                          rows: slice) -> dict[str, Tensor]:
+    """sum_v p_v l_v of the logit lens and DLA, (head, rows), exactly in fp32 from their shared factors averaged
+    under p; DLA, an attribution, adds no constant."""
+    p, p_readout = targets.p[rows], targets.p_readout(baseline.model.unembed)[rows]
+    mean, constant = baseline.kind_spec.expected_factors(baseline, layer, p, p_readout)
+    logit = (scaled["logit"] * mean).sum(-1)
+    return {"logit": logit if constant is None else logit + constant, "dla": (scaled["dla"] * mean).sum(-1)}
+
+
+def _picked_logits(scaled: Tensor, factors: Tensor, constant: Tensor | None, next_token: Tensor) -> Tensor:
+    """The lens's logit of each row's next token (head, rows), from the factor columns of those tokens alone."""
+    columns = factors[:, next_token.clamp(min=0)]  # (head, rows, d_head + 1)
+    picked = (scaled * columns.float()).sum(-1)
+    return picked if constant is None else picked + constant[next_token.clamp(min=0)].float()
+
+
+class _Groups:
+    """The vocabulary chunks, and a partition of each chunk into groups whose maxima a sweep keeps.
+
+    A chunk of n * GROUP tokens holds n groups of GROUP tokens at stride n (token j, j + n, j + 2n, ...): their
+    maxima are one element-wise max over GROUP contiguous slices, a pass that vectorizes, where a max over
+    consecutive tokens reduces short rows. A short chunk's leftover tokens are groups of one. The true top-k lies in
+    the k groups with the largest maxima, so the top-k is rescored on those candidates alone.
+    """
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab = vocab
+        self.chunks = _chunks(vocab, device, SCORE_VOCAB_CHUNK)
+        starts, strides, sizes = [], [], []
+        for chunk in self.chunks:
+            length = chunk.stop - chunk.start
+            n = length // GROUP
+            starts += [chunk.start + j for j in range(n)] + list(range(chunk.start + n * GROUP, chunk.stop))
+            strides += [n] * n + [1] * (length - n * GROUP)
+            sizes += [GROUP] * n + [1] * (length - n * GROUP)
+        self.start, self.stride, self.size = (torch.tensor(v, device=device) for v in (starts, strides, sizes))
+
+    @staticmethod
+    def maxima(shifted: Tensor) -> Tensor:
+        """(head, rows, chunk) -> (head, rows, groups of the chunk), in the order the constructor numbers them."""
+        n = shifted.shape[-1] // GROUP
+        strided = shifted[..., :n * GROUP].unflatten(-1, (GROUP, n)).amax(-2)
+        return strided if n * GROUP == shifted.shape[-1] else torch.cat([strided, shifted[..., n * GROUP:]], -1)
+
+    def top_ids(self, maxima: Tensor, scaled: Tensor, rows_of: Tensor, constant: Tensor | None, k: int) -> Tensor:
+        """The top-k token ids (head, rows, k), largest first, of the view with group `maxima` (head, rows, groups):
+        the logits of the tokens of the k + 2 groups with the largest maxima (two spare: a group whose maximum
+        rounds just below the k-th group's is still rescored). rows_of: (head * vocab, d_head + 1) factors, in the
+        sweep's dtype: candidates are ranked by the same rounding as the sweep's logits."""
+        chosen = maxima.topk(min(k + 2, maxima.shape[-1]), dim=-1).indices  # (head, rows, k + 2)
+        offsets = torch.arange(GROUP, device=chosen.device)
+        ids = (self.start[chosen][..., None] + self.stride[chosen][..., None] * offsets).flatten(-2)
+        valid = (offsets < self.size[chosen][..., None]).flatten(-2)
+        ids = ids.masked_fill(~valid, 0)
+        logits = torch.empty(ids.shape, device=ids.device)
+        # Row of (head h, token v) in rows_of: h * vocab + v.
+        flat_ids = ids + torch.arange(ids.shape[0], device=ids.device)[:, None, None] * self.vocab
+        for start in range(0, ids.shape[1], CANDIDATE_ROWS):  # (head, rows, candidates, d_head + 1) a block at a time
+            block = slice(start, start + CANDIDATE_ROWS)
+            block_ids = flat_ids[:, block]
+            columns = rows_of.index_select(0, block_ids.flatten()).view(*block_ids.shape, -1)
+            logits[:, block] = (columns @ scaled[:, block, :, None].to(columns.dtype)).squeeze(-1).float()
+        if constant is not None:
+            logits = logits + constant[ids].float()
+        logits = logits.masked_fill(~valid, -torch.inf)
+        return ids.gather(-1, logits.topk(min(k, self.vocab), dim=-1).indices)
+
+
+SCORE_VOCAB_CHUNK = 1024
+"""Vocabulary entries per scoring tile: with SCORE_TILE_ROWS, a (head, rows, chunk) tile of bf16 logits stays
+cache-sized (~5 MB); products whose output is 4x that ran at half the rate on 2 cores."""
+GROUP = 8
+"""Tokens per group whose maximum the lens's sweep keeps (see `_Groups`)."""
+CANDIDATE_ROWS = 64
+"""Rows per block when the lens's top-k candidates are rescored (bounds that block's memory)."""
+REBASE_ABOVE = 60.0
+"""A sweep moves its shift once its running sum of exp(l - shift) passes exp(60): sums stay far from overflow."""
+LOG2E = 1 / math.log(2)
+
+
+class _Sweep:
+    """One view's online logsumexp over vocabulary chunks, with the running shift inside the product.
+
+    The coefficients are [[z_h, 1] / divisor, constant weight, -shift] against the extended factors, so a chunk's
+    product already holds l - shift: a chunk costs a product, an exp and a sum, with no max and no subtraction
+    pass. The sweep works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because
+    exp2 runs faster than exp here. The first chunk sets the shift to its maximum, so the largest term seen is never
+    below 1. Later chunks may exceed it: 2^y is finite up to y = 128 (bf16 and fp32 share that range), and the shift
+    moves by log2 S (a rescale of the sums, no pass) once S passes exp(REBASE_ABOVE). A chunk that overflows anyway
+    is recomputed once with the shift moved to its maximum. Sums accumulate in fp32; the shift is kept at a value
+    `dtype` holds exactly, so what the product subtracts is what logsumexp adds back. With `groups`, the sweep also
+    keeps W = sum 2^y y (entropy = ln 2 (log2 S - W / S)) and the group maxima of `_Groups`.
+
+    Given p, the sweep also takes the cross term C = sum_v p_v y_v from the same rounded product, so
+    KL = sum p log p - C ln 2 + ln S (sum p = 1) carries the rounding of the logits in both of its terms, which
+    cancel where the view is close to the model. A shift move by `step` lowers C by step times the p-mass seen.
+    """
+
+    def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
+                 groups: "_Groups | None" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
+        """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
+        in `dtype`; p: per chunk, the rows' (rows, chunk) model probabilities in `dtype`, for the cross term."""
+        heads, rows, _ = scaled.shape
+        constant_weight = torch.zeros(heads, rows, 1, device=scaled.device)
+        if has_constant:
+            constant_weight[:, :constant_rows] = LOG2E  # rows past `constant_rows` (DLA's) add no constant
+        shift = torch.zeros(heads, rows, 1, device=scaled.device)
+        self.coefficients = torch.cat([scaled * LOG2E, constant_weight, shift], dim=-1).to(dtype)
+        self.p = p
+        self.cross = torch.zeros(heads, rows, device=scaled.device)
+        self.p_seen = torch.zeros(rows, device=scaled.device)
+        self.factors = factors  # per chunk, (head, d_head + 3, chunk)
+        self.shift = torch.zeros(heads, rows, device=scaled.device)  # in log2 units
+        self.sum_exp = torch.zeros(heads, rows, device=scaled.device)
+        self.weighted = torch.zeros(heads, rows, device=scaled.device)
+        self.groups = groups
+        self.group_maxima: list[Tensor] = []
+        self.started = False
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def _buffer(self, name: str, like: Tensor, chunk: int) -> Tensor:
+        """A reused (head, rows, chunk) tile: allocating a fresh multi-MB tile per chunk cost as much as the
+        product that fills it (fresh pages, cold cache)."""
+        key = (name, self.factors[chunk].shape[-1])
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(*like.shape[:2], key[1], dtype=like.dtype, device=like.device)
+        return self.buffers[key]
+
+    def add(self, chunk: int) -> None:
+        """Take in vocabulary chunk number `chunk`."""
+        # (head, rows, chunk): (l - shift) log2(e)
+        shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self._buffer("product", self.coefficients, chunk))
+        if self.groups is not None:
+            maxima = self.groups.maxima(shifted)
+            self.group_maxima.append(maxima.float() + self.shift[..., None])
+        if not self.started:  # the first chunk's maximum: the largest term is 2^0 from here on
+            top = (maxima if self.groups is not None else shifted).amax(-1).float()
+            self._move_shift(top, shifted)
+            self.started = True
+        chunk_cross = self._cross(shifted, chunk)
+        chunk_sum, chunk_weighted = self._exp_sums(shifted, chunk)
+        overflow = ~torch.isfinite(chunk_sum)
+        if overflow.any():  # a logit far above the shift: move it there and redo the chunk
+            shifted = torch.bmm(self.coefficients, self.factors[chunk], out=shifted)
+            self._move_shift(torch.where(overflow, shifted.amax(-1).float(), 0.0), shifted)
+            chunk_cross = self._cross(shifted, chunk)
+            chunk_sum, chunk_weighted = self._exp_sums(shifted, chunk)
+        if self.p is not None:
+            self.cross += chunk_cross
+            self.p_seen += self.p[chunk].sum(-1, dtype=torch.float32)
+        self.sum_exp += chunk_sum
+        self.weighted += chunk_weighted
+        large = self.sum_exp > math.exp(REBASE_ABOVE)
+        if large.any():
+            self._move_shift(torch.where(large, torch.log2(self.sum_exp), 0.0))
+
+    def _cross(self, shifted: Tensor, chunk: int) -> Tensor | None:
+        """sum_v p_v y_v over the chunk, (head, rows) in fp32, when the sweep has p."""
+        if self.p is None:
+            return None
+        return torch.mul(shifted, self.p[chunk], out=self._buffer("cross", shifted, chunk)).sum(-1).float()
+
+    def _exp_sums(self, shifted: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+        """sum 2^y and (with groups) sum 2^y y over the chunk, (head, rows) in fp32; `shifted` (y) is consumed."""
+        if self.groups is None:
+            return shifted.exp2_().sum(-1).float(), 0.0
+        terms = torch.exp2(shifted, out=self._buffer("terms", shifted, chunk))
+        total = terms.sum(-1).float()
+        return total, terms.mul_(shifted).sum(-1).float()
+
+    def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
+        """Raise the shift by ~`step` (head, rows): rescale the sums, the coefficients and this chunk's values."""
+        new_shift = (self.shift + step).to(self.coefficients.dtype).float()  # exactly representable in the product
+        step = new_shift - self.shift
+        if shifted is not None:
+            # A step the chunk's dtype holds (the first chunk's: its own maximum) subtracts without a conversion;
+            # any other is taken in fp32 and rounded once.
+            low = step.to(shifted.dtype)
+            shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
+        # sum 2^(y - step) = 2^-step S; sum 2^(y - step)(y - step) = 2^-step (W - step S). Nothing seen yet: 1.
+        rescale = torch.where(self.sum_exp > 0, torch.exp2(-step), 1.0)
+        self.weighted = rescale * (self.weighted - step * self.sum_exp)
+        self.sum_exp = rescale * self.sum_exp
+        self.cross = self.cross - step * self.p_seen
+        self.shift = new_shift
+        self.coefficients[..., -1] = (-new_shift).to(self.coefficients.dtype)
+
+    def maxima(self) -> Tensor:
+        return torch.cat(self.group_maxima, dim=-1)  # (head, rows, groups)
+
+    def log_sum_exp(self) -> Tensor:
+        """Natural logsumexp of the view's logits, (head, rows)."""
+        return (self.shift + torch.log2(self.sum_exp)) / LOG2E
+
+    def kl(self, neg_entropy: Tensor) -> Tensor:
+        """KL(P_model || softmax(logits)), (head, rows), given sum p log p per row (rows,); needs p."""
+        return neg_entropy + (torch.log2(self.sum_exp) - self.cross) / LOG2E
+
+    def entropy(self) -> Tensor:
+        return (torch.log2(self.sum_exp) - self.weighted / self.sum_exp) / LOG2E
+
+
+def _own_scores(sweep: "_Sweep", targets: Targets, rows: slice, picked: Tensor, top_ids: Tensor) -> dict[str, Tensor]:
+    """The lens's own scores, as `_lens_scores` gives them: each (rows, head)."""
+    model_top = targets.top[rows]  # (rows, k)
+    lens_top = top_ids.transpose(0, 1)  # (rows, head, k)
+    next_token = targets.next_token[rows]
+    log_sum_exp = sweep.log_sum_exp()
+    return {
+        "kl": sweep.kl(targets.neg_entropy[rows]).T,
+        "top1": (lens_top[..., 0] == model_top[:, None, 0]).float(),
+        "top10": (lens_top[..., :, None] == model_top[:, None, None, :]).any(-1).float().mean(-1),
+        "cross_entropy": torch.where(next_token[:, None] >= 0, (log_sum_exp - picked).T, 0.0),
+        "entropy": sweep.entropy().T,
+        "top_id": lens_top[..., 0],
+    }
