@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .data import DataConfig
-from .effect_lens import explained_kl, factors_of, fit_effect_lens, predicted_effect, tiles
+from .effect_lens import factors_of, fit_effect_lens, predicted_effect, shifted_kl, tiles
 from .effects import DTYPES, EffectsConfig, WindowBootstrap, depth_thirds, measured_batches
 from .errors import AttentionLensError
 from .lens import Lens
@@ -105,23 +105,24 @@ def _score_batch(readings: dict[str, Lens], batch: EffectBatch, config: EffectsC
     for i, layer in enumerate(lens.config.layers):
         factors = {name: factors_of(reading, layer) for name, reading in readings.items()}
         for tile in tiles(model, batch, layer, heads, config.block_rows, dtype):
-            rows, weight = tile.rows, tile.scored.float()[:, None]
-            change = tile.log_p - tile.log_q  # (head, rows, vocab): T
-            ablated_kl = (tile.p * change).sum(-1).T
-            sums["kl_ablated"][rows, i] = ablated_kl * weight
-            sums["count"][rows, i] = weight.expand(-1, len(heads))
-            centred = change - change.mean(-1, keepdim=True)
+            rows, part, weight = tile.rows, tile.heads, tile.scored.float()[:, None]
+            p = tile.p
+            # T = log P - log P_ablated is -change up to a constant per row: centred, and ranked, alike.
+            sums["kl_ablated"][rows, i, part] = shifted_kl(tile.log_p, tile.change, p).T * weight
+            sums["count"][rows, i, part] = weight.expand(-1, tile.change.shape[0])
+            centred = tile.change - tile.change.mean(-1, keepdim=True)  # -T centred
             norm = centred.pow(2).sum(-1).sqrt()
-            falls = change.topk(TOP, dim=-1).indices  # (head, rows, TOP): what removing the head lowers most
+            falls = tile.change.topk(TOP, dim=-1, largest=False).indices  # (head, rows, TOP): what removing it lowers most
             for name, reading in readings.items():
-                effect = predicted_effect(reading, layer, batch, rows, *factors[name])
-                sums[f"kl_{name}"][rows, i] = explained_kl(tile, effect).T * weight
+                factors_t, constant = factors[name]
+                effect = predicted_effect(reading, layer, batch, rows, factors_t[part], constant, part)
+                sums[f"kl_{name}"][rows, i, part] = shifted_kl(tile.log_p, tile.change + effect, p).T * weight
                 effect_centred = effect - effect.mean(-1, keepdim=True)
-                corr = (effect_centred * centred).sum(-1) / (effect_centred.pow(2).sum(-1).sqrt() * norm).clamp_min(1e-30)
-                sums[f"corr_{name}"][rows, i] = corr.T * weight
+                corr = -(effect_centred * centred).sum(-1) / (effect_centred.pow(2).sum(-1).sqrt() * norm).clamp_min(1e-30)
+                sums[f"corr_{name}"][rows, i, part] = corr.T * weight
                 pushes = effect.topk(TOP, dim=-1).indices
                 overlap = (pushes[..., :, None] == falls[..., None, :]).any(-1).float().mean(-1)
-                sums[f"top_{name}"][rows, i] = overlap.T * weight
+                sums[f"top_{name}"][rows, i, part] = overlap.T * weight
     windows = batch.windows
     return {name: value.view(windows, -1, n_layers, len(heads)).sum(1) for name, value in sums.items()}
 

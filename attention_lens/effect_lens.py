@@ -22,7 +22,7 @@ from .effects import DTYPES, EffectsConfig, measured_batches
 from .errors import AttentionLensError
 from .lens import Lens
 from .models import Model
-from .replay import EffectBatch
+from .replay import EffectBatch, tile_layout
 
 
 @dataclass
@@ -30,11 +30,13 @@ class Tile:
     """One (head, rows, vocab) tile of a layer's measured effects: what every reading is compared with."""
 
     layer: int
+    heads: slice
+    """Which of the measured heads (positions in their list)."""
     rows: slice
     log_p: Tensor
     """(rows, vocab) clean log P."""
-    log_q: Tensor
-    """(head, rows, vocab) log P_ablated_h."""
+    change: Tensor
+    """(head, rows, vocab) log P_ablated_h - log P, up to a constant per (head, row) (EffectBatch.logit_change)."""
     scored: Tensor
     """(rows,) bool."""
 
@@ -45,18 +47,17 @@ class Tile:
 
 def tiles(model: Model, batch: EffectBatch, layer: int, heads: list[int], block_rows: int,
           dtype: torch.dtype) -> Iterable[Tile]:
-    """The layer's measured effects on `heads`, a few rows at a time (block_rows head-token rows per tile)."""
+    """The layer's measured effects on `heads`, block_rows head-token rows per tile (laid out by tile_layout)."""
     log_p = batch.clean_log_probs(model)
-    step = max(1, block_rows // len(heads))
-    for start in range(0, log_p.shape[0], step):
-        rows = slice(start, start + step)
-        log_q = batch.ablated_log_probs(model, layer, rows, dtype, heads)
-        yield Tile(layer=layer, rows=rows, log_p=log_p[rows], log_q=log_q, scored=batch.scored[rows])
+    for part, rows in tile_layout(log_p.shape[0], len(heads), block_rows):
+        change = batch.logit_change(model, layer, rows, dtype, heads[part])
+        yield Tile(layer=layer, heads=part, rows=rows, log_p=log_p[rows], change=change, scored=batch.scored[rows])
 
 
 def predicted_effect(lens: Lens, layer: int, batch: EffectBatch, rows: slice,
-                     factors_t: Tensor, constant: Tensor | None) -> Tensor:
-    """E_h = read(z_h) - read(z̄_h), (lens head, rows, vocab), from the lens's factors (head, d_head + 1, vocab).
+                     factors_t: Tensor, constant: Tensor | None, part: slice = slice(None)) -> Tensor:
+    """E_h = read(z_h) - read(z̄_h), (head, rows, vocab), for the `part` of the lens's heads whose factors
+    (head, d_head + 1, vocab) are `factors_t`.
 
     Attribution lenses (dla, effect) are linear: E_h = (z_h - z̄_h) F_h / sigma_final. Self-normalized lenses
     (logit, affine) divide each reading by its own sigma, so the difference is taken on [z, 1] / divisor;
@@ -69,7 +70,7 @@ def predicted_effect(lens: Lens, layer: int, batch: EffectBatch, rows: slice,
     def scaled(values: Tensor) -> Tensor:  # [z_h, 1] / divisor, (head, rows, d_head + 1)
         ones = torch.ones(*values.shape[:-2], len(heads), 1, device=values.device)
         augmented = torch.cat([values[:, heads], ones], dim=-1)
-        return (augmented / lens.divisor(values, layer, scale)[..., None]).transpose(0, 1)
+        return (augmented / lens.divisor(values, layer, scale)[..., None]).transpose(0, 1)[part]
 
     caps = lens.kind_spec.model_readout and lens.model.unembed.softcap is not None
     if not caps:
@@ -87,10 +88,14 @@ def factors_of(lens: Lens, layer: int) -> tuple[Tensor, Tensor | None]:
     return factors.float().transpose(1, 2).contiguous(), constant
 
 
-def explained_kl(tile: Tile, effect: Tensor) -> Tensor:
-    """KL(P || softmax(log P_ablated + E)) per (head, row): how far the reading leaves the model's output."""
-    shifted = tile.log_q + effect
-    return (tile.p * (tile.log_p - shifted)).sum(-1) + torch.logsumexp(shifted, dim=-1)
+def shifted_kl(log_p: Tensor, shift: Tensor, p: Tensor | None = None) -> Tensor:
+    """KL(P || softmax(log P + shift)) per (..., row), for log_p (rows, vocab) and shift (..., rows, vocab):
+    log E_P[exp(shift)] - E_P[shift]. A constant added to a row of shift drops out, so neither P_ablated's
+    normalizer nor the clean logits are needed: the ablated KL is that of shift = the logit change, a reading's
+    explained KL that of the logit change plus its predicted effect E. (The difference of two normalized
+    log-probabilities would cancel ~20-nat terms to reach KLs of ~1e-3 nats; this form never does.)"""
+    p = log_p.exp() if p is None else p
+    return torch.logsumexp(shift + log_p, dim=-1) - (shift * p).sum(-1)
 
 
 # ----- the effect lens: least squares, then KL --------------------------------------------------------
@@ -160,18 +165,21 @@ def effect_kl_step(lens: Lens, batch: EffectBatch, block_rows: int, dtype: torch
         effect = batch.layers[layer]
         total = torch.zeros(len(heads))
         for tile in tiles(model, batch, layer, heads, block_rows, dtype):
-            u = ((effect.z[tile.rows] - effect.z_ablated[tile.rows])[:, heads]
+            part = tile.heads
+            u = ((effect.z[tile.rows] - effect.z_ablated[tile.rows])[:, heads[part]]
                  / batch.final_scale[tile.rows][:, None, None])  # (rows, head, d_head)
             u = torch.cat([u, torch.zeros(*u.shape[:-1], 1)], dim=-1).transpose(0, 1)  # (head, rows, d_head + 1)
-            shifted = tile.log_q + torch.bmm(u, factors_t)
-            log_norm = torch.logsumexp(shifted, dim=-1, keepdim=True)
+            shift = torch.baddbmm(tile.change, u, factors_t[part])  # change + E, (head, rows, vocab)
             p = tile.p
             weight = scored[tile.rows]
-            kl = ((p * (tile.log_p - shifted)).sum(-1) + log_norm[..., 0]) * weight  # (head, rows)
-            total += kl.sum(-1).cpu()
+            expected = (shift * p).sum(-1)  # E_P[shift]
+            logits = shift.add_(tile.log_p)  # in place: log P + shift, the explained distribution's logits
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            kl = (log_norm[..., 0] - expected) * weight  # shifted_kl, (head, rows)
+            total[part] += kl.sum(-1).cpu()
             if train:
-                residual = (shifted - log_norm).exp_().sub_(p).mul_(weight[:, None])  # (q - p) on scored rows
-                grad_t.add_(torch.bmm(u.transpose(1, 2), residual), alpha=backward_scale)
+                residual = logits.sub_(log_norm).exp_().sub_(p).mul_(weight[:, None])  # (q - p) on scored rows
+                grad_t[part].add_(torch.bmm(u.transpose(1, 2), residual), alpha=backward_scale)
         if train:
             factors.backward(grad_t.transpose(1, 2).to(factors.dtype))
         out.append(total / max(1.0, float(scored.sum())))
@@ -231,20 +239,22 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
     def loss() -> float:
         return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in measured]).mean().item()
 
-    start_loss, start, fitted = loss(), "initial", 0
+    start_loss, start, fitted, fit_loss = loss(), "initial", 0, None
     if config.fit:
         initial = {name: t.clone() for name, t in lens.state_dict().items()}
         fitted = fit_effect_lens(lens, measured, config.ridge)
-        start = "fit"
-        if loss() > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
+        start, fit_loss = "fit", loss()
+        if fit_loss > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
             lens.load_state_dict(initial)
             start = "initial (the fit was worse in KL)"
-    train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
-    final_loss = loss()
+    final_loss = min(start_loss, fit_loss if fit_loss is not None else start_loss)  # where training starts
+    if config.epochs > 0:
+        train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
+        final_loss = loss()
     tokens = sum(int(b.scored.sum()) for b in measured)
     record = {"objective": "effect", "data": dataclasses.asdict(data), "effects": dataclasses.asdict(config.effects),
               "epochs": config.epochs, "lr": config.lr, "fit": config.fit, "ridge": config.ridge,
               "start": start, "tokens_seen": tokens, "fit_tokens": fitted, "start_loss": start_loss,
-              "final_loss": final_loss}
+              "fit_loss": fit_loss, "final_loss": final_loss}
     lens.config.training = record
     return record

@@ -25,7 +25,7 @@ from .data import DataConfig
 from .errors import AttentionLensError
 from .intervene import HeadMeans
 from .models import Model
-from .replay import MODES, Ablation, EffectBatch, LayerEffect
+from .replay import MODES, Ablation, EffectBatch, LayerEffect, tile_layout
 from .stream import HeadStream
 
 __all__ = ["MODES", "Ablation", "EffectBatch", "EffectsConfig", "HeadEffects", "LayerEffect", "head_effects",
@@ -198,14 +198,15 @@ class EffectTotals:
         log_p = batch.clean_log_probs(model)
         tokens, heads = log_p.shape[0], model.n_heads
         kl_tokens = torch.zeros(tokens, len(self.layers), heads)
-        step = max(1, self.config.block_rows // heads)
+        everyone = list(range(heads))
         for i, layer in enumerate(self.layers):
-            for start in range(0, tokens, step):
-                rows = slice(start, start + step)
-                change = log_p[rows] - batch.ablated_log_probs(model, layer, rows, dtype)  # (head, rows, vocab)
-                kl_tokens[rows, i] = torch.einsum("hrv,rv->rh", change, log_p[rows].exp())
+            for part, rows in tile_layout(tokens, heads, self.config.block_rows):
+                shift = batch.logit_change(model, layer, rows, dtype, everyone[part])  # log P_ablated - log P + c
+                norm = torch.logsumexp(shift + log_p[rows], dim=-1, keepdim=True)  # that constant c
+                change = shift.neg_().add_(norm)  # log P - log P_ablated, (head, rows, vocab)
+                kl_tokens[rows, i, part] = torch.einsum("hrv,rv->rh", change, log_p[rows].exp())
                 weights = batch.scored[rows].to(change.dtype)
-                self.change[i] += torch.einsum("hrv,r->hv", change, weights).double().cpu()
+                self.change[i, part] += torch.einsum("hrv,r->hv", change, weights).double().cpu()
         kl_tokens = kl_tokens * batch.scored[:, None, None].cpu()
         per_window = kl_tokens.view(batch.windows, -1, len(self.layers), heads).sum(1)  # (window, layer, head)
         counts = batch.scored.view(batch.windows, -1).sum(1).double().cpu()

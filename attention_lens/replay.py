@@ -2,7 +2,8 @@
 layer L a replay of blocks L.. only, for all of L's heads at once (sequence h * batch + w is window w with head h
 replaced, through a pre-hook on the output projection as `ablate` uses). Blocks before L are skipped: they would
 compute the kept residual again. What a replay keeps per head-token is the change of the final-normed residual
-(d_model numbers, what meets W_U); `EffectBatch.ablated_log_probs` expands it to log-probabilities a tile at a time.
+(d_model numbers, what meets W_U); `EffectBatch.logit_change` expands it to the change of the logits a tile at a
+time.
 """
 
 from __future__ import annotations
@@ -77,6 +78,33 @@ class EffectBatch:
         readout = unembed.derived(("W_U", dtype), lambda: unembed.W_U.to(dtype))
         change = (delta.to(dtype).flatten(0, 1) @ readout.T).view(*delta.shape[:2], -1)
         return torch.log_softmax(unembed.cap(clean + change.float()), dim=-1)
+
+    def logit_change(self, model: Model, layer: int, rows: slice, dtype: torch.dtype,
+                     heads: list[int] | None = None) -> Tensor:
+        """(head, rows, vocab) fp32: log P_ablated_h - log P up to a constant per (head, row), i.e. the change of
+        the (soft-capped) logits when the head is replaced. Unlike `ablated_log_probs` nothing is normalized: every
+        score of a change is a function of it and of P alone (see effect_lens.shifted_kl), and without a soft-cap
+        it is the change's product with W_U, with no clean logits added."""
+        unembed = model.unembed
+        delta = self.layers[layer].delta
+        delta = (delta if heads is None else delta[heads])[:, rows]  # (head, rows, d_model)
+        readout = unembed.derived(("W_U", dtype), lambda: unembed.W_U.to(dtype))
+        change = (delta.to(dtype).flatten(0, 1) @ readout.T).view(*delta.shape[:2], -1).float()
+        if unembed.softcap is None:
+            return change
+        clean = _raw_logits(model, self.final[rows])
+        return unembed.cap(clean + change) - unembed.cap(clean)
+
+
+def tile_layout(tokens: int, heads: int, block_rows: int) -> list[tuple[slice, slice]]:
+    """(heads, rows) slices covering heads x tokens, block_rows head-token rows per tile: as many rows and as few
+    heads as that allows. Long runs of rows keep the products over rows (the effect lens's gradient, (d_head + 1,
+    rows) @ (rows, vocab)) from being bound by writing their vocabulary-wide output, and the change's product
+    with W_U efficient (measured on 2 cores: 3.7x and 1.5x faster at 256 rows than at 28)."""
+    step = min(tokens, block_rows)
+    group = max(1, block_rows // step)
+    return [(slice(first, first + group), slice(start, start + step))
+            for first in range(0, heads, group) for start in range(0, tokens, step)]
 
 
 def _raw_logits(model: Model, final: Tensor) -> Tensor:

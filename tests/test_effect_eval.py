@@ -127,7 +127,7 @@ def test_scores_equal_a_direct_computation(corpus, kind):
             block.attention.dense.weight.mul_(10)
         model.hf.get_output_embeddings().weight.mul_(50)  # and a peaked output distribution (random init gives a near-uniform one)
     model._cache.clear()
-    config = _config(mode="mean", mean_tokens=24)
+    config = _config(mode="mean", mean_tokens=24, block_rows=10)  # tiles of one head x 10 rows, the last ones short
     lens = Lens.from_model(model, kind)
     with torch.no_grad():
         for parameter in lens.parameters():
@@ -222,3 +222,42 @@ def test_eval_of_an_effect_lens_in_fp32_whole_rows_and_in_tiles(corpus):
     for a, b in zip(tiled.to_json()["heads"], exact.to_json()["heads"]):
         assert a["kl"] == pytest.approx(b["kl"], rel=0.02, abs=1e-3)
         assert b["kl"] == pytest.approx(b["baselines"]["dla"]["kl"], abs=1e-4)  # untrained: it is dla
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gemma2"])
+def test_effect_objective_and_its_gradient_equal_autograd_on_the_normalized_kl(corpus, arch):
+    """effect_kl_step never normalizes P_ablated (its KL is log E_P[exp(change + E)] - E_P[change + E]) and pushes
+    the vocabulary gradient (q - p) into the factors by hand: both must equal autograd on
+    KL(P || log_softmax(log P_ablated + E)), across tiles, with a soft-capped readout (gemma2) and without. The
+    effect lens's E is linear in z_h (never capped); the cap acts on the ablated logits."""
+    model = make_tiny_model(arch)
+    with torch.no_grad():
+        model.hf.get_output_embeddings().weight.mul_(20)  # a peaked P: the KLs are far above rounding
+    model._cache.clear()
+    lens = Lens.from_model(model, "effect")
+    with torch.no_grad():
+        for parameter in lens.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    config = _config(mode="mean", mean_tokens=24)
+    batch = next(iter(measured_batches(model, _data(corpus), lens.config.layers, config.effects)))
+    tokens = float(batch.scored.sum())
+    lens.zero_grad()
+    ours = effect_kl_step(lens, batch, block_rows=3 * model.n_heads, dtype=torch.float32, backward_scale=1 / tokens)
+    grads = [p.grad.clone() for p in lens.parameters()]
+
+    lens.zero_grad()
+    keep = batch.scored
+    log_p = batch.clean_log_probs(model)[keep]
+    expected = []
+    for layer in lens.config.layers:
+        effect = batch.layers[layer]
+        scale = batch.final_scale[keep]
+        read = lens.logits(effect.z[keep], layer, scale) - lens.logits(effect.z_ablated[keep], layer, scale)
+        log_q = batch.ablated_log_probs(model, layer, slice(None), torch.float32)[:, keep]
+        explained = torch.log_softmax(log_q + read.transpose(0, 1), -1)
+        expected.append((log_p.exp() * (log_p - explained)).sum(-1).mean(-1))  # (head,)
+    expected = torch.stack(expected)
+    (expected.sum() * 1.0).backward()
+    torch.testing.assert_close(ours, expected.detach(), rtol=1e-3, atol=1e-6)
+    for mine, reference in zip(grads, (p.grad for p in lens.parameters())):
+        torch.testing.assert_close(mine, reference, rtol=1e-3, atol=1e-6)

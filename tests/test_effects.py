@@ -95,7 +95,8 @@ def _data(corpus):
 
 def test_report_numbers_equal_a_direct_computation(corpus):
     model = make_tiny_model("llama")
-    config = EffectsConfig(tokens=48, batch_size=2, mean_tokens=48, dtype="float32", bootstrap=50, top=3)
+    config = EffectsConfig(tokens=48, batch_size=2, mean_tokens=48, dtype="float32", bootstrap=50, top=3,
+                           block_rows=10)  # tiles of one head x 10 rows, the last ones short
     result = head_effects(model, _data(corpus), config)
     kl = torch.zeros(model.n_layers, model.n_heads)
     change = torch.zeros(model.n_layers, model.n_heads, model.vocab)
