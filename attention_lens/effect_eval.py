@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .data import DataConfig
-from .effect_lens import factors_of, fit_effect_lens, predicted_effect, shifted_kl, tiles
+from .effect_lens import dot, expectation, factors_of, fit_effect_lens, lse_, predicted_effect, tiles
 from .effects import DTYPES, EffectsConfig, WindowBootstrap, depth_thirds, measured_batches
 from .errors import AttentionLensError
 from .lens import Lens
@@ -106,25 +106,37 @@ def _score_batch(readings: dict[str, Lens], batch: EffectBatch, config: EffectsC
         factors = {name: factors_of(reading, layer) for name, reading in readings.items()}
         for tile in tiles(model, batch, layer, heads, config.block_rows, dtype):
             rows, part, weight = tile.rows, tile.heads, tile.scored.float()[:, None]
-            p = tile.p
-            # T = log P - log P_ablated is -change up to a constant per row: centred, and ranked, alike.
-            sums["kl_ablated"][rows, i, part] = shifted_kl(tile.log_p, tile.change, p).T * weight
-            sums["count"][rows, i, part] = weight.expand(-1, tile.change.shape[0])
-            centred = tile.change - tile.change.mean(-1, keepdim=True)  # -T centred
-            norm = centred.pow(2).sum(-1).sqrt()
-            falls = tile.change.topk(TOP, dim=-1, largest=False).indices  # (head, rows, TOP): what removing it lowers most
+            change, p, log_p = tile.change, tile.p, tile.log_p  # change: -T up to a constant per (head, row)
+            vocab = change.shape[-1]
+            change_p = expectation(change, p)
+            change_sum = change.sum(-1)
+            change_norm = _centred_norm(dot(change, change), change_sum, vocab)
+            # What removing the head lowers most: T's largest entries, the change's smallest.
+            falls = change.topk(TOP, dim=-1, largest=False).indices
+            sums["kl_ablated"][rows, i, part] = (lse_(change + log_p) - change_p).T * weight
+            sums["count"][rows, i, part] = weight.expand(-1, change.shape[0])
             for name, reading in readings.items():
                 factors_t, constant = factors[name]
                 effect = predicted_effect(reading, layer, batch, rows, factors_t[part], constant, part)
-                sums[f"kl_{name}"][rows, i, part] = shifted_kl(tile.log_p, tile.change + effect, p).T * weight
-                effect_centred = effect - effect.mean(-1, keepdim=True)
-                corr = -(effect_centred * centred).sum(-1) / (effect_centred.pow(2).sum(-1).sqrt() * norm).clamp_min(1e-30)
+                effect_sum = effect.sum(-1)
+                covariance = dot(effect, change) - effect_sum * change_sum / vocab
+                corr = -covariance / (_centred_norm(dot(effect, effect), effect_sum, vocab) * change_norm).clamp_min(1e-30)
                 sums[f"corr_{name}"][rows, i, part] = corr.T * weight
                 pushes = effect.topk(TOP, dim=-1).indices
                 overlap = (pushes[..., :, None] == falls[..., None, :]).any(-1).float().mean(-1)
                 sums[f"top_{name}"][rows, i, part] = overlap.T * weight
+                effect_p = expectation(effect, p)
+                # KL(P || softmax(log P + change + E)) = log E_P[exp(change + E)] - E_P[change + E]; effect is
+                # overwritten by the sum.
+                kl = lse_(effect.add_(change).add_(log_p)) - change_p - effect_p
+                sums[f"kl_{name}"][rows, i, part] = kl.T * weight
     windows = batch.windows
     return {name: value.view(windows, -1, n_layers, len(heads)).sum(1) for name, value in sums.items()}
+
+
+def _centred_norm(square: Tensor, total: Tensor, vocab: int) -> Tensor:
+    """|a - mean(a)| over the vocabulary from sum(a^2) and sum(a)."""
+    return (square - total * total / vocab).clamp_min(0).sqrt()
 
 
 def _records(lens: Lens, totals: _Totals, config: EffectEvalConfig, measured: list[EffectBatch]) -> EffectFidelity:

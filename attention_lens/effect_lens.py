@@ -6,6 +6,12 @@ E_h = read(z_h) - read(z̄_h). The reading explains the measured effect when sof
 matches the clean P. Every vocabulary-sized quantity exists one (head, rows, vocab) tile at a time; the
 lens enters through its factored form ([z, 1] / divisor @ F_h^T), so its gradient is accumulated on the
 (head, d_head + 1, vocab) factors and pushed into the parameters once per layer, as the predictive trainer does.
+
+Every KL is taken on the change of the logits d (EffectBatch.logit_change), never on normalized log-probabilities:
+KL(P || softmax(log P + d)) = log E_P[exp(d)] - E_P[d], and a constant added to a row of d drops out. So the
+ablated KL is that of d = the measured change, a reading's explained KL that of d = change + E, and neither
+P_ablated's normalizer nor the clean logits are needed (the difference of two normalized log-probabilities would
+cancel ~20-nat terms to reach KLs of ~1e-3 nats; this form never does).
 """
 
 from __future__ import annotations
@@ -82,20 +88,27 @@ def predicted_effect(lens: Lens, layer: int, batch: EffectBatch, rows: slice,
     return unembed.cap(read[0]) - unembed.cap(read[1])
 
 
+def lse_(x: Tensor) -> Tensor:
+    """logsumexp over the last axis, overwriting x: one max, an in-place exp and a sum (torch.logsumexp makes
+    three vocabulary-sized temporaries, and these tiles are tens of MB)."""
+    top = x.amax(-1, keepdim=True)
+    return x.sub_(top).exp_().sum(-1).log_().add_(top[..., 0])
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per (head, row) dot product over the vocabulary, in one read of each (a * b would write a third tensor)."""
+    return torch.einsum("hrv,hrv->hr", a, b)
+
+
+def expectation(a: Tensor, p: Tensor) -> Tensor:
+    """E_P[a] per (head, row): a (head, rows, vocab), p (rows, vocab)."""
+    return torch.einsum("hrv,rv->hr", a, p)
+
+
 def factors_of(lens: Lens, layer: int) -> tuple[Tensor, Tensor | None]:
     """The lens's factors laid out (head, d_head + 1, vocab), fp32, and its per-vocab constant."""
     factors, constant = lens.vocab_factors(layer)
     return factors.float().transpose(1, 2).contiguous(), constant
-
-
-def shifted_kl(log_p: Tensor, shift: Tensor, p: Tensor | None = None) -> Tensor:
-    """KL(P || softmax(log P + shift)) per (..., row), for log_p (rows, vocab) and shift (..., rows, vocab):
-    log E_P[exp(shift)] - E_P[shift]. A constant added to a row of shift drops out, so neither P_ablated's
-    normalizer nor the clean logits are needed: the ablated KL is that of shift = the logit change, a reading's
-    explained KL that of the logit change plus its predicted effect E. (The difference of two normalized
-    log-probabilities would cancel ~20-nat terms to reach KLs of ~1e-3 nats; this form never does.)"""
-    p = log_p.exp() if p is None else p
-    return torch.logsumexp(shift + log_p, dim=-1) - (shift * p).sum(-1)
 
 
 # ----- the effect lens: least squares, then KL --------------------------------------------------------
@@ -172,13 +185,14 @@ def effect_kl_step(lens: Lens, batch: EffectBatch, block_rows: int, dtype: torch
             shift = torch.baddbmm(tile.change, u, factors_t[part])  # change + E, (head, rows, vocab)
             p = tile.p
             weight = scored[tile.rows]
-            expected = (shift * p).sum(-1)  # E_P[shift]
-            logits = shift.add_(tile.log_p)  # in place: log P + shift, the explained distribution's logits
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            kl = (log_norm[..., 0] - expected) * weight  # shifted_kl, (head, rows)
+            expected = expectation(shift, p)
+            top = shift.add_(tile.log_p).amax(-1, keepdim=True)  # in place: the explained distribution's logits
+            explained = shift.sub_(top).exp_()  # in place: q times a constant per (head, row)
+            norm = explained.sum(-1, keepdim=True)
+            kl = (norm[..., 0].log() + top[..., 0] - expected) * weight  # log E_P[exp(shift)] - E_P[shift]
             total[part] += kl.sum(-1).cpu()
             if train:
-                residual = logits.sub_(log_norm).exp_().sub_(p).mul_(weight[:, None])  # (q - p) on scored rows
+                residual = explained.div_(norm).sub_(p).mul_(weight[:, None])  # (q - p) on scored rows
                 grad_t[part].add_(torch.bmm(u.transpose(1, 2), residual), alpha=backward_scale)
         if train:
             factors.backward(grad_t.transpose(1, 2).to(factors.dtype))

@@ -83,7 +83,7 @@ class EffectBatch:
                      heads: list[int] | None = None) -> Tensor:
         """(head, rows, vocab) fp32: log P_ablated_h - log P up to a constant per (head, row), i.e. the change of
         the (soft-capped) logits when the head is replaced. Unlike `ablated_log_probs` nothing is normalized: every
-        score of a change is a function of it and of P alone (see effect_lens.shifted_kl), and without a soft-cap
+        score of a change is a function of it and of P alone (see effect_lens), and without a soft-cap
         it is the change's product with W_U, with no clean logits added."""
         unembed = model.unembed
         delta = self.layers[layer].delta
