@@ -117,9 +117,9 @@ def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | Non
                                parse_indices(heads, loaded.n_heads, "head"))
     started = time.perf_counter()
     with TokenBar(err, "measure") as bar:
-        record = train_effect(lens, data, config, on_progress=bar.update,
-                              on_step=None if as_json else
-                              lambda step, steps, loss: err.print(f"step {step}/{steps}: KL {loss:.4f}"))
+        record = train_effect(lens, data, config, on_progress=bar.update,  # progress goes to stderr, even with --json
+                              on_step=lambda step, steps, loss: err.print(f"step {step}/{steps}: KL {loss:.6f}"),
+                              on_note=err.print)
     if overwrite:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     lens.save(out)

@@ -19,16 +19,24 @@ HEADS_SHOWN = 10
 
 
 class TokenBar:
-    """A progress bar on stderr, in tokens, that appears with the first report so set-up errors stay one line."""
+    """A progress bar on stderr, in tokens, that appears with the first report so set-up errors stay one line.
+    Where stderr is not a terminal (a log file, CI) a bar would only be drawn at the end: it prints a plain line
+    at most every LOG_EVERY seconds, and at the last report, instead."""
+
+    LOG_EVERY = 30.0
 
     def __init__(self, console: Console, label: str):
         self.console = console
         self.label = label
         self.started = time.perf_counter()
         self.bar: Progress | None = None
+        self.logged: float | None = None
 
     def update(self, done: int, total: int) -> None:
         total = max(total, done)  # work done in whole batches may pass the budget; never show "248/64 tokens"
+        if not self.console.is_terminal:
+            self._log(done, total)
+            return
         if self.bar is None:
             self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(),
                                 TextColumn("{task.completed}/{task.total} tokens"),
@@ -38,6 +46,15 @@ class TokenBar:
             self.task = self.bar.add_task(self.label, total=total, rate=0.0)
         rate = done / max(1e-9, time.perf_counter() - self.started)
         self.bar.update(self.task, completed=done, total=total, rate=rate)
+
+    def _log(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and self.logged is not None and now - self.logged < self.LOG_EVERY:
+            return
+        self.logged = now
+        elapsed = now - self.started
+        self.console.print(f"{self.label}: {done}/{total} tokens, {done / max(1e-9, elapsed):.0f} tok/s, "
+                           f"{elapsed:.0f} s", highlight=False, soft_wrap=True)
 
     def __enter__(self) -> "TokenBar":
         return self
