@@ -72,10 +72,12 @@ class _Totals:
 @torch.no_grad()
 def effect_fidelity(lens: Lens, data: DataConfig, config: EffectEvalConfig = EffectEvalConfig(),
                     others: dict[str, Lens] | None = None,
-                    on_progress: Callable[[int, int], None] | None = None) -> EffectFidelity:
+                    on_progress: Callable[[int, int], None] | None = None,
+                    on_scored: Callable[[int, int], None] | None = None) -> EffectFidelity:
     """Score `lens` and the baselines (dla, logit, zero, `others` by name) against the effects measured on the
     held-out split of `data`. The measured batches are kept (d_model numbers per head-token) so the ceiling can
-    be fitted on them before scoring."""
+    be fitted on them before scoring. `on_progress(done, planned)` follows the measurement and `on_scored(done,
+    total)` the scoring (tokens), which takes longer: every reading is compared over the vocabulary."""
     model = lens.model
     layers, heads = lens.config.layers, lens.config.heads
     readings: dict[str, Lens] = {"lens": lens}
@@ -89,8 +91,12 @@ def effect_fidelity(lens: Lens, data: DataConfig, config: EffectEvalConfig = Eff
         fit_effect_lens(ceiling, measured, config.ridge)
         readings["ceiling"] = ceiling
     totals = _Totals(list(readings), (len(layers), len(heads)), config.effects)
+    total, done = sum(batch.input_ids.numel() for batch in measured), 0
     for batch in measured:
         totals.add(_score_batch(readings, batch, config.effects))
+        done += batch.input_ids.numel()
+        if on_scored is not None:
+            on_scored(done, total)
     return _records(lens, totals, config, measured)
 
 

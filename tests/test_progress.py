@@ -20,3 +20,25 @@ def test_token_bar_logs_plain_lines_when_not_a_terminal(monkeypatch):
     lines = stream.getvalue().splitlines()
     assert lines == ["measure: 128/512 tokens, 128 tok/s, 1 s", "measure: 384/512 tokens, 10 tok/s, 40 s",
                      "measure: 512/512 tokens, 12 tok/s, 41 s"]
+
+
+def test_a_later_stage_replaces_the_bar_with_its_own_label_and_clock(monkeypatch):
+    stream = io.StringIO()
+    console = Console(file=stream, force_terminal=False, width=200)
+    clock = iter([0.0, 10.0, 20.0, 25.0])
+    monkeypatch.setattr("attention_lens.cli.render.time.perf_counter", lambda: next(clock))
+    with TokenBar(console, "measured") as bar:
+        bar.update(64, 64)  # 10 s
+        scored = bar.stage("scored")
+        scored(32, 64)  # the stage starts at 20 s; reported at 25 s
+    assert stream.getvalue().splitlines() == ["measured: 64/64 tokens, 6 tok/s, 10 s",
+                                             "scored: 32/64 tokens, 6 tok/s, 5 s"]
+
+
+def test_stages_on_a_terminal_show_one_live_bar_at_a_time():
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with TokenBar(console, "measured") as bar:
+        bar.update(10, 20)
+        later = bar.stage("scored")
+        later(5, 20)  # rich refuses a second live display while one is active: this must not raise
+        later(20, 20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from rich import box
 from rich.console import Console
@@ -46,6 +47,19 @@ class TokenBar:
             self.task = self.bar.add_task(self.label, total=total, rate=0.0)
         rate = done / max(1e-9, time.perf_counter() - self.started)
         self.bar.update(self.task, completed=done, total=total, rate=rate)
+
+    def stage(self, label: str) -> Callable[[int, int], None]:
+        """An `update` for a later stage of the same work: at its first report this bar ends and one labelled
+        `label`, with its own clock, takes its place (one live display at a time)."""
+        def update(done: int, total: int) -> None:
+            if self.label != label:
+                if self.bar is not None:
+                    self.bar.stop()
+                    self.bar = None
+                self.label, self.started, self.logged = label, time.perf_counter(), None
+            self.update(done, total)
+
+        return update
 
     def _log(self, done: int, total: int) -> None:
         now = time.perf_counter()

@@ -80,8 +80,9 @@ def eval_(
         result = evaluate(lens_obj, data_config, config, on_progress=bar.update)
     document = result.to_json()
     if effect_config is not None:
-        with TokenBar(err, "effects") as bar:
-            fidelity = effect_fidelity(lens_obj, data_config, effect_config, others, on_progress=bar.update)
+        with TokenBar(err, "effects measured") as bar:
+            fidelity = effect_fidelity(lens_obj, data_config, effect_config, others, on_progress=bar.update,
+                                       on_scored=bar.stage("effects scored"))
         document = merge_into(document, fidelity)
     finish_results(document, out, as_json)
     if not as_json:
