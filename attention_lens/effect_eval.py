@@ -8,7 +8,10 @@ Per head, over scored held-out positions (bootstrap over windows for the interva
 - top10_agreement: overlap of the 10 tokens E pushes most with the 10 whose log-probability falls most when the
   head is removed, averaged over positions.
 The ceiling is an effect lens fitted by least squares on the scored batches themselves (`fit_effect_lens`): the
-best linear reading of z_h - z̄_h in hindsight, under the squared error of every logit's change.
+best linear reading of z_h - z̄_h in hindsight, under the squared error of every logit's change. In hindsight it
+also fits what is particular to the scored text (a head's effect is heavy-tailed: a few positions carry much of
+it), so with two or more batches the same fit is cross-fitted too (`crossfit`: each half of the batches read by the
+fit on the other half): what of the ceiling carries to text the map was not fitted on.
 """
 
 from __future__ import annotations
@@ -86,18 +89,29 @@ def effect_fidelity(lens: Lens, data: DataConfig, config: EffectEvalConfig = Eff
     for name, other in (others or {}).items():
         readings[name] = other
     measured = list(measured_batches(model, data, layers, config.effects, on_progress))
+    crossfit: list[Lens] = []
     if config.ceiling:
-        ceiling = Lens.from_model(model, "effect", layers, heads)
-        fit_effect_lens(ceiling, measured, config.ridge)
-        readings["ceiling"] = ceiling
+        readings["ceiling"] = _fitted(lens, measured, config.ridge)
+        if len(measured) >= 2:  # the other half's fit for each batch: what of the ceiling is not overfitting
+            crossfit = [_fitted(lens, measured[1::2], config.ridge), _fitted(lens, measured[0::2], config.ridge)]
+            readings["crossfit"] = crossfit[0]
     totals = _Totals(list(readings), (len(layers), len(heads)), config.effects)
     total, done = sum(batch.input_ids.numel() for batch in measured), 0
-    for batch in measured:
+    for index, batch in enumerate(measured):
+        if crossfit:
+            readings["crossfit"] = crossfit[index % 2]
         totals.add(_score_batch(readings, batch, config.effects))
         done += batch.input_ids.numel()
         if on_scored is not None:
             on_scored(done, total)
     return _records(lens, totals, config, measured)
+
+
+def _fitted(lens: Lens, measured: list[EffectBatch], ridge: float) -> Lens:
+    """An effect lens on `lens`'s layers and heads, fitted by least squares on `measured`."""
+    fitted = Lens.from_model(lens.model, "effect", lens.config.layers, lens.config.heads)
+    fit_effect_lens(fitted, measured, ridge)
+    return fitted
 
 
 def _score_batch(readings: dict[str, Lens], batch: EffectBatch, config: EffectsConfig) -> dict[str, Tensor]:
@@ -190,7 +204,7 @@ def _records(lens: Lens, totals: _Totals, config: EffectEvalConfig, measured: li
                 "baselines": {},
             }
             for name in names:
-                if name == "ceiling":
+                if name in ("ceiling", "crossfit"):
                     continue
                 s = scores[name]
                 record["baselines"][name] = {
@@ -199,20 +213,23 @@ def _records(lens: Lens, totals: _Totals, config: EffectEvalConfig, measured: li
                     "top10_agreement": _round(s["top"][i, j])}
             record["baselines"]["zero"] = {"recovered": 0.0, "recovered_low": 0.0, "recovered_high": 0.0,
                                            "corr": None, "top10_agreement": None}
-            if "ceiling" in scores:
-                ceiling = scores["ceiling"]
-                record["ceiling_recovered"] = _round(ceiling["recovered"][i, j])
-                record["ceiling_recovered_low"] = _round(ceiling["interval"][0][i, j])
-                record["ceiling_recovered_high"] = _round(ceiling["interval"][1][i, j])
-                record["ceiling_corr"] = _round(ceiling["corr"][i, j])
-                record["ceiling_top10_agreement"] = _round(ceiling["top"][i, j])
+            for fit in ("ceiling", "crossfit"):
+                if fit in scores:
+                    found = scores[fit]
+                    record[f"{fit}_recovered"] = _round(found["recovered"][i, j])
+                    record[f"{fit}_recovered_low"] = _round(found["interval"][0][i, j])
+                    record[f"{fit}_recovered_high"] = _round(found["interval"][1][i, j])
+                    record[f"{fit}_corr"] = _round(found["corr"][i, j])
+                    record[f"{fit}_top10_agreement"] = _round(found["top"][i, j])
             records[layer, head] = record
     tokens = int(sum(int(b.scored.sum()) for b in measured))
     setup = {"effects": {"mode": config.effects.mode, "tokens": tokens, "mean_tokens": config.effects.mean_tokens,
                          "dtype": config.effects.dtype, "seed": config.effects.seed,
                          "readings": ["lens", *names, "zero"],
                          "ceiling": "effect lens fitted by least squares on the scored positions (in hindsight)"
-                         if config.ceiling else None}}
+                         if config.ceiling else None,
+                         "crossfit": "the same fit on the other half of the scored batches (2-fold): the part of "
+                         "the ceiling that carries to text it was not fitted on" if "crossfit" in scores else None}}
     return EffectFidelity(heads=records, summary=summarize(records, lens.model.n_layers), setup=setup)
 
 
@@ -246,6 +263,8 @@ def _group(records: dict, suffix: str) -> dict:
     for name in sorted({n for r in values for n in r["baselines"]} - {"zero"}):
         out[f"{name}_effect_recovered_median{suffix}"] = median(lambda r: r["baselines"][name]["recovered"])
         out[f"{name}_top10_agreement_median{suffix}"] = median(lambda r: r["baselines"][name]["top10_agreement"])
+    if values and "crossfit_recovered" in values[0]:
+        out[f"crossfit_recovered_median{suffix}"] = median(lambda r: r["crossfit_recovered"])
     if values and "ceiling_recovered" in values[0]:
         out[f"ceiling_recovered_median{suffix}"] = median(lambda r: r["ceiling_recovered"])
         out[f"ceiling_ratio_median{suffix}"] = median(

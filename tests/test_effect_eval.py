@@ -121,12 +121,7 @@ def test_untrained_effect_lens_is_dla_and_the_fit_recovers_the_relay(corpus):
 
 @pytest.mark.parametrize("kind", kind_names())
 def test_scores_equal_a_direct_computation(corpus, kind):
-    model = make_tiny_model("gpt_neox")
-    with torch.no_grad():  # louder heads: effects far above fp32 rounding, so the ratios are well defined
-        for block in model.layers:
-            block.attention.dense.weight.mul_(10)
-        model.hf.get_output_embeddings().weight.mul_(50)  # and a peaked output distribution (random init gives a near-uniform one)
-    model._cache.clear()
+    model = _loud_model()  # effects far above fp32 rounding, so the ratios are well defined
     config = _config(mode="mean", mean_tokens=24, block_rows=10)  # tiles of one head x 10 rows, the last ones short
     lens = Lens.from_model(model, kind)
     with torch.no_grad():
@@ -261,3 +256,38 @@ def test_effect_objective_and_its_gradient_equal_autograd_on_the_normalized_kl(c
     torch.testing.assert_close(ours, expected.detach(), rtol=1e-3, atol=1e-6)
     for mine, reference in zip(grads, (p.grad for p in lens.parameters())):
         torch.testing.assert_close(mine, reference, rtol=1e-3, atol=1e-6)
+
+
+def _loud_model():
+    """A tiny GPT-NeoX whose heads all have effects far above fp32 rounding, on a peaked output distribution."""
+    model = make_tiny_model("gpt_neox")
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.dense.weight.mul_(10)
+        model.hf.get_output_embeddings().weight.mul_(50)
+    model._cache.clear()
+    return model
+
+
+def test_crossfit_reads_each_half_with_the_fit_on_the_other_half(corpus):
+    model = _loud_model()
+    config = _config(mode="mean", mean_tokens=24)
+    result = effect_fidelity(Lens.dla(model), _data(corpus), config)
+    batches = list(measured_batches(model, _data(corpus), range(model.n_layers), config.effects))
+    assert len(batches) == 2
+    fits = []
+    for other in (batches[1], batches[0]):
+        lens = Lens.from_model(model, "effect")
+        fit_effect_lens(lens, [other])
+        fits.append(lens)
+    counts = [float(b.scored.sum()) for b in batches]
+    explained = sum(effect_kl_step(fit, batch, 256, torch.float32) * n for fit, batch, n in zip(fits, batches, counts))
+    for (layer, head), record in result.heads.items():
+        expected = 1 - float(explained[layer, head]) / (record["effect_kl"] * sum(counts))
+        assert record["crossfit_recovered"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+        assert record["crossfit_recovered_low"] <= record["crossfit_recovered"] <= record["crossfit_recovered_high"]
+        assert record["crossfit_recovered"] < record["ceiling_recovered"]  # 24 positions a fit: hindsight flatters
+    assert "crossfit_recovered_median_top10pct" in result.summary
+
+    relay = effect_fidelity(Lens.dla(make_relay()), _data(corpus), _config()).heads[RELAY]
+    assert relay["crossfit_recovered"] > 0.5  # a deterministic relay: what is fitted on one half carries over
