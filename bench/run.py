@@ -245,7 +245,7 @@ def eval_speed(model, batch, layers: list[int] | None = None) -> dict:
     log_constant = torch.full((model.vocab,), -math.log(model.vocab))
 
     def run(exact: bool) -> None:
-        totals = FidelityTotals(model.n_layers, model.n_heads, model.vocab, 20, 0)
+        totals = FidelityTotals(len(lens.config.layers), model.n_heads, model.vocab, 20, 0)
         forward = head_forward(model, batch, lens.config.layers, final_residual=True)  # its z is handed out once
         _score_batch(lens, baseline, forward, log_constant, totals, _layer_scorer(model, EvalConfig(exact=exact)))
 
