@@ -242,7 +242,7 @@ class EffectTrainConfig:
 def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
                  on_progress: Callable[[int, int], None] | None = None,
                  on_step: Callable[[int, int, float], None] | None = None,
-                 on_note: Callable[[str], None] = lambda note: None) -> dict:
+                 on_note: Callable[[str], None] | None = None) -> dict:
     """Measure effects on the training split of `data`, fit the effect lens in closed form, then train it on
     KL(P || softmax(log P_ablated + E)); records how in `lens.config.training` and returns that record.
     `on_note` hears each stage as it starts (scoring all measured batches takes minutes on a CPU)."""
@@ -250,28 +250,29 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
         raise AttentionLensError(f"the effect objective trains effect lenses; got a {lens.kind} lens (use kind effect)")
     if config.epochs < 0 or not config.lr > 0:
         raise AttentionLensError("epochs must be >= 0 and the learning rate positive")
+    note = on_note or (lambda text: None)
     measured = list(measured_batches(lens.model, data, lens.config.layers, config.effects, on_progress, split="train"))
     dtype = DTYPES[config.effects.dtype]
     def loss() -> float:
         return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in measured]).mean().item()
 
-    on_note("scoring the lens as it starts (KL per scored head-token, all measured batches)")
+    note("scoring the lens as it starts (KL per scored head-token, all measured batches)")
     start_loss, start, fitted, fit_loss = loss(), "initial", 0, None
-    on_note(f"start: KL {start_loss:.6f}")
+    note(f"start: KL {start_loss:.6f}")
     if config.fit:
         initial = {name: t.clone() for name, t in lens.state_dict().items()}
         fitted = fit_effect_lens(lens, measured, config.ridge)
-        on_note(f"least squares fitted on {fitted} positions; scoring it")
+        note(f"least squares fitted on {fitted} positions; scoring it")
         start, fit_loss = "fit", loss()
-        on_note(f"fit: KL {fit_loss:.6f}")
+        note(f"fit: KL {fit_loss:.6f}")
         if fit_loss > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
             lens.load_state_dict(initial)
             start = "initial (the fit was worse in KL)"
-            on_note("the fit is worse in KL than the start: training from the start")
+            note("the fit is worse in KL than the start: training from the start")
     final_loss = min(start_loss, fit_loss if fit_loss is not None else start_loss)  # where training starts
     if config.epochs > 0:
         train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
-        on_note("scoring the trained lens")
+        note("scoring the trained lens")
         final_loss = loss()
     tokens = sum(int(b.scored.sum()) for b in measured)
     record = {"objective": "effect", "data": dataclasses.asdict(data), "effects": dataclasses.asdict(config.effects),
