@@ -140,7 +140,8 @@ def _score_batch(readings: dict[str, Lens], batch: EffectBatch, config: EffectsC
                 effect = predicted_effect(reading, layer, batch, rows, factors_t[part], constant, part)
                 effect_sum = effect.sum(-1)
                 covariance = dot(effect, change) - effect_sum * change_sum / vocab
-                corr = -covariance / (_centred_norm(dot(effect, effect), effect_sum, vocab) * change_norm).clamp_min(1e-30)
+                effect_norm = _centred_norm(dot(effect, effect), effect_sum, vocab)
+                corr = -covariance / (effect_norm * change_norm).clamp_min(1e-30)
                 sums[f"corr_{name}"][rows, i, part] = corr.T * weight
                 pushes = effect.topk(TOP, dim=-1).indices
                 overlap = (pushes[..., :, None] == falls[..., None, :]).any(-1).float().mean(-1)
