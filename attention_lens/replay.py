@@ -69,15 +69,10 @@ class EffectBatch:
 
     def ablated_log_probs(self, model: Model, layer: int, rows: slice, dtype: torch.dtype,
                           heads: list[int] | None = None) -> Tensor:
-        """(head, rows, vocab) fp32 log P_ablated_h of `heads` (default all): the clean logits plus the change's
-        product with W_U."""
-        unembed = model.unembed
-        clean = _raw_logits(model, self.final[rows])  # (rows, vocab)
-        delta = self.layers[layer].delta
-        delta = (delta if heads is None else delta[heads])[:, rows]  # (head, rows, d_model)
-        readout = unembed.derived(("W_U", dtype), lambda: unembed.W_U.to(dtype))
-        change = (delta.to(dtype).flatten(0, 1) @ readout.T).view(*delta.shape[:2], -1)
-        return torch.log_softmax(unembed.cap(clean + change.float()), dim=-1)
+        """(head, rows, vocab) fp32 log P_ablated_h of `heads` (default all): the clean (soft-capped) logits plus
+        their change."""
+        clean = model.unembed.cap(_raw_logits(model, self.final[rows]))  # (rows, vocab)
+        return torch.log_softmax(clean + self.logit_change(model, layer, rows, dtype, heads), dim=-1)
 
     def logit_change(self, model: Model, layer: int, rows: slice, dtype: torch.dtype,
                      heads: list[int] | None = None) -> Tensor:
