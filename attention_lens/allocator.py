@@ -2,7 +2,11 @@
 kernel as a fresh mapping and unmaps it when freed, so each vocabulary-wide tile (a 256-row fp32 tile of a
 49k-token vocabulary is 50 MB) is faulted in page by page again, every time. Measured on 2 cores: an effect
 eval of 1,024 SmolLM2 tokens spent 16% of its CPU time in the kernel (130 M minor page faults); with freed
-blocks kept for reuse the scoring ran 26% faster (tiles of 256 rows, one SmolLM2 layer)."""
+blocks kept for reuse the scoring ran 26% faster (tiles of 256 rows, one SmolLM2 layer).
+
+The price is a higher peak: freed blocks stay in the heap, fragmented. One step of `train` on 10 SmolLM2 layers
+peaked at 1,798 MB with it and 1,663 MB without, where `plan` predicts 1,643 MB. So only the commands that score
+effects (`effects`, `eval --effects`, `train --objective effect`) turn it on."""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ KEEP_BYTES = 1 << 30
 
 def reuse_large_blocks(keep: int = KEEP_BYTES) -> bool:
     """Have glibc's malloc keep freed blocks below `keep` bytes for reuse instead of returning them to the kernel.
-    Process-wide: the CLI calls it, a library import does not. Returns whether it took effect (False off glibc)."""
+    Process-wide, from then on: the effect-scoring commands call it, a library import does not. Returns whether it
+    took effect (False off glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

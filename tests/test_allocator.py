@@ -1,4 +1,4 @@
-"""The CLI keeps freed large blocks for reuse: a vocabulary-sized tile allocated again costs no page faults."""
+"""The effect-scoring commands keep freed large blocks for reuse: a vocabulary-sized tile allocated again costs no page faults."""
 
 import subprocess
 import sys

@@ -7,7 +7,6 @@ import sys
 import typer
 
 from .._version import __version__
-from ..allocator import reuse_large_blocks
 from ..errors import AttentionLensError
 from ..interrupts import Interrupted, interruptible
 from .common import as_flags, err
@@ -34,7 +33,6 @@ for _name, _command in COMMANDS.items():
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. User mistakes print one line, never a traceback."""
     _quiet_libraries()
-    reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults each time
     try:
         with interruptible():
             app(args=argv, prog_name="attention-lens", standalone_mode=False)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..allocator import reuse_large_blocks
 from ..checkpoint import CHECKPOINT_DIR
 from ..data import DataConfig
 from ..effect_lens import EffectTrainConfig, train_effect
@@ -68,6 +69,7 @@ def effects(
     config = EffectsConfig(tokens=tokens, batch_size=batch_size, mode=mode, mean_tokens=mean_tokens, seed=seed,
                            bootstrap=bootstrap, top=top, dtype=dtype)
     check_config(config)  # before the model loads: a bad flag costs nothing
+    reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults (allocator.py)
     loaded = load_model(model, device=device, device_map=device_map)
     chosen = parse_indices(layers, loaded.n_layers, "layer")
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
@@ -109,6 +111,7 @@ def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | Non
     config = EffectTrainConfig(effects=EffectsConfig(tokens=tokens, batch_size=batch_size, mode=mode, seed=seed,
                                                      mean_tokens=mean_tokens), epochs=epochs, lr=lr, fit=fit_start)
     check_config(config.effects)
+    reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults (allocator.py)
     loaded = load_model(model, device=device, device_map=device_map)
     if init is not None:
         lens = Lens.load(init, loaded)

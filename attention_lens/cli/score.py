@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ..allocator import reuse_large_blocks
 from ..effect_eval import EffectEvalConfig, effect_fidelity, merge_into
 from ..effects import EffectsConfig, check_config
 from ..errors import AttentionLensError
@@ -66,6 +67,7 @@ def eval_(
         effect_config = EffectEvalConfig(EffectsConfig(tokens=tokens, batch_size=batch_size, mode=effect_mode,
                                                        mean_tokens=mean_tokens, seed=seed, bootstrap=bootstrap))
         check_config(effect_config.effects)
+        reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults (allocator.py)
     elif compare:
         raise AttentionLensError("--compare scores lenses against measured effects; add --effects")
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
