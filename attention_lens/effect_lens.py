@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .data import DataConfig
+from .effect_fit import fit_effect_lens_kl
 from .effects import DTYPES, EffectsConfig, measured_batches
 from .errors import AttentionLensError
 from .lens import Lens
@@ -235,8 +236,25 @@ class EffectTrainConfig:
     """Adam's learning rate."""
     fit: bool = True
     """Start from the least-squares fit of the measured effects (else from dla)."""
+    fit_metric: str = "kl"
+    """What the fit weighs: kl (each logit change by P of its token, shrunk toward dla with a strength picked per
+    head on held-back windows; effect_fit.py) or logits (every vocabulary token alike, ridge toward zero)."""
+    top: int = 128
+    """fit_metric kl: the top tokens of P per position that enter the metric."""
     ridge: float = 1e-3
-    """Ridge strength of that fit, relative to each head's mean input variance."""
+    """fit_metric logits: ridge strength, relative to each head's mean input variance."""
+
+
+FIT_METRICS = ("kl", "logits")
+
+
+def check_train_config(config: EffectTrainConfig) -> None:
+    if config.epochs < 0 or not config.lr > 0:
+        raise AttentionLensError("epochs must be >= 0 and the learning rate positive")
+    if config.fit_metric not in FIT_METRICS:
+        raise AttentionLensError(f"unknown fit metric {config.fit_metric!r}; use {' or '.join(FIT_METRICS)}")
+    if config.top < 1:
+        raise AttentionLensError(f"the fit's top tokens must be at least 1; got {config.top}")
 
 
 def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
@@ -248,8 +266,7 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
     `on_note` hears each stage as it starts (scoring all measured batches takes minutes on a CPU)."""
     if not lens.kind_spec.reads_effects:
         raise AttentionLensError(f"the effect objective trains effect lenses; got a {lens.kind} lens (use kind effect)")
-    if config.epochs < 0 or not config.lr > 0:
-        raise AttentionLensError("epochs must be >= 0 and the learning rate positive")
+    check_train_config(config)
     note = on_note or (lambda text: None)
     measured = list(measured_batches(lens.model, data, lens.config.layers, config.effects, on_progress, split="train"))
     dtype = DTYPES[config.effects.dtype]
@@ -257,12 +274,17 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
         return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in measured]).mean().item()
 
     note("scoring the lens as it starts (KL per scored head-token, all measured batches)")
-    start_loss, start, fitted, fit_loss = loss(), "initial", 0, None
+    start_loss, start, fitted, fit_loss, chosen = loss(), "initial", 0, None, {}
     note(f"start: KL {start_loss:.6f}")
     if config.fit:
         initial = {name: t.clone() for name, t in lens.state_dict().items()}
-        fitted = fit_effect_lens(lens, measured, config.ridge)
-        note(f"least squares fitted on {fitted} positions; scoring it")
+        if config.fit_metric == "kl":
+            note(f"fitting in the KL's metric (top {config.top} tokens), a ridge strength per head on held-back windows")
+            kl_fit = fit_effect_lens_kl(lens, measured, config.top, on_note=note)
+            fitted, chosen = kl_fit.positions, kl_fit.summary()
+        else:
+            fitted = fit_effect_lens(lens, measured, config.ridge)
+        note(f"fitted on {fitted} positions; scoring it")
         start, fit_loss = "fit", loss()
         note(f"fit: KL {fit_loss:.6f}")
         if fit_loss > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
@@ -276,7 +298,8 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
         final_loss = loss()
     tokens = sum(int(b.scored.sum()) for b in measured)
     record = {"objective": "effect", "data": dataclasses.asdict(data), "effects": dataclasses.asdict(config.effects),
-              "epochs": config.epochs, "lr": config.lr, "fit": config.fit, "ridge": config.ridge,
+              "epochs": config.epochs, "lr": config.lr, "fit": config.fit, "fit_metric": config.fit_metric,
+              "top": config.top, "ridge": config.ridge, "fit_choice": chosen,
               "start": start, "tokens_seen": tokens, "fit_tokens": fitted, "start_loss": start_loss,
               "fit_loss": fit_loss, "final_loss": final_loss}
     lens.config.training = record

@@ -9,6 +9,7 @@ import torch
 
 from attention_lens import DataConfig, Lens
 from attention_lens.effect_eval import EffectEvalConfig, effect_fidelity
+from attention_lens.effect_fit import fit_effect_lens_kl
 from attention_lens.effect_lens import effect_kl_step, fit_effect_lens, train_effect_lens
 from attention_lens.effects import EffectsConfig, measured_batches
 from attention_lens.kinds import kind_names
@@ -117,6 +118,10 @@ def test_untrained_effect_lens_is_dla_and_the_fit_recovers_the_relay(corpus):
                                      lens.config.layers, config.effects))
     assert fit_effect_lens(lens, measured) > 0
     assert effect_fidelity(lens, _data(corpus), config).heads[RELAY]["recovered"] > 0.5
+    weighted = Lens.from_model(model, "effect")
+    fit_effect_lens_kl(weighted, measured)  # in the KL's metric, on text the eval does not score
+    relay = effect_fidelity(weighted, _data(corpus), config).heads[RELAY]
+    assert relay["recovered"] > 0.5 and relay["beats_dla"]
 
 
 @pytest.mark.parametrize("kind", kind_names())
@@ -188,7 +193,9 @@ def test_cli_train_effect_objective(tmp_path, corpus, capsys):
     result = json.loads(stdout)
     assert result["kind"] == "effect" and result["final_loss"] < result["start_loss"]
     lens = Lens.load(out)
-    assert lens.kind == "effect" and lens.config.training["objective"] == "effect"
+    training = lens.config.training
+    assert lens.kind == "effect" and training["objective"] == "effect" and training["fit_metric"] == "kl"
+    assert training["fit_choice"]["positions"] == training["fit_tokens"] > 0
     assert float(lens.delta.detach().abs().max()) > 0  # fitted and trained, no longer dla
     code, _, stderr = run_cli(["train", "--objective", "effect", "--kind", "affine", "--model", model_dir, "--data",
                                corpus, "--out", tmp_path / "other"], capsys)

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..allocator import reuse_large_blocks
 from ..checkpoint import CHECKPOINT_DIR
 from ..data import DataConfig
-from ..effect_lens import EffectTrainConfig, train_effect
+from ..effect_lens import EffectTrainConfig, check_train_config, train_effect
 from ..effects import EffectsConfig, check_config, head_effects
 from ..errors import AttentionLensError
 from ..lens import Lens
@@ -98,8 +98,8 @@ def effects_table(document: dict) -> Table:
 
 def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | None, heads: str | None,
                       init: Path | None, data: DataConfig, tokens: int, batch_size: int, lr: float, seed: int,
-                      epochs: int, mode: str, mean_tokens: int, fit_start: bool, resume: bool, overwrite: bool,
-                      device: str, device_map: str | None, as_json: bool) -> None:
+                      epochs: int, mode: str, mean_tokens: int, fit_start: bool, fit_metric: str, resume: bool,
+                      overwrite: bool, device: str, device_map: str | None, as_json: bool) -> None:
     """train --objective effect: measure effects on the training split, fit, train, save (no checkpoints: the
     measurement is kept in memory and one run trains on it)."""
     if kind not in (None, "effect"):
@@ -109,8 +109,10 @@ def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | Non
     if epochs < 0:
         raise AttentionLensError(f"--epochs must be >= 0; got {epochs}")
     config = EffectTrainConfig(effects=EffectsConfig(tokens=tokens, batch_size=batch_size, mode=mode, seed=seed,
-                                                     mean_tokens=mean_tokens), epochs=epochs, lr=lr, fit=fit_start)
+                                                     mean_tokens=mean_tokens), epochs=epochs, lr=lr, fit=fit_start,
+                               fit_metric=fit_metric)
     check_config(config.effects)
+    check_train_config(config)
     reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults (allocator.py)
     loaded = load_model(model, device=device, device_map=device_map)
     if init is not None:

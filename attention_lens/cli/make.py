@@ -59,6 +59,9 @@ def train(
                                     callback=within(1, MAX_TOKENS)),
     fit_start: bool = typer.Option(True, help="--objective effect: start from the least-squares fit of the "
                                    "measured effects when it is better in KL than dla (--no-fit-start: from dla)."),
+    fit_metric: str = typer.Option("kl", help="--objective effect: what the fit weighs. kl: each logit change by the "
+                                   "model's probability of its token (the KL's second-order term), shrunk toward dla "
+                                   "by a strength picked per head on held-back windows; logits: every token alike."),
     shard_heads: bool = typer.Option(False, help="Under torchrun: each process owns the lenses of some layers; "
                                      "head outputs are exchanged all-to-all (for lenses too big for one device)."),
     init: Optional[Path] = typer.Option(None, help="Start from this lens directory (e.g. made by `fit`) instead of the untrained lens."),
@@ -79,7 +82,7 @@ def train(
     data_config = DataConfig(data=data, seq_len=seq_len, holdout=holdout, skip_bad_lines=skip_bad_lines)
     if objective == "effect":
         train_effect_lens(out, model, kind, layers, heads, init, data_config, tokens, batch_size, lr, seed, epochs,
-                          effect_mode, mean_tokens, fit_start, resume, overwrite, device, device_map, as_json)
+                          effect_mode, mean_tokens, fit_start, fit_metric, resume, overwrite, device, device_map, as_json)
         return
     kind = kind or "affine"
     config = TrainConfig(tokens=tokens, batch_size=batch_size, lr=lr, optimizer=optimizer, dtype=dtype,
