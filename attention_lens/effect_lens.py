@@ -273,9 +273,14 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
     def loss() -> float:
         return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in measured]).mean().item()
 
-    note("scoring the lens as it starts (KL per scored head-token, all measured batches)")
-    start_loss, start, fitted, fit_loss, chosen = loss(), "initial", 0, None, {}
-    note(f"start: KL {start_loss:.6f}")
+    # The KL-metric fit guards itself: each head keeps dla unless its fit reads held-back windows better. Only the
+    # least-squares fit, and training, need the KL of the whole measurement (minutes of scoring per pass).
+    scored = not (config.fit and config.fit_metric == "kl" and config.epochs == 0)
+    start_loss, start, fitted, fit_loss, chosen = None, "initial", 0, None, {}
+    if scored:
+        note("scoring the lens as it starts (KL per scored head-token, all measured batches)")
+        start_loss = loss()
+        note(f"start: KL {start_loss:.6f}")
     if config.fit:
         initial = {name: t.clone() for name, t in lens.state_dict().items()}
         if config.fit_metric == "kl":
@@ -284,14 +289,16 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
             fitted, chosen = kl_fit.positions, kl_fit.summary()
         else:
             fitted = fit_effect_lens(lens, measured, config.ridge)
-        note(f"fitted on {fitted} positions; scoring it")
-        start, fit_loss = "fit", loss()
-        note(f"fit: KL {fit_loss:.6f}")
-        if fit_loss > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
-            lens.load_state_dict(initial)
-            start = "initial (the fit was worse in KL)"
-            note("the fit is worse in KL than the start: training from the start")
-    final_loss = min(start_loss, fit_loss if fit_loss is not None else start_loss)  # where training starts
+        start = "fit"
+        note(f"fitted on {fitted} positions")
+        if scored:
+            fit_loss = loss()
+            note(f"fit: KL {fit_loss:.6f}")
+            if fit_loss > start_loss:  # least squares weighs every logit alike; KL may prefer where we started
+                lens.load_state_dict(initial)
+                start = "initial (the fit was worse in KL)"
+                note("the fit is worse in KL than the start: training from the start")
+    final_loss = start_loss if fit_loss is None else min(start_loss, fit_loss)  # where training starts
     if config.epochs > 0:
         train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
         note("scoring the trained lens")

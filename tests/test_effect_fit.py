@@ -146,3 +146,22 @@ def test_cli_refuses_an_unknown_fit_metric_in_one_line(tmp_path, corpus, capsys)
                               "--data", corpus, "--fit-metric", "cosine", "--out", tmp_path / "lens"], capsys)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "unknown fit metric 'cosine'" in err
     assert not (tmp_path / "lens").exists()
+
+
+def test_cli_fit_alone_skips_the_kl_passes_and_says_what_it_chose(tmp_path, corpus, capsys):
+    """--epochs 0 with the KL-metric fit: measure, fit, save; no whole-measurement KL pass (minutes on SmolLM2)."""
+    import json
+    from conftest import make_model_dir, run_cli
+    model_dir = make_model_dir(tmp_path / "model")
+    capsys.readouterr()
+    code, out, err = run_cli(["train", "--objective", "effect", "--model", model_dir, "--data", corpus, "--tokens", 64,
+                              "--seq-len", 16, "--batch-size", 2, "--epochs", 0, "--out", tmp_path / "lens", "--json"],
+                             capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["start"] == "fit" and result["start_loss"] is None and result["final_loss"] is None
+    choice = result["fit_choice"]
+    assert choice["positions"] > 0 and choice["heads_kept_dla"] + sum(choice["strengths"].values()) == len(
+        result["layers"]) * len(result["heads"])
+    assert "KL" not in err.replace("KL's", "") and "held-back" in err
+    assert Lens.load(tmp_path / "lens").config.training["fit_choice"] == choice

@@ -130,7 +130,8 @@ def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | Non
     lens.save(out)
     result = {"out": str(out), "kind": lens.kind, "layers": lens.config.layers, "heads": lens.config.heads,
               "tokens": record["tokens_seen"], "epochs": epochs, "seconds": round(time.perf_counter() - started, 2),
-              "start": record["start"], "start_loss": record["start_loss"], "final_loss": record["final_loss"]}
+              "start": record["start"], "start_loss": record["start_loss"], "final_loss": record["final_loss"],
+              "fit_choice": record["fit_choice"]}
     if as_json:
         emit_json(result)
         return
