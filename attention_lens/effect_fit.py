@@ -19,6 +19,7 @@ approximation (sum_p u_p u_p^T) x mean_p B_p^T B_p + ridge; nothing is ever (d_h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterable
 
 import torch
@@ -54,6 +55,21 @@ class Problem:
     @property
     def positions(self) -> int:
         return self.metric.shape[0]
+
+    @cached_property
+    def right_hand_side(self) -> Tensor:
+        """The normal equations' right-hand side without the ridge (normal_target): one pass, whatever the
+        strength (the held-back choice solves the same problem once per strength)."""
+        return normal_target(self)
+
+    @cached_property
+    def conditioning(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The ridge's scale per head and the eigenbases of the preconditioner's Kronecker factors (penalty_scale):
+        (scale, input values, input vectors, metric values, metric vectors), computed once per problem."""
+        scale, inputs_moment, metric_moment = penalty_scale(self)
+        input_values, input_vectors = torch.linalg.eigh(inputs_moment.double())
+        metric_values, metric_vectors = torch.linalg.eigh(metric_moment.double())
+        return scale, input_values, input_vectors, metric_values, metric_vectors
 
 
 def kl_problem(lens: Lens, measured: Iterable[EffectBatch], top: int) -> Problem:
@@ -155,12 +171,10 @@ def solve(problem: Problem, strength: Tensor, anchor: Tensor, start: Tensor | No
           iterations: int = 100, tolerance: float = 1e-2) -> Tensor:
     """The ridge solution per head (head, d_head, d_model) by preconditioned conjugate gradients, from `start`
     (default the anchor) until every head's residual is below `tolerance` of its right-hand side."""
-    scale, inputs_moment, metric_moment = penalty_scale(problem)
+    scale, input_values, input_vectors, metric_values, metric_vectors = problem.conditioning
     ridge = (strength * scale)[:, None, None]
     # The Hessian sum_p (u_p u_p^T) ⊗ (B_p^T B_p) + ridge is close to S ⊗ A_bar + ridge (S = sum_p u_p u_p^T,
     # A_bar = mean_p B_p^T B_p), whose inverse is exact in the two eigenbases: divide by s_i a_j + ridge.
-    input_values, input_vectors = torch.linalg.eigh(inputs_moment.double())
-    metric_values, metric_vectors = torch.linalg.eigh(metric_moment.double())
     spectrum = (input_values.clamp_min(0)[:, :, None] * metric_values.clamp_min(0)[None, None, :]
                 + ridge.double() + 1e-9 * scale.double()[:, None, None]).float()  # (head, d_head, d_model)
     input_vectors, metric_vectors = input_vectors.float(), metric_vectors.float()
@@ -169,7 +183,7 @@ def solve(problem: Problem, strength: Tensor, anchor: Tensor, start: Tensor | No
         rotated = input_vectors.transpose(1, 2) @ r @ metric_vectors
         return input_vectors @ (rotated / spectrum) @ metric_vectors.T
 
-    target = normal_target(problem) + ridge * anchor
+    target = problem.right_hand_side + ridge * anchor
     maps = (anchor if start is None else start).clone()
     residual = target - normal_product(problem, maps) - ridge * maps
     target_norm = target.norm(dim=(1, 2)).clamp_min(1e-30)
@@ -227,9 +241,9 @@ def fit_effect_lens_kl(lens: Lens, measured: Iterable[EffectBatch], top: int = 1
     model, layers, heads = lens.model, lens.config.layers, lens.config.heads
     problem = kl_problem(lens, measured, top)
     anchor = model.W_O[layers][:, heads].flatten(0, 1).float().cpu()  # (layer * head, d_head, d_model): dla
-    check = problem.windows % held_back == held_back - 1
+    check = problem.windows % max(held_back, 1) == held_back - 1  # held_back < 2: all or none, no choice
     n_heads = anchor.shape[0]
-    if held_back < 2 or not check.any() or check.all():
+    if not check.any() or check.all():
         strength = torch.full((n_heads,), strengths[len(strengths) // 2])
         recovered, start = torch.full((n_heads,), float("nan")), anchor
     else:

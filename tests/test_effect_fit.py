@@ -136,6 +136,9 @@ def test_with_nothing_to_hold_back_the_middle_strength_is_used(corpus):
     fit = fit_effect_lens_kl(lens, measured, top=8, held_back=1, strengths=(10.0, 1.0, 0.1))
     assert (fit.strength == 1.0).all() and torch.isnan(fit.held_back_recovered).all()
     assert fit.summary()["strengths"] == {"1": len(fit.strength)} and fit.summary()["heads_kept_dla"] == 0
+    unheld = fit_effect_lens_kl(Lens.from_model(model, "effect", list(range(model.n_layers))), measured, top=8,
+                                held_back=0, strengths=(10.0, 1.0, 0.1))
+    assert (unheld.strength == 1.0).all()  # no window held back, not a division by zero
 
 
 def test_cli_refuses_an_unknown_fit_metric_in_one_line(tmp_path, corpus, capsys):
