@@ -3,6 +3,10 @@ score for frequency-matched random token sets of the concept's size, so a head c
 
 - `pursuit`: simultaneous orthogonal matching pursuit of each head's centred outputs over the concept's rows of
   the unembedding (as in Head Pursuit, Basile et al. 2025), scored by the share of the head's variance explained.
+- `attribution`: how much removing each head lowers log p of the concept where it is the true next token, to first
+  order (attribution.py), over the same for frequency-matched random token sets: causal, and about the model's
+  predictions of the concept rather than what a head writes everywhere.
+- `effect`: the measured mean log-prob change of the concept tokens at every position when the head is removed.
 - `lens`, `logit`, `dla`: a lens's lift of the concept (its log-prob minus the mean log-prob of a vocabulary token,
   averaged over positions), taken over the lift of the random sets: the lens's prior for tokens that common.
 """
@@ -17,6 +21,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from .attribution import attributed_drops
 from .concepts import Concept, search
 from .data import DataConfig
 from .effects import EffectsConfig, EffectTotals, measured_batches
@@ -30,6 +35,11 @@ CONTROL_SETS = 20
 """Frequency-matched random token sets each head's concept score is compared with."""
 COUNT_TOKENS = 65_536
 """Tokens of the scoring side whose counts decide which tokens are 'as frequent' as a concept token."""
+ATTRIBUTION_TARGETS = 256
+"""Concept target positions (training side) the attribution method averages each head's drop over."""
+ATTRIBUTION_CONTROL_TARGETS = 64
+"""Target positions per random token set for the attribution method's control (its spread over sets shows how
+noisy this is, and the control's z accounts for it)."""
 PURSUIT_STEPS = 4
 """Atoms pursuit selects per head (fewer where the concept has fewer tokens): a sparse reading, as in Head Pursuit."""
 
@@ -239,6 +249,41 @@ class MeasuredEffect(Method):
                             tokens=totals.count)
 
 
+class Attribution(Method):
+    """First-order drop of log p(concept target) when the head is zero-ablated, at the training side's concept
+    targets (attribution.py), against the same drop at the targets of frequency-matched random token sets.
+
+    Verification measures the drop at held-out concept targets, so this ranks heads by what is verified; being a
+    first-order estimate, it can misjudge heads whose removal changes the output a lot (verification catches that).
+    `tokens` does not bound it: it reads windows until it has ATTRIBUTION_TARGETS concept targets and
+    ATTRIBUTION_CONTROL_TARGETS targets of each random set, running a pass only on windows that hold one.
+    """
+
+    name = "attribution"
+
+    def score(self, lens, concept, controls, data, tokens, seed):
+        model = lens.model
+        groups = [[token] for token in concept.ids] + [list(s) for s in controls]
+        pools = [0] * len(concept.ids) + list(range(1, len(controls) + 1))
+        need = [ATTRIBUTION_TARGETS] + [ATTRIBUTION_CONTROL_TARGETS] * len(controls)
+        drops = attributed_drops(model, data, groups, pools, need, seed=seed)
+        concept_targets = int(drops.targets[:len(concept.ids)].sum())
+        if concept_targets == 0:
+            raise AttentionLensError("the training text holds no position where a concept token is the next token; "
+                                     "use more data or more common words")
+        present = [i for i in range(len(controls)) if drops.targets[len(concept.ids) + i] > 0]
+        if len(present) < 2:
+            raise AttentionLensError("fewer than two random token sets occur in the training text, too few for a "
+                                     "control; use more data")
+        mean = drops.mean().float()  # (group, layer, head)
+        concept_score = (drops.drop[:len(concept.ids)].sum(0) / concept_targets).float()
+        control = torch.stack([mean[len(concept.ids) + i] for i in present], -1)
+        token_scores = mean[:len(concept.ids)].nan_to_num(0.0).permute(1, 2, 0)  # (layer, head, concept token)
+        return MethodResult(method=self.name, concept=concept, layers=list(range(model.n_layers)),
+                            heads=list(range(model.n_heads)), concept_score=concept_score, control=control,
+                            token_scores=token_scores, tokens=drops.windows * data.seq_len)
+
+
 def pursue(M: Tensor, G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
     """SOMP on covariances: for each of n signal sets (covariance C), M[n] = Aᵀ C A over unit atoms A, G = AᵀA.
 
@@ -270,7 +315,7 @@ def pursue(M: Tensor, G: Tensor, steps: int) -> tuple[Tensor, Tensor]:
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (LensLift(), LogitLift(), DlaLift(), Pursuit(),
-                                                                  MeasuredEffect())}
+                                                                  MeasuredEffect(), Attribution())}
 """Every scoring method by the name `search --method` takes."""
 
 

@@ -80,7 +80,10 @@ def search(
     lens: LensSpec = "logit",
     method: str = typer.Option("lens", help="How heads are scored: " + ", ".join(METHODS) + " (lens: the --lens's "
                                             "lift; pursuit: sparse pursuit of head outputs over the concept's "
-                                            "unembedding rows), each over frequency-matched random token sets."),
+                                            "unembedding rows; effect: measured change of the concept tokens' "
+                                            "log-prob when the head is zeroed; attribution: first-order drop of "
+                                            "log p at concept targets when it is zeroed), each over "
+                                            "frequency-matched random token sets."),
     control_sets: int = typer.Option(CONTROL_SETS, help="Frequency-matched random token sets of the concept's size "
                                                         "every head's score is compared with.",
                                      callback=within(2, MAX_REPEATS)),
