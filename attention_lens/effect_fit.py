@@ -87,8 +87,7 @@ def kl_problem(lens: Lens, measured: Iterable[EffectBatch], top: int) -> Problem
         mass = p.sum(-1, keepdim=True)
         rows = lens_rows[ids]  # (positions, top, d_model)
         metrics.append(_weighted_centred(rows, p, mass))
-        inputs.append(torch.cat([((batch.layers[layer].z - batch.layers[layer].z_ablated)[keep][:, heads]
-                                  / batch.final_scale[keep][:, None, None]) for layer in lens.config.layers], 1))
+        inputs.append(torch.cat([batch.dla_input(layer, keep)[:, heads] for layer in lens.config.layers], 1))
         change = torch.cat([_change_at(model, batch, layer, heads, ids, keep) for layer in lens.config.layers], -1)
         targets.append(_weighted_centred(-change, p, mass))  # (positions, top, head)
         windows.append(first_window + torch.nonzero(keep)[:, 0] // seq_len)
@@ -117,7 +116,7 @@ def _change_at(model, batch: EffectBatch, layer: int, heads: list[int], ids: Ten
     clean = torch.einsum("ptm,pm->pt", readout, batch.final[keep].float())[..., None]
     if unembed.b_U is not None:
         clean = clean + unembed.b_U.float()[ids][..., None]
-    return unembed.cap(clean + change) - unembed.cap(clean)
+    return unembed.capped_change(clean, change)
 
 
 # ----- the solver ---------------------------------------------------------------------------------------

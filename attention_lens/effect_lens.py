@@ -141,7 +141,7 @@ def fit_effect_lens(lens: Lens, measured: Iterable[EffectBatch], ridge: float = 
         count += int(keep.sum())
         for layer in lens.config.layers:
             effect = batch.layers[layer]
-            u = ((effect.z - effect.z_ablated)[keep][:, heads] / batch.final_scale[keep][:, None, None]).double()
+            u = batch.dla_input(layer, keep)[:, heads].double()
             target = -(effect.delta[heads][:, keep].double() / safe_gain.double())  # (head, rows, d_model)
             target = model.unembed.center(target)
             uu, ut = moments[layer]
@@ -180,8 +180,7 @@ def effect_kl_step(lens: Lens, batch: EffectBatch, block_rows: int, dtype: torch
         total = torch.zeros(len(heads))
         for tile in tiles(model, batch, layer, heads, block_rows, dtype):
             part = tile.heads
-            u = ((effect.z[tile.rows] - effect.z_ablated[tile.rows])[:, heads[part]]
-                 / batch.final_scale[tile.rows][:, None, None])  # (rows, head, d_head)
+            u = batch.dla_input(layer, tile.rows)[:, heads[part]]  # (rows, head, d_head)
             u = torch.cat([u, torch.zeros(*u.shape[:-1], 1)], dim=-1).transpose(0, 1)  # (head, rows, d_head + 1)
             shift = torch.baddbmm(tile.change, u, factors_t[part])  # change + E, (head, rows, vocab)
             p = tile.p

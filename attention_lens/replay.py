@@ -61,6 +61,12 @@ class EffectBatch:
     def windows(self) -> int:
         return self.input_ids.shape[0]
 
+    def dla_input(self, layer: int, rows: Tensor | slice) -> Tensor:
+        """(rows, head, d_head): (z_h - z̄_h) / sigma_final at `rows` (a slice or mask of tokens), what an
+        attribution lens (dla, effect) maps linearly to its predicted logit change."""
+        effect = self.layers[layer]
+        return (effect.z[rows] - effect.z_ablated[rows]) / self.final_scale[rows][:, None, None]
+
     def clean_log_probs(self, model: Model) -> Tensor:
         """(tokens, vocab) fp32 log P of the unmodified model, computed once per batch."""
         if self._log_p is None:
@@ -87,8 +93,7 @@ class EffectBatch:
         change = (delta.to(dtype).flatten(0, 1) @ readout.T).view(*delta.shape[:2], -1).float()
         if unembed.softcap is None:
             return change
-        clean = _raw_logits(model, self.final[rows])
-        return unembed.cap(clean + change) - unembed.cap(clean)
+        return unembed.capped_change(_raw_logits(model, self.final[rows]), change)
 
 
 def tile_layout(tokens: int, heads: int, block_rows: int) -> list[tuple[slice, slice]]:

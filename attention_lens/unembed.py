@@ -73,6 +73,10 @@ class Unembed:
             out = out + self.b_U.to(out.dtype)
         return self.cap(out)
 
+    def capped_change(self, clean: Tensor, change: Tensor) -> Tensor:
+        """How the soft-capped logits move when the raw logits `clean` move by `change` (change itself uncapped)."""
+        return self.cap(clean + change) - self.cap(clean) if self.softcap is not None else change
+
     def cap(self, logits: Tensor) -> Tensor:
         if self.softcap is None:
             return logits

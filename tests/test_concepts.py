@@ -151,6 +151,14 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
     assert pursuit["method"] == "pursuit" and len(pursuit["heads"]) == 8 and "verify" not in pursuit
     assert all(0 <= head["concept_score"] <= 1 + 1e-6 for head in pursuit["heads"])  # a share of variance
 
+    code, stdout, _ = run_cli(["search", "--model", str(model), "--method", "attribution", "--concept", "fox, dog",
+                               "--data", str(corpus), "--seq-len", "16", "--top", "4", "--json"], capsys)
+    assert code == 0
+    attributed = json.loads(stdout)
+    assert attributed["method"] == "attribution" and len(attributed["heads"]) == 4 and attributed["tokens"] > 0
+    scores = [head["score"] for head in attributed["heads"]]
+    assert scores == sorted(scores, reverse=True) and all(head["top_tokens"] for head in attributed["heads"])
+
     code, stdout, _ = run_cli(argv[:-1], capsys)  # human output: tables
     assert code == 0 and "score" in stdout and "top k heads" in stdout and "steer" in stdout
 

@@ -7,6 +7,7 @@ import torch
 
 from attention_lens import DataConfig, Lens
 from attention_lens.concepts import Concept
+from attention_lens.errors import AttentionLensError
 from attention_lens.scoring import METHODS, control_sets, pursue, score_heads
 from attention_lens.intervene import Zero
 from attention_lens.verify import held_windows, verify_ranking
@@ -44,6 +45,14 @@ def test_every_method_ranks_the_only_carrier_first_far_above_random_tokens(corpu
     assert result.control_z[i, j] > 3 and result.scores.flatten().sort(descending=True).values[1] < result.scores[i, j]
     best = result.records(1, model.tokenizer)[0]
     assert (best.layer, best.head) == WRITER and best.control_z > 3 and best.top_tokens[0].id == TOKEN
+
+
+def test_attribution_refuses_a_concept_that_is_never_a_next_token(corpus):
+    model = make_only_path(varying=True, strength=1.0)
+    never = model.tokenizer("`")["input_ids"]  # no character of the corpus shares its id
+    with pytest.raises(AttentionLensError, match="no position where a concept token is the next token"):
+        score_heads(METHODS["attribution"], Lens.from_model(model, "logit"), Concept(["`"], never), _data(corpus),
+                    sets=4)
 
 
 def _verify(model, corpus, heads):
