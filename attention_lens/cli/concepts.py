@@ -131,7 +131,8 @@ def search(
                  else loaded.n_layers * loaded.n_heads)
     ks = parse_ks(k, available) if k is not None else [max(1, round(loaded.n_layers * loaded.n_heads / 100))]
     ks = [min(count, available) for count in ks]
-    result = score_heads(scorer, lens_obj, found, data_config, tokens=tokens, seed=seed, sets=control_sets)
+    with err.status(f"scoring every head for the concept ({scorer.name}, {control_sets} random token sets)"):
+        result = score_heads(scorer, lens_obj, found, data_config, tokens=tokens, seed=seed, sets=control_sets)
     document = {"concept": found.to_json(loaded.tokenizer), "lens": reading.kind, "method": scorer.name,
                 "control_sets": control_sets, "tokens": result.tokens,
                 "heads": [record.to_json() for record in result.records(top, loaded.tokenizer)]}
