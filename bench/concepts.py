@@ -1,6 +1,6 @@
 """Concept heads that verify: every method x concept x k on SmolLM2 (issue 14's table), a row at a time.
 
-python bench/concepts.py [--model smollm2-135m] [--methods pursuit,dla,logit] [--concepts war,numbers,...]
+python bench/concepts.py [--model smollm2-135m] [--methods attribution,pursuit,dla,logit] [--concepts war,numbers,...]
                          [--k 1,3,8] [--min-targets 400] [--repeats 20] [--tokens 2048]
                          [--out bench/results/concepts-smollm2-135m.json] [--estimate] [--json]
 
@@ -16,7 +16,7 @@ half-written); a rerun skips rows already there, so an interrupted table resumes
 method or concept can be run at a time (--methods dla --concepts war). Rankings are kept in the file too. Where a
 method's top k heads are the same set another method's row measured (for the same concept), that row is copied
 (`same_heads_as`) instead of measured again: the random draws depend on the set of heads and the seed alone.
---estimate scores heads (cheap: --tokens tokens per method and concept), prints how many forward-equivalents
+--estimate scores heads (minutes per method and concept), prints how many forward-equivalents
 the verification will run (one forward-equivalent: the full model over one window of --seq-len tokens; counted
 by weights multiplied per token, replays from block L count blocks L.. and the unembedding), and measures nothing.
 Progress goes to stderr; --json prints the whole file's document to stdout at the end.
@@ -56,7 +56,7 @@ BOOTSTRAP = 1000
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="pursuit,dla,logit", help=f"of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default="attribution,pursuit,dla,logit", help=f"of {', '.join(METHODS)}")
     parser.add_argument("--concepts", default=None,
                         help=f"of {', '.join(CONCEPTS)} or --concept's names (default: --concept's, else all)")
     parser.add_argument("--concept", action="append", default=[], metavar="NAME=WORDS",
