@@ -85,6 +85,7 @@ def test_paper_objective_trains_the_summed_heads(setup):
     lens = Lens.from_model(model, "affine", layers=[1])
     batch = torch.randint(0, model.vocab, (8, 16))
 
+    @torch.no_grad()
     def summed_kl():
         logits, capture = run_with_heads(model, batch, [1])
         p, neg_entropy = target_distribution(logits[:, -1])
