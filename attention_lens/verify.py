@@ -113,6 +113,8 @@ class AblationResult:
     interval: tuple[float, float] | None = None
     """95% bootstrap interval (over windows) of the found heads' specific drop."""
     held: HeldWindows | None = field(default=None, repr=False)
+    steer: dict | None = None
+    """The same heads amplified (a sweep with alpha): the concept's mass change and the loss change."""
 
     def verify_record(self) -> dict:
         """found vs random: drops, their spread, z-score, percentile, specificity with its interval, collateral,
@@ -138,6 +140,8 @@ class AblationResult:
             "concept_targets": self.clean.concept_targets, "other_targets": self.clean.other_targets,
             "clean_loss": self.clean.loss,
         }
+        if self.steer is not None:
+            record["steer"] = self.steer
         if self.held is not None:
             record["windows"] = int(self.held.windows.shape[0])
             record["windows_drawn"] = self.held.drawn
@@ -199,7 +203,8 @@ def random_draws(model: Model, heads: Sequence[Head], repeats: int, seed: int = 
 
 @dataclass
 class SweepPlan:
-    """Every intervention a sweep measures: for each k, the top k heads then their random draws; then steering."""
+    """Every intervention a sweep measures: for each k, the top k heads then their random draws; then steering
+    each k's heads."""
 
     ks: list[int]
     found: list[list[Head]]
@@ -223,8 +228,8 @@ def plan_sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], edit: In
         found.append(heads)
         drawn.append(random_draws(model, heads, repeats, seed, layer_matched))
         edits.extend(Edit(tuple(chosen), edit) for chosen in [heads, *drawn[-1]])
-    if alpha is not None:
-        edits.append(Edit(tuple(ranked[:max(ks)]), Scale(factor=alpha)))
+    if alpha is not None:  # every k: one head can steer cleanly where eight break the model
+        edits.extend(Edit(tuple(heads), Scale(factor=alpha)) for heads in found)
     return SweepPlan(ks=list(ks), found=found, drawn=drawn, edits=edits, steer_alpha=alpha)
 
 
@@ -236,8 +241,8 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
           max_tokens: int = MAX_TOKENS) -> tuple[list[AblationResult], dict | None]:
     """For every k in `ks`: apply `edit` to the top k of `ranked`, then to `repeats` draws of as many random other
     heads (layer-matched: the same count in each layer); bootstrap the found heads' specific drop over windows.
-    With `alpha`, also amplify the largest k's heads by alpha (steering). Returns one result per k and the
-    steering record (None without alpha).
+    With `alpha`, also amplify each k's heads by alpha (steering, in each result's `steer`). Returns one result per
+    k and the largest k's steering record (None without alpha).
 
     Random heads are drawn from the heads not chosen, so the baseline says what editing *other* heads does.
     Means for mode 'mean' come from the unmodified model on the same windows. Everything is measured at once
@@ -255,10 +260,11 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
         interval = bootstrap_specific_drop(clean, effects[0].metrics, bootstrap, seed)
         results.append(AblationResult(edit=edit, clean=clean, found=effects[0], random=effects[1:],
                                       layer_matched=layer_matched, interval=interval, held=held))
-    steered = None
-    if alpha is not None:
-        steered = _steer_record(alpha, compare(list(plan.edits[-1].heads), measured[-1], clean), clean)
-    return results, steered
+    if alpha is None:
+        return results, None
+    for result, heads, metrics in zip(results, plan.found, measured[at:]):
+        result.steer = _steer_record(alpha, compare(heads, metrics, clean), clean)
+    return results, results[list(plan.ks).index(max(plan.ks))].steer
 
 
 @torch.no_grad()
@@ -293,9 +299,10 @@ def verify_ranking(model: Model, ranked: Sequence[Head], ks: Sequence[int], conc
                    held: HeldWindows, edit: Intervention, repeats: int = MIN_REPEATS, seed: int = 0,
                    layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = STEER_ALPHA,
                    on_windows: Callable[[int], None] | None = None) -> tuple[list[dict], dict | None]:
-    """Verify the top k of `ranked` for every k in `ks` (`sweep`); steer with the largest k's heads.
+    """Verify the top k of `ranked` for every k in `ks` (`sweep`); steer with each k's heads.
 
-    Returns one verify record per k (in the order of `ks`) and the steering record (None when alpha is None).
+    Returns one verify record per k (in the order of `ks`, each with its `steer`) and the largest k's steering
+    record (None when alpha is None).
     """
     results, steered = sweep(model, ranked, ks, concept_ids, held, edit, repeats, seed, layer_matched, bootstrap,
                              alpha, on_windows)

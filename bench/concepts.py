@@ -8,7 +8,7 @@ For each method and concept: heads scored on the training side (against frequenc
 then the top k zero-ablated on held-out windows holding at least --min-targets concept targets, against
 --repeats layer-matched random draws: z and percentile of the concept drop, the specific drop (concept drop
 minus drop on other targets) with its 95% bootstrap interval, its z and percentile, the collateral loss change,
-and steering (the largest k amplified x5): the concept's mass change and the loss change. One row per k.
+and steering (each k's heads amplified x5): the concept's mass change and the loss change. One row per k.
 Goal (issue 14): z >= 3 and the 99th percentile for the specific drop with k <= 8, for 4 of 6 concepts.
 
 Rows are appended to --out as each method x concept is measured (the file is rewritten whole each time, never
@@ -140,11 +140,11 @@ def run(args) -> int:
         concept, held = held_by_name[name]
         ranked = _ranking(document, model, method, f"{name}: {words}", concept, data, args.tokens, where, out)
         windows = int(held.windows.shape[0])
-        # One full forward pass per intervention, as before replay_edits: the clean pass, each k's found heads and
-        # draws, steering.
-        totals["before"] += (1 + len(missing) * (1 + args.repeats) + int(max(ks) in missing)) * windows
+        # One full forward pass per intervention, as before replay_edits: the clean pass, each k's found heads, its
+        # draws and its steering.
+        totals["before"] += (1 + len(missing) * (2 + args.repeats)) * windows
         for k in list(missing):  # the same heads another method found: the same measurement, draws included
-            twin = _twin(document["rows"], planned if args.estimate else {}, words, k, ranked[:k], k == max(ks))
+            twin = _twin(document["rows"], planned if args.estimate else {}, words, k, ranked[:k])
             if twin is None:
                 continue
             missing.remove(k)
@@ -156,8 +156,7 @@ def run(args) -> int:
             _say(f"{where}: nothing left to measure")
             continue
         try:
-            plan = plan_sweep(model, ranked, missing, Zero(), args.repeats, SEED, True,
-                              STEER_ALPHA if max(ks) in missing else None)
+            plan = plan_sweep(model, ranked, missing, Zero(), args.repeats, SEED, True, STEER_ALPHA)
         except AttentionLensError as error:  # e.g. top heads crowding one layer: no layer-matched draw
             _refuse(document, out, where, method, name, words, error, args.estimate)
             continue
@@ -178,14 +177,13 @@ def run(args) -> int:
                 _say(f"{where}: {seen[0] + n}/{windows} windows")
             seen[0] += n
 
-        results, steer = sweep(model, ranked, plan.ks, concept.ids, held, Zero(), args.repeats, SEED, True,
+        results, _ = sweep(model, ranked, plan.ks, concept.ids, held, Zero(), args.repeats, SEED, True,
                                BOOTSTRAP, plan.steer_alpha, on_windows=progress)
         for result in results:
             record = result.verify_record()
-            top = record["k"] == max(ks) and steer is not None
             document["rows"].append({"method": method, "concept": name, "words": words, **record,
-                                     "steer_mass_change": steer["mass_change"] if top else None,
-                                     "steer_loss_change": steer["loss_change"] if top else None,
+                                     "steer_mass_change": record["steer"]["mass_change"],
+                                     "steer_loss_change": record["steer"]["loss_change"],
                                      "sweep_ks": plan.ks, "sweep_forward_equivalents": after,
                                      "sweep_seconds": time.perf_counter() - start})
             _say(_line(document["rows"][-1]))
@@ -198,21 +196,22 @@ def run(args) -> int:
     return 0
 
 
-def _twin(rows: list[dict], planned: dict, words: str, k: int, heads: list, steered: bool) -> str | None:
+def _twin(rows: list[dict], planned: dict, words: str, k: int, heads: list) -> str | None:
     """The method that measured (or in this run will measure) the same set of k heads for the same concept, with
-    steering where this row needs it. Its row is exactly this one's: random draws depend on the set of heads and
+    their steering (rows measured before every k was steered have none). Its row is exactly this one's: random draws depend on the set of heads and
     the seed alone, and the bootstrap on the seed and the measurements."""
     chosen = sorted(f"{layer}.{head}" for layer, head in heads)
     for row in rows:
         if ((row.get("words"), row["k"]) == (words, k) and "error" not in row and sorted(row["heads"]) == chosen
-                and not (steered and row["steer_mass_change"] is None)):
+                and row["steer_mass_change"] is not None):
             return row["method"]
     return planned.get((words, k, frozenset(heads)))
 
 
 def _copy(rows: list[dict], twin: str, method: str, words: str, k: int, heads: list) -> dict:
     row = next(row for row in rows if (row["method"], row.get("words"), row["k"]) == (twin, words, k))
-    return {**row, "method": method, "heads": [f"{layer}.{head}" for layer, head in heads], "same_heads_as": twin,
+    named = [f"{layer}.{head}" for layer, head in heads]  # this method's order; the set is the twin's
+    return {**row, "method": method, "heads": named, "same_heads_as": twin, "steer": {**row["steer"], "heads": named},
             "sweep_ks": [], "sweep_forward_equivalents": 0.0, "sweep_seconds": 0.0}
 
 

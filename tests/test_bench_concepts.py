@@ -48,6 +48,7 @@ def test_rows_are_appended_resumed_and_estimated(tmp_path, capsys):
     document = json.loads(capsys.readouterr().out)
     assert [row["k"] for row in document["rows"]] == [1, 2] and document["rows"][0] == rows[0]
     assert document["rows"][1]["steer_mass_change"] is not None and document["rows"][1]["sweep_ks"] == [2]
+    assert document["rows"][1]["steer"]["heads"] == document["rows"][1]["heads"]  # every k steers its own heads
 
     rare = ["--concept", "rare=fox", "--concepts", "rare", "--min-targets", "100000", "--k", "1",
             "--out", str(tmp_path / "rare.json")]

@@ -86,17 +86,18 @@ def test_sweep_equals_the_full_forward_verification(mode):
         assert record["collateral_loss_change"] == pytest.approx(found.loss_change, abs=1e-5)
         assert record["random_drop_mean"] == pytest.approx(sum(drops) / 4, abs=1e-5)
         assert record["clean_loss"] == pytest.approx(clean.loss, abs=1e-6)
-    amplified = effect(model, ranked[:3], Scale(5.0), windows, CONCEPT, clean)
-    assert steered["heads"] == ["1.2", "0.1", "1.0"]
-    assert steered["mass_change"] == pytest.approx(amplified.mass_change, abs=1e-5)
-    assert steered["loss_change"] == pytest.approx(amplified.loss_change, abs=1e-5)
+        amplified = effect(model, ranked[:k], Scale(5.0), windows, CONCEPT, clean)
+        assert record["steer"]["heads"] == record["heads"]
+        assert record["steer"]["mass_change"] == pytest.approx(amplified.mass_change, abs=1e-5)
+        assert record["steer"]["loss_change"] == pytest.approx(amplified.loss_change, abs=1e-5)
+    assert steered == records[-1]["steer"] and steered["heads"] == ["1.2", "0.1", "1.0"]
 
 
 def test_cost_counts_replayed_blocks():
     model = make_tiny_model("llama")
     ranked = [(1, 2), (1, 0), (0, 1)]
     late = plan_sweep(model, ranked, [1, 2], Zero(), repeats=5, alpha=5.0)
-    assert len(late.edits) == 2 * 6 + 1 and all(edit.first_layer == 1 for edit in late.edits)
+    assert len(late.edits) == 2 * (6 + 1) and all(edit.first_layer == 1 for edit in late.edits)
     per_replay = (late.cost(model) - 1) / len(late.edits)
     assert 0 < per_replay < 1  # a replay of the last block and the unembedding: less than a full pass
     early = plan_sweep(model, ranked, [3], Zero(), repeats=5)

@@ -105,8 +105,8 @@ def search(
                                 callback=within(0, MAX_REPEATS)),
     layer_matched: LayerMatched = True,
     bootstrap: Bootstrap = 1000,
-    steer: float = typer.Option(STEER_ALPHA, help="--verify amplifies the largest k's heads by this factor and "
-                                                  "reports the concept's mass change (0: skip).",
+    steer: float = typer.Option(STEER_ALPHA, help="--verify amplifies each k's heads by this factor and reports "
+                                                  "the concept's mass change and the loss change (0: skip).",
                                 callback=within(-MAX_SCALE, MAX_SCALE)),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
@@ -278,8 +278,9 @@ def _print_record(title: str, record: dict) -> None:
 
 def _print_sweep(records: list[dict]) -> None:
     table = Table(title="verify: the top k heads against random heads on held-out text")
+    steered = any(record.get("steer") for record in records)
     for column in ("k", "concept drop", "random (mean ± std)", "z", "percentile", "specific drop [95%]",
-                   "loss change", "targets"):
+                   "loss change", "targets") + (("steered: mass / loss change",) if steered else ()):
         table.add_column(column, justify="right")
 
     def number(value, digits=3):
@@ -292,5 +293,12 @@ def _print_sweep(records: list[dict]) -> None:
         table.add_row(str(record["k"]), number(record["found_drop"]),
                       f"{number(record['random_drop_mean'])} ± {number(record['random_drop_std'])}",
                       number(record["z_score"], 1), number(record["percentile"], 0), specific,
-                      number(record["collateral_loss_change"]), str(record["concept_targets"]))
+                      number(record["collateral_loss_change"]), str(record["concept_targets"]),
+                      *([_steer_cell(record.get("steer"))] if steered else []))
     Console().print(table)
+
+
+def _steer_cell(steer: dict | None) -> str:
+    if not steer:
+        return "-"
+    return f"×{steer['alpha']:g}: {steer['mass_change']:+.1%} / {steer['loss_change']:+.3f}"
