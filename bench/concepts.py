@@ -178,7 +178,7 @@ def run(args) -> int:
             seen[0] += n
 
         results, _ = sweep(model, ranked, plan.ks, concept.ids, held, Zero(), args.repeats, SEED, True,
-                               BOOTSTRAP, plan.steer_alpha, on_windows=progress)
+                           BOOTSTRAP, plan.steer_alpha, on_windows=progress)
         for result in results:
             record = result.verify_record()
             document["rows"].append({"method": method, "concept": name, "words": words, **record,
@@ -198,8 +198,9 @@ def run(args) -> int:
 
 def _twin(rows: list[dict], planned: dict, words: str, k: int, heads: list) -> str | None:
     """The method that measured (or in this run will measure) the same set of k heads for the same concept, with
-    their steering (rows measured before every k was steered have none). Its row is exactly this one's: random draws depend on the set of heads and
-    the seed alone, and the bootstrap on the seed and the measurements."""
+    their steering (rows measured before every k was steered have it at the largest k only). Its row is exactly
+    this one's: random draws depend on the set of heads and the seed alone, and the bootstrap on the seed and the
+    measurements."""
     chosen = sorted(f"{layer}.{head}" for layer, head in heads)
     for row in rows:
         if ((row.get("words"), row["k"]) == (words, k) and "error" not in row and sorted(row["heads"]) == chosen
@@ -211,8 +212,11 @@ def _twin(rows: list[dict], planned: dict, words: str, k: int, heads: list) -> s
 def _copy(rows: list[dict], twin: str, method: str, words: str, k: int, heads: list) -> dict:
     row = next(row for row in rows if (row["method"], row.get("words"), row["k"]) == (twin, words, k))
     named = [f"{layer}.{head}" for layer, head in heads]  # this method's order; the set is the twin's
-    return {**row, "method": method, "heads": named, "same_heads_as": twin, "steer": {**row["steer"], "heads": named},
-            "sweep_ks": [], "sweep_forward_equivalents": 0.0, "sweep_seconds": 0.0}
+    copied = {**row, "method": method, "heads": named, "same_heads_as": twin,
+              "sweep_ks": [], "sweep_forward_equivalents": 0.0, "sweep_seconds": 0.0}
+    if "steer" in row:  # rows measured before every k was steered carry only steer_mass_change / _loss_change
+        copied["steer"] = {**row["steer"], "heads": named}
+    return copied
 
 
 def _refuse(document: dict, out: Path, where: str, method: str, name: str, words: str, error: Exception,
