@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .fidelity import Targets
+from .fused import chunk_statistics, group_maxima
 from .lens import Lens
 from .objective import DEFAULT_BLOCK_ROWS, _autocast, _chunks
 
@@ -25,7 +26,7 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
     factors and differ only in divisor and constant; they run as one product). Each view streams through an online
-    logsumexp whose shift sits inside the product (`_Sweep`), so a chunk costs one product, one exp and one sum;
+    logsumexp whose shift sits inside the product (`_Sweep`), so a chunk costs one product and one fused pass;
     no vocabulary-sized row of any view is ever whole. The lens's view runs in `lens_dtype` (fp32), its cross term
     sum_v p_v l_v from the same logits as its logsumexp: in bf16 its per-head KL on a fitted SmolLM2 lens strayed
     up to 0.01 nats from fp32, which is the margin a head is judged by. The baselines run in `dtype` (bf16); they
@@ -136,9 +137,7 @@ class _Groups:
     @staticmethod
     def maxima(shifted: Tensor) -> Tensor:
         """(head, rows, chunk) -> (head, rows, groups of the chunk), in the order the constructor numbers them."""
-        n = shifted.shape[-1] // GROUP
-        strided = shifted[..., :n * GROUP].unflatten(-1, (GROUP, n)).amax(-2)
-        return strided if n * GROUP == shifted.shape[-1] else torch.cat([strided, shifted[..., n * GROUP:]], -1)
+        return group_maxima(shifted, GROUP)
 
     def top_ids(self, maxima: Tensor, scaled: Tensor, rows_of: Tensor, constant: Tensor | None, k: int) -> Tensor:
         """The top-k token ids (head, rows, k), largest first, of the view with group `maxima` (head, rows, groups):
@@ -180,12 +179,12 @@ class _Sweep:
     """One view's online logsumexp over vocabulary chunks, with the running shift inside the product.
 
     The coefficients are [[z_h, 1] / divisor, constant weight, -shift] against the extended factors, so a chunk's
-    product already holds l - shift: a chunk costs a product, an exp and a sum, with no max and no subtraction
-    pass. The sweep works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because
+    product already holds l - shift: a chunk costs a product and one pass that takes every sum at once
+    (`fused.chunk_statistics`, one compiled kernel for large tiles), with no max and no subtraction pass. The sweep works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because
     exp2 runs faster than exp here. The first chunk sets the shift to its maximum, so the largest term seen is never
     below 1. Later chunks may exceed it: 2^y is finite up to y = 128 (bf16 and fp32 share that range), and the shift
     moves by log2 S (a rescale of the sums, no pass) once S passes exp(REBASE_ABOVE). A chunk that overflows anyway
-    is recomputed once with the shift moved to its maximum. Sums accumulate in fp32; the shift is kept at a value
+    is taken again with the shift moved to its maximum. Sums accumulate in fp32; the shift is kept at a value
     `dtype` holds exactly, so what the product subtracts is what logsumexp adds back. With `groups`, the sweep also
     keeps W = sum 2^y y (entropy = ln 2 (log2 S - W / S)) and the group maxima of `_Groups`.
 
@@ -228,43 +227,28 @@ class _Sweep:
         """Take in vocabulary chunk number `chunk`."""
         # (head, rows, chunk): (l - shift) log2(e)
         shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self._buffer("product", self.coefficients, chunk))
-        if self.groups is not None:
-            maxima = self.groups.maxima(shifted)
-            self.group_maxima.append(maxima.float() + self.shift[..., None])
         if not self.started:  # the first chunk's maximum: the largest term is 2^0 from here on
-            top = (maxima if self.groups is not None else shifted).amax(-1).float()
+            top = (self.groups.maxima(shifted) if self.groups is not None else shifted).amax(-1).float()
             self._move_shift(top, shifted)
             self.started = True
-        chunk_cross = self._cross(shifted, chunk)
-        chunk_sum, chunk_weighted = self._exp_sums(shifted, chunk)
-        overflow = ~torch.isfinite(chunk_sum)
-        if overflow.any():  # a logit far above the shift: move it there and redo the chunk
-            shifted = torch.bmm(self.coefficients, self.factors[chunk], out=shifted)
+        p = None if self.p is None else self.p[chunk]
+        group = 0 if self.groups is None else GROUP
+        statistics = chunk_statistics(shifted, p, group)
+        overflow = ~torch.isfinite(statistics.sum_exp)
+        if overflow.any():  # a logit far above the shift: move it there and take the chunk again
             self._move_shift(torch.where(overflow, shifted.amax(-1).float(), 0.0), shifted)
-            chunk_cross = self._cross(shifted, chunk)
-            chunk_sum, chunk_weighted = self._exp_sums(shifted, chunk)
-        if self.p is not None:
-            self.cross += chunk_cross
-            self.p_seen += self.p[chunk].sum(-1, dtype=torch.float32)
-        self.sum_exp += chunk_sum
-        self.weighted += chunk_weighted
+            statistics = chunk_statistics(shifted, p, group)
+        if self.groups is not None:
+            self.group_maxima.append(statistics.maxima.float() + self.shift[..., None])
+        if p is not None:
+            self.cross += statistics.cross
+            self.p_seen += p.sum(-1, dtype=torch.float32)
+        self.sum_exp += statistics.sum_exp
+        if self.groups is not None:
+            self.weighted += statistics.weighted
         large = self.sum_exp > math.exp(REBASE_ABOVE)
         if large.any():
             self._move_shift(torch.where(large, torch.log2(self.sum_exp), 0.0))
-
-    def _cross(self, shifted: Tensor, chunk: int) -> Tensor | None:
-        """sum_v p_v y_v over the chunk, (head, rows) in fp32, when the sweep has p."""
-        if self.p is None:
-            return None
-        return torch.mul(shifted, self.p[chunk], out=self._buffer("cross", shifted, chunk)).sum(-1).float()
-
-    def _exp_sums(self, shifted: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-        """sum 2^y and (with groups) sum 2^y y over the chunk, (head, rows) in fp32; `shifted` (y) is consumed."""
-        if self.groups is None:
-            return shifted.exp2_().sum(-1).float(), 0.0
-        terms = torch.exp2(shifted, out=self._buffer("terms", shifted, chunk))
-        total = terms.sum(-1).float()
-        return total, terms.mul_(shifted).sum(-1).float()
 
     def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
         """Raise the shift by ~`step` (head, rows): rescale the sums, the coefficients and this chunk's values."""

@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 10 minutes on 2 cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    parser.add_argument("--only", choices=["effects"], help="run one part alone (its keys only)")
+    parser.add_argument("--only", choices=["effects", "eval"], help="run one part alone (its keys only)")
     args = parser.parse_args()
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     dtype = getattr(torch, args.dtype)
@@ -337,6 +337,11 @@ def main() -> None:
     if args.only == "effects":
         log("head effects: ours vs one forward pass per head ...")
         result = effects_rates(model, effects_batch, naive_layers)
+        print(json.dumps(result) if args.json else "\n".join(f"{k:>34}  {v}" for k, v in result.items()))
+        return
+    if args.only == "eval":
+        log("eval: the tiled path vs the fp32 path, 2,048 tokens, " + ("every 5th layer" if args.quick else "all layers"))
+        result = eval_speed(model, torch.cat(train_batches(model, 4)), list(range(0, model.n_layers, 5)) if args.quick else None)
         print(json.dumps(result) if args.json else "\n".join(f"{k:>34}  {v}" for k, v in result.items()))
         return
 

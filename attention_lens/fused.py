@@ -1,0 +1,84 @@
+"""One pass over a tile of shifted logits for everything a sweep sums from it, compiled into one fused kernel
+(torch.compile / Inductor) where the tile is large enough to pay for it, and the same math eagerly elsewhere.
+
+Eagerly, each statistic of a (head, rows, chunk) tile of base-2 logits y is its own pass over memory: 2^y, its sum,
+2^y y and its sum, p y and its sum, the group maxima. On SmolLM2's eval those passes cost more than the product that
+makes the tile; fused, the tile is read once and the sums accumulate in fp32 in registers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+COMPILE_MIN_ELEMENTS = 1 << 20
+"""Tiles of at least this many elements (SmolLM2's eval tile: 9 heads x 128 rows x 1,024 tokens) use the compiled
+kernel. Compiling costs seconds once per process (less from Inductor's on-disk cache), which small tiles, as in
+tiny test models, never earn back."""
+DISABLE_VARIABLE = "ATTENTION_LENS_NO_COMPILE"
+"""Set to 1 to keep every tile eager (e.g. where a C++ compiler is missing and the fallback's warning is unwanted)."""
+
+
+class ChunkStatistics(NamedTuple):
+    """Sums over a chunk of base-2 logits y, each (head, rows) in fp32; None where not asked for."""
+
+    sum_exp: Tensor
+    """sum 2^y"""
+    weighted: Tensor | None
+    """sum 2^y y (entropy), with groups"""
+    cross: Tensor | None
+    """sum p y (the KL's cross term), with p"""
+    maxima: Tensor | None
+    """(head, rows, groups) the maxima of strided token groups (`fidelity_tiles._Groups`), with groups"""
+
+
+def _statistics(shifted: Tensor, p: Tensor | None, group: int) -> ChunkStatistics:
+    """The math, once: what the compiled kernel fuses and the eager path runs as is. group = 0: no entropy and no
+    group maxima. Terms are taken in fp32 from the tile's values, whatever its dtype."""
+    y = shifted.float()
+    terms = torch.exp2(y)
+    cross = None if p is None else (y * p.float()).sum(-1)
+    if not group:
+        return ChunkStatistics(terms.sum(-1), None, cross, None)
+    return ChunkStatistics(terms.sum(-1), (terms * y).sum(-1), cross, group_maxima(shifted, group))
+
+
+def group_maxima(shifted: Tensor, group: int) -> Tensor:
+    """(head, rows, chunk) -> (head, rows, groups): n groups of `group` tokens at stride n (token j, j + n, ...), one
+    element-wise max over `group` contiguous slices, then a short chunk's leftover tokens as groups of one."""
+    n = shifted.shape[-1] // group
+    strided = shifted[..., :n * group].unflatten(-1, (group, n)).amax(-2)
+    return strided if n * group == shifted.shape[-1] else torch.cat([strided, shifted[..., n * group:]], -1)
+
+
+_compiled = None
+_compile_failed = False
+
+
+def chunk_statistics(shifted: Tensor, p: Tensor | None = None, group: int = 0) -> ChunkStatistics:
+    """`_statistics` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles.
+
+    If compiling fails (no C++ compiler, an unsupported platform), one warning is logged and every later tile runs
+    eagerly: the numbers are the same math, only slower.
+    """
+    global _compiled, _compile_failed
+    if shifted.numel() < COMPILE_MIN_ELEMENTS or _compile_failed or os.environ.get(DISABLE_VARIABLE) == "1":
+        return _statistics(shifted, p, group)
+    try:
+        with warnings.catch_warnings():  # Inductor's own imports warn of torch internals; nothing a user can act on
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if _compiled is None:
+                _compiled = torch.compile(_statistics, dynamic=None)  # static for the first shape, then dynamic
+            return _compiled(shifted, p, group)
+    except Exception as error:  # noqa: BLE001 -- any compiler failure: the eager math gives the same numbers
+        _compile_failed = True
+        log.warning("compiling the eval's fused kernel failed (%s: %s); scoring eagerly, which is slower",
+                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return _statistics(shifted, p, group)
