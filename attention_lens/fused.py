@@ -72,8 +72,8 @@ def chunk_statistics(shifted: Tensor, p: Tensor | None = None, group: int = 0) -
     if shifted.numel() < COMPILE_MIN_ELEMENTS or _compile_failed or os.environ.get(DISABLE_VARIABLE) == "1":
         return _statistics(shifted, p, group)
     try:
-        with warnings.catch_warnings():  # Inductor's own imports warn of torch internals; nothing a user can act on
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings.catch_warnings():  # Inductor warns of torch internals (deprecations): nothing a user can act on
+            warnings.simplefilter("ignore")
             if _compiled is None:
                 _compiled = torch.compile(_statistics, dynamic=None)  # static for the first shape, then dynamic
             return _compiled(shifted, p, group)
