@@ -19,7 +19,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 20
-"""Tiles of at least this many elements (SmolLM2's eval tile: 9 heads x 128 rows x 1,024 tokens) use the compiled
+"""Tiles of at least this many elements (SmolLM2's eval tile: 9 heads x 256 rows x 1,024 tokens) use the compiled
 kernel. Compiling costs seconds once per process (less from Inductor's on-disk cache), which small tiles, as in
 tiny test models, never earn back."""
 DISABLE_VARIABLE = "ATTENTION_LENS_NO_COMPILE"
