@@ -20,17 +20,19 @@ head to run near the GEMM rate (64 rows ran at a quarter of it on 2 cores), and 
 
 
 def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets,
-                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16,
+                      lens_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles, summed in fp32.
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
     factors and differ only in divisor and constant; they run as one product). Each view streams through an online
     logsumexp whose shift sits inside the product (`_Sweep`), so a chunk costs one product and one fused pass;
-    no vocabulary-sized row of any view is ever whole. The lens's view runs in `dtype` with its factors split in two
-    (`_extended_factors`): its cross term sum_v p_v l_v comes from the same logits as its logsumexp, and with the
-    factors rounded to bf16 once its per-head KL on a fitted SmolLM2 lens strayed up to 0.009 nats from fp32, the
-    margin a head is judged by (split: 0.0015; the rest is the rounding of [z_h, 1] and of the product's output).
-    The factors are products over d_model and stay in fp32 until they are split. The baselines run in `dtype`; they
+    no vocabulary-sized row of any view is ever whole. The lens's view runs in `lens_dtype` (fp32), its cross term
+    sum_v p_v l_v from the same logits as its logsumexp: with its factors rounded to bf16 its per-head KL on a fitted
+    SmolLM2 lens strayed up to 0.009 nats from fp32, which is the margin a head is judged by (the rounding of the
+    factors, fixed per token, does not average out over positions). Carrying each factor and coefficient as a bf16
+    pair (hi + lo, three products) held it to 0.003 but ran no faster than fp32 on an AMX machine (2.2 ms per tile
+    and chunk, both). The baselines run in `dtype` (bf16); they
     are far from the model by design (KL ~3-80 nats) and take their cross terms exactly in fp32 from factors
     averaged under p (`expected_factors`), which touches no vocabulary per head. The lens's view also keeps its
     entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups with the
@@ -38,13 +40,12 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     """
     heads = lens.config.heads
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
-    with _autocast(z.device, torch.float32):
+    with _autocast(z.device, lens_dtype):
         own_factors, own_constant = lens.vocab_factors(layer)
     with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
         base_factors, base_constant = baseline.vocab_factors(layer)
     groups = _Groups(lens.model.vocab, z.device)
-    split = dtype != torch.float32
-    own = _extended_factors(own_factors, own_constant, dtype, groups.chunks, split)
+    own = _extended_factors(own_factors, own_constant, lens_dtype, groups.chunks)
     base = _extended_factors(base_factors, base_constant, dtype, groups.chunks)
     own_rows = own_factors.flatten(0, 1).contiguous()  # (head * vocab, d_head + 1): rows top-k candidates gather
     rows_per_tile = max(1, block_rows // len(heads))
@@ -58,8 +59,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
             "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
         }
         n_rows = scaled["own"].shape[1]
-        p = [block[rows] for block in targets.p_chunks(torch.float32, groups.chunks)]  # p in bf16 sums to 1 +- 2^-9
-        own_sweep = _Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p, split=split)
+        p = [block[rows] for block in targets.p_chunks(lens_dtype, groups.chunks)]
+        own_sweep = _Sweep(scaled["own"], own_constant is not None, own, lens_dtype, groups, p=p)
         # logit then DLA rows, one product: DLA is an attribution and adds no constant.
         base_sweep = _Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
                             dtype, constant_rows=n_rows)
@@ -80,25 +81,16 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def _extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype, chunks: list[slice],
-                      split: bool = False) -> list[Tensor]:
-    """Per vocabulary chunk, a contiguous (head, rows, chunk) block in `dtype`: the factors, then the constant
-    times log2(e) (zeros if none), then a row of ones, so [z_h, 1] log2(e) / divisor, a constant weight (1 or 0) and
-    -shift multiply all three in one product. Split, each value x is carried as hi = x rounded to `dtype` and
-    lo = what that rounding lost (also in `dtype`): the factors as [hi; hi; lo] against coefficients [hi; lo; hi]
-    (`_Sweep`), the constant as [hi; lo] against its weight twice, so the product sums hi·hi + lo·hi + hi·lo, the
-    product of two values of ~16 bits of mantissa. Contiguous blocks, once per layer: a strided chunk would be
-    copied by every product of every tile.
-    """
+def _extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype,
+                      chunks: list[slice]) -> list[Tensor]:
+    """Per vocabulary chunk, a contiguous (head, d_head + 3, chunk) block in `dtype`: the factors, then the
+    constant times log2(e) (zeros if none), then a row of ones, so [z_h, 1] log2(e) / divisor, a constant weight (1
+    or 0, exact in any dtype) and -shift multiply all three in one product. Contiguous blocks, once per layer: a
+    strided chunk would be copied by every product of every tile."""
     heads, vocab = factors.shape[0], factors.shape[1]
-    constant_row = torch.zeros(heads, 1, vocab, device=factors.device) if constant is None else (
-        (constant.float() * LOG2E).expand(heads, 1, vocab))
-    parts = []
-    for exact, copies_of_hi in ((factors.detach().float().transpose(1, 2), 2), (constant_row, 1)):
-        rounded = exact.to(dtype)
-        parts += [rounded] * copies_of_hi + [(exact - rounded.float()).to(dtype)] if split else [rounded]
-    parts.append(torch.ones(heads, 1, vocab, dtype=dtype, device=factors.device))
-    extended = torch.cat(parts, dim=1)
+    extra = torch.ones(heads, 2, vocab, dtype=dtype, device=factors.device)
+    extra[:, 0] = 0 if constant is None else (constant.float() * LOG2E).to(dtype)
+    extended = torch.cat([factors.detach().to(dtype).transpose(1, 2), extra], dim=1)
     return [extended[:, :, chunk].contiguous() for chunk in chunks]
 
 
@@ -153,8 +145,8 @@ class _Groups:
     def top_ids(self, maxima: Tensor, scaled: Tensor, rows_of: Tensor, constant: Tensor | None, k: int) -> Tensor:
         """The top-k token ids (head, rows, k), largest first, of the view with group `maxima` (head, rows, groups):
         the logits of the tokens of the k + 2 groups with the largest maxima (two spare: a group whose maximum
-        rounds just below the k-th group's is still rescored). rows_of: (head * vocab, d_head + 1) factors in fp32:
-        candidates are ranked by the unrounded logits (the lens's split sweep rounds to ~2^-16 of each factor)."""
+        rounds just below the k-th group's is still rescored). rows_of: (head * vocab, d_head + 1) factors, in the
+        sweep's dtype: candidates are ranked by the same rounding as the sweep's logits."""
         chosen = maxima.topk(min(k + 2, maxima.shape[-1]), dim=-1).indices  # (head, rows, k + 2)
         offsets = torch.arange(GROUP, device=chosen.device)
         ids = (self.start[chosen][..., None] + self.stride[chosen][..., None] * offsets).flatten(-2)
@@ -205,26 +197,19 @@ class _Sweep:
     """
 
     def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
-                 groups: "_Groups | None" = None, constant_rows: int | None = None, p: list[Tensor] | None = None,
-                 split: bool = False):
-        """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk, `_extended_factors`'s
-        (head, rows, chunk) blocks in `dtype` (split as `split`); p: per chunk, the rows' (rows, chunk) model
-        probabilities, for the cross term."""
+                 groups: "_Groups | None" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
+        """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
+        in `dtype`; p: per chunk, the rows' (rows, chunk) model probabilities in `dtype`, for the cross term."""
         heads, rows, _ = scaled.shape
         constant_weight = torch.zeros(heads, rows, 1, device=scaled.device)
         if has_constant:
             constant_weight[:, :constant_rows] = 1.0  # rows past `constant_rows` (DLA's) add no constant
         shift = torch.zeros(heads, rows, 1, device=scaled.device)
-        coefficients = scaled * LOG2E
-        if split:  # [hi; lo; hi] against the factors' [hi; hi; lo] (`_extended_factors`); hi and lo as fp32 for now
-            high = coefficients.to(dtype).float()
-            coefficients = torch.cat([coefficients, coefficients - high, coefficients], dim=-1)
-            constant_weight = torch.cat([constant_weight, constant_weight], dim=-1)
-        self.coefficients = torch.cat([coefficients, constant_weight, shift], dim=-1).to(dtype)
+        self.coefficients = torch.cat([scaled * LOG2E, constant_weight, shift], dim=-1).to(dtype)
         self.p = p
         self.cross = torch.zeros(heads, rows, device=scaled.device)
         self.p_seen = torch.zeros(rows, device=scaled.device)
-        self.factors = factors  # per chunk, (head, rows, chunk), as `_extended_factors` lays them out
+        self.factors = factors  # per chunk, (head, d_head + 3, chunk)
         self.shift = torch.zeros(heads, rows, device=scaled.device)  # in log2 units
         self.sum_exp = torch.zeros(heads, rows, device=scaled.device)
         self.weighted = torch.zeros(heads, rows, device=scaled.device)
