@@ -32,11 +32,10 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     SmolLM2 lens strayed up to 0.009 nats from fp32, which is the margin a head is judged by (the rounding of the
     factors, fixed per token, does not average out over positions). Carrying each factor and coefficient as a bf16
     pair (hi + lo, three products) held it to 0.003 but ran no faster than fp32 on an AMX machine (2.2 ms per tile
-    and chunk, both). The baselines run in `dtype` (bf16); they
-    are far from the model by design (KL ~3-80 nats) and take their cross terms exactly in fp32 from factors
-    averaged under p (`expected_factors`), which touches no vocabulary per head. The lens's view also keeps its
-    entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups with the
-    largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer` serves them.
+    and chunk, both). The baselines run in `dtype` (bf16); they are far from the model by design (KL ~3-80 nats)
+    and take their cross terms exactly in fp32 from factors averaged under p (`expected_factors`), which touches no
+    vocabulary per head. The lens's view also keeps its entropy and the maxima of strided token groups; its top-k
+    is rescored on the tokens of the groups with the largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer` serves them.
     """
     heads = lens.config.heads
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
