@@ -35,7 +35,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     and chunk, both). The baselines run in `dtype` (bf16); they are far from the model by design (KL ~3-80 nats)
     and take their cross terms exactly in fp32 from factors averaged under p (`expected_factors`), which touches no
     vocabulary per head. The lens's view also keeps its entropy and the maxima of strided token groups; its top-k
-    is rescored on the tokens of the groups with the largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer` serves them.
+    is rescored on the tokens of the groups with the largest maxima. Not for soft-capped readouts (the cap is not
+    linear in the factors): `score_layer` serves them.
     """
     heads = lens.config.heads
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
@@ -182,8 +183,9 @@ class _Sweep:
 
     The coefficients are [[z_h, 1] / divisor, constant weight, -shift] against the extended factors, so a chunk's
     product already holds l - shift: a chunk costs a product and one pass that takes every sum at once
-    (`fused.chunk_statistics`, one compiled kernel for large tiles), with no max and no subtraction pass. The sweep works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because
-    exp2 runs faster than exp here. The first chunk sets the shift to its maximum, so the largest term seen is never
+    (`fused.chunk_statistics`, one compiled kernel for large tiles), with no max and no subtraction pass. The sweep
+    works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because exp2 runs
+    faster than exp here. The first chunk sets the shift to its maximum, so the largest term seen is never
     below 1. Later chunks may exceed it: 2^y is finite up to y = 128 (bf16 and fp32 share that range), and the shift
     moves by log2 S (a rescale of the sums, no pass) once S passes exp(REBASE_ABOVE). A chunk that overflows anyway
     is taken again with the shift moved to its maximum. Sums accumulate in fp32; the shift is kept at a value

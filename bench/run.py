@@ -353,7 +353,8 @@ def main() -> None:
         return
     if args.only == "eval":
         log("eval: the tiled path vs the fp32 path, 2,048 tokens, " + ("every 5th layer" if args.quick else "all layers"))
-        result = eval_speed(model, torch.cat(train_batches(model, 4)), list(range(0, model.n_layers, 5)) if args.quick else None)
+        layers = list(range(0, model.n_layers, 5)) if args.quick else None
+        result = eval_speed(model, torch.cat(train_batches(model, 4)), layers)
         print(json.dumps(result) if args.json else "\n".join(f"{k:>34}  {v}" for k, v in result.items()))
         return
 
