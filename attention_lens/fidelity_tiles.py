@@ -137,11 +137,6 @@ class _Groups:
             sizes += [GROUP] * n + [1] * (length - n * GROUP)
         self.start, self.stride, self.size = (torch.tensor(v, device=device) for v in (starts, strides, sizes))
 
-    @staticmethod
-    def maxima(shifted: Tensor) -> Tensor:
-        """(head, rows, chunk) -> (head, rows, groups of the chunk), in the order the constructor numbers them."""
-        return group_maxima(shifted, GROUP)
-
     def top_ids(self, maxima: Tensor, scaled: Tensor, rows_of: Tensor, constant: Tensor | None, k: int) -> Tensor:
         """The top-k token ids (head, rows, k), largest first, of the view with group `maxima` (head, rows, groups):
         the logits of the tokens of the k + 2 groups with the largest maxima (two spare: a group whose maximum
@@ -232,7 +227,7 @@ class _Sweep:
         # (head, rows, chunk): (l - shift) log2(e)
         shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self._buffer("product", self.coefficients, chunk))
         if not self.started:  # the first chunk's maximum: the largest term is 2^0 from here on
-            top = (self.groups.maxima(shifted) if self.groups is not None else shifted).amax(-1).float()
+            top = (group_maxima(shifted, GROUP) if self.groups is not None else shifted).amax(-1).float()
             self._move_shift(top, shifted)
             self.started = True
         p = None if self.p is None else self.p[chunk]
@@ -244,12 +239,11 @@ class _Sweep:
             statistics = chunk_statistics(shifted, p, group)
         if self.groups is not None:
             self.group_maxima.append(statistics.maxima.float() + self.shift[..., None])
+            self.weighted += statistics.weighted
         if p is not None:
             self.cross += statistics.cross
             self.p_seen += p.sum(-1, dtype=torch.float32)
         self.sum_exp += statistics.sum_exp
-        if self.groups is not None:
-            self.weighted += statistics.weighted
         large = self.sum_exp > math.exp(REBASE_ABOVE)
         if large.any():
             self._move_shift(torch.where(large, torch.log2(self.sum_exp), 0.0))

@@ -273,6 +273,13 @@ def eval_speed(model, batch, layers: list[int] | None = None) -> dict:
             "eval_forward_share": forward / all_tiled}
 
 
+def eval_part(model, four_batches, quick: bool, log) -> dict:
+    """`eval_speed` on 2,048 tokens (eval's default batch of 16 windows, over which each layer's factor products are
+    spread): every 5th layer when quick, else all."""
+    log("eval: the tiled path vs the fp32 path, 2,048 tokens, " + ("every 5th layer" if quick else "all layers"))
+    return eval_speed(model, torch.cat(four_batches), list(range(0, model.n_layers, 5)) if quick else None)
+
+
 def decode_floor(model, prompt_tokens: int, repeats: int = 5) -> float:
     """Seconds of the bare bf16 vocabulary product for the rows decode reads (every head at every position):
     the least any readout of those rows must cost."""
@@ -352,9 +359,7 @@ def main() -> None:
         print(json.dumps(result) if args.json else "\n".join(f"{k:>34}  {v}" for k, v in result.items()))
         return
     if args.only == "eval":
-        log("eval: the tiled path vs the fp32 path, 2,048 tokens, " + ("every 5th layer" if args.quick else "all layers"))
-        layers = list(range(0, model.n_layers, 5)) if args.quick else None
-        result = eval_speed(model, torch.cat(train_batches(model, 4)), layers)
+        result = eval_part(model, train_batches(model, 4), args.quick, log)
         print(json.dumps(result) if args.json else "\n".join(f"{k:>34}  {v}" for k, v in result.items()))
         return
 
@@ -400,9 +405,7 @@ def main() -> None:
     log("head effects: ours vs one forward pass per head ...")
     effects = effects_rates(model, effects_batch, naive_layers)
 
-    # 2,048 tokens: eval's default batch (16 windows), over which each layer's factor products are spread.
-    log("eval: the tiled path vs the fp32 path, 2,048 tokens, " + ("every 5th layer" if args.quick else "all layers"))
-    evaluation = eval_speed(model, torch.cat(batches_[:4]), list(range(0, model.n_layers, 5)) if args.quick else None)
+    evaluation = eval_part(model, batches_[:4], args.quick, log)
 
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
