@@ -58,6 +58,17 @@ def group_maxima(shifted: Tensor, group: int) -> Tensor:
     return strided if n * group == shifted.shape[-1] else torch.cat([strided, shifted[..., n * group:]], -1)
 
 
+def group_members(groups: Tensor, length: int, group: int) -> tuple[Tensor, Tensor]:
+    """Token ids (..., count * group) of `group_maxima`'s groups `groups` (..., count) over a row of `length`, and
+    whether each is a token (a leftover group of one pads with id 0, marked False)."""
+    n = length // group
+    offsets = torch.arange(group, device=groups.device)
+    strided = groups[..., None] < n
+    ids = torch.where(strided, groups[..., None] + n * offsets, n * group + (groups[..., None] - n))
+    valid = strided | (offsets == 0)
+    return ids.masked_fill(~valid, 0).flatten(-2), valid.flatten(-2)
+
+
 _compiled = None
 _compile_failed = False
 

@@ -23,10 +23,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .fused import group_maxima, group_members
+
 CANDIDATES = 64
 """Candidates per row that the bf16 screen passes to the fp32 recheck (at least k + 8)."""
 WIDE_CANDIDATES = 256
 """Candidates for rows whose top-k the first CANDIDATES could not certify."""
+GROUP = 8
+"""Tokens per group whose bf16 maximum the screen takes first: the top-m tokens lie in the m groups with the largest
+maxima, so the full-width top-k runs over vocab / GROUP maxima and then over those groups' m * GROUP tokens."""
+SUM_COLUMNS = 2048
+"""Columns per block of the log-normalizer's fp32 pass (128 rows x 2,048: 1 MB, in cache)."""
 TILE_ROWS = 128
 """Rows per tile: 128 x 49,152 bf16 logits (12 MB) stay in the last-level cache for the top-k and exp passes
 (measured on SmolLM2, 2 cores: 64 rows 0.91 s, 96 0.82 s, 128 0.80 s, 192 1.03 s, 256 1.23 s for 270 heads x 20 tokens)."""
@@ -117,7 +124,7 @@ class Screen:
         """The top-m bf16 candidates (rows, m) and their exact logits, sorted by the exact logit; and per row
         whether their top k is certainly the true top-k."""
         m = min(m, screened.shape[1])
-        screened_top, candidates = screened.topk(m, dim=-1)  # (rows, m)
+        screened_top, candidates = _screen_top(screened, m)  # (rows, m)
         exact = torch.einsum("rd,rmd->rm", y, self.W_U[candidates])  # the candidates, in fp32
         if self.bias is not None:
             exact += self.bias[candidates]
@@ -133,14 +140,36 @@ class Screen:
 
     @staticmethod
     def _log_normalizer_(screened: Tensor, candidates: Tensor, exact: Tensor) -> Tensor:
-        """logsumexp over the vocabulary: exact logits for the candidates, bf16 ones for the rest.
-        Overwrites `screened` (in place: no second bf16 vocabulary-sized buffer)."""
+        """logsumexp over the vocabulary: exact logits for the candidates, bf16 ones for the rest, each term
+        exponentiated in fp32."""
         shift = exact[:, :1]  # the largest exact logit; bf16 ones exceed it by at most the bound
-        shift_bf16 = shift.to(torch.bfloat16)
-        terms = screened.sub_(shift_bf16).exp_()
-        # All terms minus the candidates' (cheaper than zeroing them first); the fp32 cancellation error is
-        # ~1e-7 of the total, far below the bf16 terms' own error.
-        rest = terms.float().sum(-1) - terms.gather(1, candidates).float().sum(-1)
-        # The shift was rounded to bf16 for the subtraction; undo that rounding in fp32.
-        rest = rest.clamp_(min=0) * torch.exp(shift_bf16.float() - shift).squeeze(1)
-        return shift.squeeze(1) + torch.log(rest + torch.exp(exact - shift).sum(-1))
+        # All terms minus the candidates' (cheaper than masking them out); the fp32 cancellation error is ~1e-7 of
+        # the total, far below the bf16 terms' own error.
+        rest = _sum_exp(screened, shift) - torch.exp(screened.gather(1, candidates).float() - shift).sum(-1)
+        return shift.squeeze(1) + torch.log(rest.clamp_(min=0) + torch.exp(exact - shift).sum(-1))
+
+
+def _sum_exp(values: Tensor, shift: Tensor) -> Tensor:
+    """sum_v exp(values_v - shift) per row in fp32 from (rows, vocab) bf16 values, through one reused fp32 block of
+    SUM_COLUMNS columns that stays in cache: 2.6x faster than the eager pass over whole rows (fp32 copy, exp, sum),
+    and within 15% of a compiled kernel without the seconds a one-shot `decode` would spend compiling it."""
+    total = torch.zeros(values.shape[0], device=values.device)
+    block = torch.empty(values.shape[0], min(SUM_COLUMNS, values.shape[1]), device=values.device)
+    for start in range(0, values.shape[1], SUM_COLUMNS):
+        columns = values[:, start : start + SUM_COLUMNS]
+        part = block[:, : columns.shape[1]]
+        total += part.copy_(columns).sub_(shift).exp_().sum(-1)
+    return total
+
+
+def _screen_top(screened: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The m largest screened logits of each row (rows, m), descending, and their token ids: from the m groups
+    with the largest maxima (`fused.group_maxima`; each holds at least one of those m), then a top-m over their
+    tokens. About 4x faster than one top-m over the whole vocabulary."""
+    vocab = screened.shape[1]
+    if vocab < 4 * GROUP * m:  # a short row: one top-m costs no more
+        return screened.topk(m, dim=-1)
+    groups = group_maxima(screened, GROUP).topk(m, dim=-1, sorted=False).indices
+    ids, valid = group_members(groups, vocab, GROUP)
+    values, order = screened.gather(1, ids).masked_fill(~valid, -torch.inf).topk(m, dim=-1)
+    return values, ids.gather(1, order)

@@ -236,21 +236,25 @@ def eval_speed(model, batch, layers: list[int] | None = None) -> dict:
     """All heads of an affine lens scored on one batch, the default tiled path and the fp32 whole-row path, same
     batch, same process, interleaved so a change of machine load hits both; the fastest of two runs each.
 
-    `eval` runs the model's forward pass once and then scores every layer, so its time is F + n_layers x S. Scoring
-    `layers` (default all) costs len(layers) x S: each path's all-heads time is F + S x n_layers / len(layers),
-    with F and S timed separately in the same run. Every layer's scoring costs the same, so a subset of layers
-    gives the all-heads figure without the all-heads run (timing F + S on a subset alone overweights the forward
-    pass by n_layers / len(layers), which the quick runs before 2026-12-02 did).
+    `eval` runs the model's forward pass once, builds the batch's targets once (the model's distribution, its
+    top-k, p averaged through the readout) and then scores every layer, so its time is F + P + n_layers x S. Each
+    path is timed scoring `layers` (default all) and scoring their first layer alone, in the same run: S is the
+    difference per extra layer and P what is left of the one-layer time, so the all-heads figure counts the batch's
+    work once (timing P + len(layers) x S and scaling it by n_layers / len(layers) charged P that many times; before
+    2026-12-02 the forward pass was scaled too).
     """
     torch.manual_seed(0)
-    lens = al.Lens.from_model(model, "affine", layers)
-    with torch.no_grad():
-        for parameter in lens.parameters():
-            parameter.normal_(std=0.003)  # scores depend on values, the work does not
+    layers = list(range(model.n_layers)) if layers is None else layers
+    lenses = {count: al.Lens.from_model(model, "affine", layers[:count]) for count in (len(layers), 1)}
+    for lens in lenses.values():
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for parameter in lens.parameters():
+                parameter.normal_(std=0.003)  # scores depend on values, the work does not
     baseline = al.Lens.from_model(model, "logit")
     log_constant = torch.full((model.vocab,), -math.log(model.vocab))
 
-    def run(exact: bool) -> tuple[float, float]:
+    def run(exact: bool, lens) -> tuple[float, float]:
         """(forward seconds, scoring seconds)"""
         totals = FidelityTotals(len(lens.config.layers), model.n_heads, model.vocab, 20, 0)
         started = time.perf_counter()
@@ -259,15 +263,21 @@ def eval_speed(model, batch, layers: list[int] | None = None) -> dict:
         _score_batch(lens, baseline, forward, log_constant, totals, _layer_scorer(model, EvalConfig(exact=exact)))
         return scoring - started, time.perf_counter() - scoring
 
-    run(False)  # warm-up: the tiled path compiles its fused kernel once per process
-    times = {True: [], False: []}
-    for _ in range(2):  # fastest of two, each path
-        for exact in (False, True):
-            times[exact].append(run(exact))
-    forward = min(f for f, _ in times[True] + times[False])
-    tiled, exact = min(s for _, s in times[False]), min(s for _, s in times[True])
-    scale = model.n_layers / len(lens.config.layers)
-    all_tiled, all_exact = forward + tiled * scale, forward + exact * scale
+    run(False, lenses[1])  # warm-up: the tiled path compiles its fused kernel once per process
+    times = {(exact, count): [] for exact in (True, False) for count in lenses}
+    for _ in range(2):  # fastest of two, each path and layer count
+        for exact, count in times:
+            times[exact, count].append(run(exact, lenses[count]))
+    forward = min(f for exact in (True, False) for f, _ in times[exact, len(layers)])  # capturing every layer
+    extra = len(layers) - 1
+
+    def all_heads(exact: bool) -> tuple[float, float]:
+        """(all-heads seconds, scoring seconds per layer)"""
+        many, one = (min(s for _, s in times[exact, count]) for count in (len(layers), 1))
+        per_layer = (many - one) / extra if extra else many
+        return forward + max(one - per_layer, 0.0) + per_layer * model.n_layers, per_layer
+
+    (all_tiled, tiled), (all_exact, exact) = all_heads(False), all_heads(True)
     return {"eval_tokens_per_s": batch.numel() / all_tiled, "eval_exact_tokens_per_s": batch.numel() / all_exact,
             "eval_speedup_vs_fp32": all_exact / all_tiled, "eval_scoring_speedup_vs_fp32": exact / tiled,
             "eval_forward_share": forward / all_tiled}

@@ -92,3 +92,14 @@ def test_compiling_raises_no_warning(monkeypatch):
         warnings.simplefilter("error")
         fused.chunk_statistics(y, p, GROUP)
     assert not fused._compile_failed
+
+
+@pytest.mark.parametrize("length", [64, 67])
+def test_group_members_are_the_tokens_whose_maximum_each_group_holds(length):
+    values = torch.randn(3, length, generator=torch.Generator().manual_seed(4))
+    maxima = fused.group_maxima(values, GROUP)
+    groups = torch.arange(maxima.shape[-1]).expand(3, -1)
+    ids, valid = fused.group_members(groups, length, GROUP)
+    members = values.gather(-1, ids).masked_fill(~valid, -torch.inf).unflatten(-1, (-1, GROUP))
+    torch.testing.assert_close(members.amax(-1), maxima)
+    assert sorted(ids[0][valid[0]].tolist()) == list(range(length))  # every token in exactly one group

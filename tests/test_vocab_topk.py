@@ -14,11 +14,13 @@ def _fp32(y, W_U, bias, k):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])  # nearly flat rows, ordinary, logits in the hundreds
-def test_matches_fp32(with_bias, scale):
+# 3,000 and 3,005 tokens screen by group maxima (3,005: five leftover groups of one), 1,500 by one top-k
+@pytest.mark.parametrize("vocab", [3000, 3005, 1500])
+def test_matches_fp32(with_bias, scale, vocab):
     torch.manual_seed(0)
-    W_U = torch.randn(3000, 48) / 7
+    W_U = torch.randn(vocab, 48) / 7
     y = torch.randn(70, 48) * scale
-    bias = torch.randn(3000) if with_bias else None
+    bias = torch.randn(vocab) if with_bias else None
     top = vocab_topk(y, W_U, bias, k=10)
     logits, ids, log_normalizer = _fp32(y, W_U, bias, 10)
     assert torch.equal(top.ids, ids)
