@@ -1,18 +1,17 @@
 """The default scorer of `eval`: `fidelity.score_layer`'s per-head scores from cache-sized (head, rows, vocabulary
-chunk) tiles, each view an online logsumexp with its running shift inside its product (`_Sweep`)."""
+chunk) tiles, each view an online logsumexp with its running shift inside its product (`Sweep`)."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
 from .fidelity import Targets
-from .fused import chunk_statistics, group_maxima
 from .lens import Lens
 from .objective import DEFAULT_BLOCK_ROWS, _autocast, _chunks
+from .sweep import GROUP, LOG2E, Sweep, extended_factors
 
 SCORE_TILE_ROWS = 2 * DEFAULT_BLOCK_ROWS
 """Head-token rows per tile when scoring (e.g. 256 tokens x 9 heads): the bf16 products need a few hundred rows per
@@ -26,7 +25,7 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
     factors and differ only in divisor and constant; they run as one product). Each view streams through an online
-    logsumexp whose shift sits inside the product (`_Sweep`), so a chunk costs one product and one fused pass;
+    logsumexp whose shift sits inside the product (`Sweep`), so a chunk costs one product and one fused pass;
     no vocabulary-sized row of any view is ever whole. The lens's view runs in `lens_dtype` (fp32), its cross term
     sum_v p_v l_v from the same logits as its logsumexp: with its factors rounded to bf16 its per-head KL on a fitted
     SmolLM2 lens strayed up to 0.009 nats from fp32, which is the margin a head is judged by (the rounding of the
@@ -45,8 +44,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
         base_factors, base_constant = baseline.vocab_factors(layer)
     groups = _Groups(lens.model.vocab, z.device)
-    own = _extended_factors(own_factors, own_constant, lens_dtype, groups.chunks)
-    base = _extended_factors(base_factors, base_constant, dtype, groups.chunks)
+    own = extended_factors(own_factors, own_constant, lens_dtype, groups.chunks)
+    base = extended_factors(base_factors, base_constant, dtype, groups.chunks)
     own_rows = own_factors.flatten(0, 1).contiguous()  # (head * vocab, d_head + 1): rows top-k candidates gather
     rows_per_tile = max(1, block_rows // len(heads))
     parts: dict[str, list[Tensor]] = defaultdict(list)
@@ -60,9 +59,9 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
         }
         n_rows = scaled["own"].shape[1]
         p = [block[rows] for block in targets.p_chunks(lens_dtype, groups.chunks)]
-        own_sweep = _Sweep(scaled["own"], own_constant is not None, own, lens_dtype, groups, p=p)
+        own_sweep = Sweep(scaled["own"], own_constant is not None, own, lens_dtype, groups, p=p)
         # logit then DLA rows, one product: DLA is an attribution and adds no constant.
-        base_sweep = _Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
+        base_sweep = Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
                             dtype, constant_rows=n_rows)
         for index in range(len(groups.chunks)):
             own_sweep.add(index)
@@ -79,19 +78,6 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
         for name, value in scores.items():
             parts[name].append(value)
     return {name: torch.cat(values) for name, values in parts.items()}
-
-
-def _extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype,
-                      chunks: list[slice]) -> list[Tensor]:
-    """Per vocabulary chunk, a contiguous (head, d_head + 3, chunk) block in `dtype`: the factors, then the
-    constant times log2(e) (zeros if none), then a row of ones, so [z_h, 1] log2(e) / divisor, a constant weight (1
-    or 0, exact in any dtype) and -shift multiply all three in one product. Contiguous blocks, once per layer: a
-    strided chunk would be copied by every product of every tile."""
-    heads, vocab = factors.shape[0], factors.shape[1]
-    extra = torch.ones(heads, 2, vocab, dtype=dtype, device=factors.device)
-    extra[:, 0] = 0 if constant is None else (constant.float() * LOG2E).to(dtype)
-    extended = torch.cat([factors.detach().to(dtype).transpose(1, 2), extra], dim=1)
-    return [extended[:, :, chunk].contiguous() for chunk in chunks]
 
 
 def _scaled(z_aug: Tensor, divisor: Tensor) -> Tensor:
@@ -164,123 +150,9 @@ class _Groups:
 SCORE_VOCAB_CHUNK = 1024
 """Vocabulary entries per scoring tile: with SCORE_TILE_ROWS, a (head, rows, chunk) tile of bf16 logits stays
 cache-sized (~5 MB); products whose output is 4x that ran at half the rate on 2 cores."""
-GROUP = 8
-"""Tokens per group whose maximum the lens's sweep keeps (see `_Groups`)."""
 CANDIDATE_ROWS = 64
 """Rows per block when the lens's top-k candidates are rescored (bounds that block's memory)."""
-REBASE_ABOVE = 60.0
-"""A sweep moves its shift once its running sum of exp(l - shift) passes exp(60): sums stay far from overflow."""
-LOG2E = 1 / math.log(2)
-
-
-class _Sweep:
-    """One view's online logsumexp over vocabulary chunks, with the running shift inside the product.
-
-    The coefficients are [[z_h, 1] / divisor, constant weight, -shift] against the extended factors, so a chunk's
-    product already holds l - shift: a chunk costs a product and one pass that takes every sum at once
-    (`fused.chunk_statistics`, one compiled kernel for large tiles), with no max and no subtraction pass. The sweep
-    works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because exp2 runs
-    faster than exp here. The first chunk sets the shift to its maximum, so the largest term seen is never
-    below 1. Later chunks may exceed it: 2^y is finite up to y = 128 (bf16 and fp32 share that range), and the shift
-    moves by log2 S (a rescale of the sums, no pass) once S passes exp(REBASE_ABOVE). A chunk that overflows anyway
-    is taken again with the shift moved to its maximum. Sums accumulate in fp32; the shift is kept at a value
-    `dtype` holds exactly, so what the product subtracts is what logsumexp adds back. With `groups`, the sweep also
-    keeps W = sum 2^y y (entropy = ln 2 (log2 S - W / S)) and the group maxima of `_Groups`.
-
-    Given p, the sweep also takes the cross term C = sum_v p_v y_v from the same rounded product, so
-    KL = sum p log p - C ln 2 + ln S (sum p = 1) carries the rounding of the logits in both of its terms, which
-    cancel where the view is close to the model. A shift move by `step` lowers C by step times the p-mass seen.
-    """
-
-    def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
-                 groups: "_Groups | None" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
-        """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
-        in `dtype`; p: per chunk, the rows' (rows, chunk) model probabilities in `dtype`, for the cross term."""
-        heads, rows, _ = scaled.shape
-        constant_weight = torch.zeros(heads, rows, 1, device=scaled.device)
-        if has_constant:
-            constant_weight[:, :constant_rows] = 1.0  # rows past `constant_rows` (DLA's) add no constant
-        shift = torch.zeros(heads, rows, 1, device=scaled.device)
-        self.coefficients = torch.cat([scaled * LOG2E, constant_weight, shift], dim=-1).to(dtype)
-        self.p = p
-        self.cross = torch.zeros(heads, rows, device=scaled.device)
-        self.p_seen = torch.zeros(rows, device=scaled.device)
-        self.factors = factors  # per chunk, (head, d_head + 3, chunk)
-        self.shift = torch.zeros(heads, rows, device=scaled.device)  # in log2 units
-        self.sum_exp = torch.zeros(heads, rows, device=scaled.device)
-        self.weighted = torch.zeros(heads, rows, device=scaled.device)
-        self.groups = groups
-        self.group_maxima: list[Tensor] = []
-        self.started = False
-        self.buffers: dict[tuple, Tensor] = {}
-
-    def _buffer(self, name: str, like: Tensor, chunk: int) -> Tensor:
-        """A reused (head, rows, chunk) tile: allocating a fresh multi-MB tile per chunk cost as much as the
-        product that fills it (fresh pages, cold cache)."""
-        key = (name, self.factors[chunk].shape[-1])
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(*like.shape[:2], key[1], dtype=like.dtype, device=like.device)
-        return self.buffers[key]
-
-    def add(self, chunk: int) -> None:
-        """Take in vocabulary chunk number `chunk`."""
-        # (head, rows, chunk): (l - shift) log2(e)
-        shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self._buffer("product", self.coefficients, chunk))
-        if not self.started:  # the first chunk's maximum: the largest term is 2^0 from here on
-            top = (group_maxima(shifted, GROUP) if self.groups is not None else shifted).amax(-1).float()
-            self._move_shift(top, shifted)
-            self.started = True
-        p = None if self.p is None else self.p[chunk]
-        group = 0 if self.groups is None else GROUP
-        statistics = chunk_statistics(shifted, p, group)
-        overflow = ~torch.isfinite(statistics.sum_exp)
-        if overflow.any():  # a logit far above the shift: move it there and take the chunk again
-            self._move_shift(torch.where(overflow, shifted.amax(-1).float(), 0.0), shifted)
-            statistics = chunk_statistics(shifted, p, group)
-        if self.groups is not None:
-            self.group_maxima.append(statistics.maxima.float() + self.shift[..., None])
-            self.weighted += statistics.weighted
-        if p is not None:
-            self.cross += statistics.cross
-            self.p_seen += p.sum(-1, dtype=torch.float32)
-        self.sum_exp += statistics.sum_exp
-        large = self.sum_exp > math.exp(REBASE_ABOVE)
-        if large.any():
-            self._move_shift(torch.where(large, torch.log2(self.sum_exp), 0.0))
-
-    def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
-        """Raise the shift by ~`step` (head, rows): rescale the sums, the coefficients and this chunk's values."""
-        new_shift = (self.shift + step).to(self.coefficients.dtype).float()  # exactly representable in the product
-        step = new_shift - self.shift
-        if shifted is not None:
-            # A step the chunk's dtype holds (the first chunk's: its own maximum) subtracts without a conversion;
-            # any other is taken in fp32 and rounded once.
-            low = step.to(shifted.dtype)
-            shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
-        # sum 2^(y - step) = 2^-step S; sum 2^(y - step)(y - step) = 2^-step (W - step S). Nothing seen yet: 1.
-        rescale = torch.where(self.sum_exp > 0, torch.exp2(-step), 1.0)
-        self.weighted = rescale * (self.weighted - step * self.sum_exp)
-        self.sum_exp = rescale * self.sum_exp
-        self.cross = self.cross - step * self.p_seen
-        self.shift = new_shift
-        self.coefficients[..., -1] = (-new_shift).to(self.coefficients.dtype)
-
-    def maxima(self) -> Tensor:
-        return torch.cat(self.group_maxima, dim=-1)  # (head, rows, groups)
-
-    def log_sum_exp(self) -> Tensor:
-        """Natural logsumexp of the view's logits, (head, rows)."""
-        return (self.shift + torch.log2(self.sum_exp)) / LOG2E
-
-    def kl(self, neg_entropy: Tensor) -> Tensor:
-        """KL(P_model || softmax(logits)), (head, rows), given sum p log p per row (rows,); needs p."""
-        return neg_entropy + (torch.log2(self.sum_exp) - self.cross) / LOG2E
-
-    def entropy(self) -> Tensor:
-        return (torch.log2(self.sum_exp) - self.weighted / self.sum_exp) / LOG2E
-
-
-def _own_scores(sweep: "_Sweep", targets: Targets, rows: slice, picked: Tensor, top_ids: Tensor) -> dict[str, Tensor]:
+def _own_scores(sweep: "Sweep", targets: Targets, rows: slice, picked: Tensor, top_ids: Tensor) -> dict[str, Tensor]:
     """The lens's own scores, as `_lens_scores` gives them: each (rows, head)."""
     model_top = targets.top[rows]  # (rows, k)
     lens_top = top_ids.transpose(0, 1)  # (rows, head, k)

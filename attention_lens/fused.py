@@ -69,27 +69,59 @@ def group_members(groups: Tensor, length: int, group: int) -> tuple[Tensor, Tens
     return ids.masked_fill(~valid, 0).flatten(-2), valid.flatten(-2)
 
 
-_compiled = None
+class GradientTerms(NamedTuple):
+    """What the trainer's second pass takes from a chunk of base-2 logits y = (l - shift) log2(e)."""
+
+    residual: Tensor
+    """q - p = 2^y rescale - p, (head, rows, chunk) in the tile's dtype: dKL/dlogits, for the factors' gradient"""
+    residual_y: Tensor
+    """sum (q - p) y, (head, rows) fp32"""
+    residual_sum: Tensor
+    """sum (q - p), (head, rows) fp32"""
+    residual_constant: Tensor | None
+    """sum (q - p) c with the chunk's constant c (log2(e) units as the factors carry it), or None"""
+
+
+def _gradient_terms(shifted: Tensor, p: Tensor, rescale: Tensor, constant: Tensor | None) -> GradientTerms:
+    """rescale (head, rows) = 2^-log2(S), so 2^y rescale = q; sums from the fp32 residual, before it rounds."""
+    y = shifted.float()
+    residual = torch.exp2(y) * rescale[..., None] - p.float()
+    weighted = None if constant is None else (residual * constant.float()).sum(-1)
+    return GradientTerms(residual.to(shifted.dtype), (residual * y).sum(-1), residual.sum(-1), weighted)
+
+
+_compiled: dict = {}
 _compile_failed = False
 
 
-def chunk_statistics(shifted: Tensor, p: Tensor | None = None, group: int = 0) -> ChunkStatistics:
-    """`_statistics` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles.
+def _fused(function, tile: Tensor, *args):
+    """`function(tile, *args)`, compiled into one kernel when the tile is large enough (COMPILE_MIN_ELEMENTS).
 
     If compiling fails (no C++ compiler, an unsupported platform), one warning is logged and every later tile runs
     eagerly: the numbers are the same math, only slower.
     """
-    global _compiled, _compile_failed
-    if shifted.numel() < COMPILE_MIN_ELEMENTS or _compile_failed or os.environ.get(DISABLE_VARIABLE) == "1":
-        return _statistics(shifted, p, group)
+    global _compile_failed
+    if tile.numel() < COMPILE_MIN_ELEMENTS or _compile_failed or os.environ.get(DISABLE_VARIABLE) == "1":
+        return function(tile, *args)
     try:
         with warnings.catch_warnings():  # Inductor warns of torch internals (deprecations): nothing a user can act on
             warnings.simplefilter("ignore")
-            if _compiled is None:
-                _compiled = torch.compile(_statistics, dynamic=None)  # static for the first shape, then dynamic
-            return _compiled(shifted, p, group)
+            if function not in _compiled:
+                _compiled[function] = torch.compile(function, dynamic=None)  # static for the first shape, then dynamic
+            return _compiled[function](tile, *args)
     except Exception as error:  # noqa: BLE001 -- any compiler failure: the eager math gives the same numbers
         _compile_failed = True
-        log.warning("compiling the eval's fused kernel failed (%s: %s); scoring eagerly, which is slower",
-                     type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        return _statistics(shifted, p, group)
+        log.warning("compiling a fused kernel failed (%s: %s); running eagerly, which is slower",
+                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return function(tile, *args)
+
+
+def chunk_statistics(shifted: Tensor, p: Tensor | None = None, group: int = 0) -> ChunkStatistics:
+    """`_statistics` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles."""
+    return _fused(_statistics, shifted, p, group)
+
+
+def gradient_terms(shifted: Tensor, p: Tensor, rescale: Tensor, constant: Tensor | None = None) -> GradientTerms:
+    """`_gradient_terms` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles: the trainer's
+    second pass reads the chunk once and writes q - p once (eagerly: five passes)."""
+    return _fused(_gradient_terms, shifted, p, rescale, constant)

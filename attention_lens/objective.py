@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fused import gradient_terms
 from .lens import Lens
+from .sweep import LOG2E, Sweep, extended_factors
 
 # Tiles of (head, rows, vocab chunk) logits small enough to stay in cache (~2.4 M floats, ~9 MB: L3 here).
 # Every pass over the logits (softmax, cross term, gradient) then reads cache, not memory: measured ~2x faster
@@ -49,10 +51,12 @@ def head_kl(
     if lens.kind_spec.model_readout and lens.model.unembed.softcap is not None:
         return _capped_head_kl(lens, z, layer, p, neg_entropy, factors, constant, backward_scale, dtype, block_rows)
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
-    # Cast once per layer, and laid out (head, d_head + 1, vocab) so each chunk is a plain strided matrix for
-    # bmm (a transposed (head, chunk, d_head + 1) slice made bmm copy it: ~1.8x slower per chunk).
-    factors_t = factors.detach().to(dtype).transpose(1, 2).contiguous()  # a no-op for the lens's own layout
-    grad_t = torch.zeros(factors_t.shape, device=z.device) if train and factors.requires_grad else None
+    chunks = _chunks(factors.shape[1], z.device)
+    # Cast once per layer, one contiguous (head, d_head + 3, chunk) block per chunk (sweep.extended_factors): a
+    # strided chunk would be copied by every product.
+    extended = extended_factors(factors, constant, dtype, chunks)
+    grad_t = (torch.zeros(factors.shape[0], factors.shape[2], factors.shape[1], device=z.device)
+              if train and factors.requires_grad else None)  # (head, d_head + 1, vocab)
     rows_per_tile = max(1, block_rows // len(lens.config.heads))
     out = []
     for start in range(0, z.shape[0], rows_per_tile):
@@ -60,7 +64,7 @@ def head_kl(
         scale = None if final_scale is None else final_scale[rows]
         with torch.set_grad_enabled(train):
             divisor = lens.divisor(z[rows], layer, scale)  # (rows, head); a graph into affine parameters
-        kl, spread = _tiled_kl(z_aug[rows], divisor.detach(), factors_t, constant, p[rows], neg_entropy[rows],
+        kl, spread = _tiled_kl(z_aug[rows], divisor.detach(), extended, chunks, constant, p[rows], neg_entropy[rows],
                                grad_t, backward_scale)
         if train and divisor.requires_grad:
             # d(scale * KL) / d divisor = -scale * sum_v (q - p)(logits - constant) / divisor
@@ -72,55 +76,46 @@ def head_kl(
 
 
 @torch.no_grad()
-def _tiled_kl(z_aug: Tensor, divisor: Tensor, factors_t: Tensor, constant: Tensor | None, p: Tensor,
-              neg_entropy: Tensor, grad_t: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor | None]:
+def _tiled_kl(z_aug: Tensor, divisor: Tensor, extended: list[Tensor], chunks: list[slice], constant: Tensor | None,
+              p: Tensor, neg_entropy: Tensor, grad_t: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor | None]:
     """KL (rows, head) of one block of rows, over the vocabulary in cache-sized chunks; optionally its gradient.
 
-    z_aug (rows, head, d_head + 1), divisor (rows, head), factors_t (head, d_head + 1, vocab), p (rows, vocab).
-    Pass 1 keeps a running max and sum of exponentials per row (an online logsumexp) and the cross term
-    sum p * logits; pass 2 (training only) recomputes each chunk, forms q - p with the now-known logsumexp,
-    and adds scale * (z / divisor)^T (q - p) into grad_t, the factors' gradient transposed. Returns also
-    sum_v (q - p) * (logits - constant), which the divisor's gradient needs.
+    z_aug (rows, head, d_head + 1), divisor (rows, head), extended: per chunk the (head, d_head + 3, chunk) factors
+    of `sweep.extended_factors`, p (rows, vocab). Pass 1 streams the chunks through a `Sweep`: each product already
+    holds (l - shift) log2(e), and one fused pass per chunk takes sum 2^y and the cross term sum p y. Pass 2
+    (training only) recomputes each chunk against the final shift, and one fused pass (`fused.gradient_terms`)
+    forms q - p = 2^y / S - p, which adds scale * (z / divisor)^T (q - p) into grad_t (the factors' gradient,
+    transposed), and its sums for sum_v (q - p)(logits - constant), which the divisor's gradient needs.
 
-    The logits stay in the factors' dtype: in bf16 runs every pass over them (max, exp, q - p) reads half the
-    bytes and bf16 exp runs ~2x faster than fp32 on CPUs. Each chunk's sums accumulate in fp32 inside the kernel
-    and round once (sum(dtype=float32) would first copy the chunk to fp32: 2.6x slower); chunks add up in fp32.
-    Exponents are shifted by the running max, itself one of the logits, so the shift is exact in bf16; each
-    row's scale exp(max - logsumexp) is computed in fp32 and applied in bf16 (q off by at most 2^-9 relative;
-    an fp32 factor made that pass 4x slower).
+    The products and the q - p tile are in the factors' dtype (bf16 in bf16 runs: half the bytes, ~4x the GEMM
+    rate); every sum is taken in fp32 from each element inside the fused kernels, and chunks add up in fp32. p is
+    rounded to that dtype too: `Sweep.kl` counts the p-mass it saw, so its rounding costs no more than its own size.
     """
-    low = factors_t.dtype
-    scaled = (z_aug / divisor[..., None]).transpose(0, 1).to(low)  # (head, rows, d_head + 1)
-    heads, rows, vocab = scaled.shape[0], scaled.shape[1], factors_t.shape[2]
+    low = extended[0].dtype
+    scaled = (z_aug / divisor[..., None]).transpose(0, 1)  # (head, rows, d_head + 1) fp32
     p_low = p.to(low)
-    constant_low = None if constant is None else constant.to(low)
-    top = torch.full((heads, rows), -torch.inf, device=p.device)
-    sum_exp = torch.zeros(heads, rows, device=p.device)
-    cross = torch.zeros(heads, rows, device=p.device)
-    for chunk in _chunks(vocab, p.device):
-        logits = torch.bmm(scaled, factors_t[:, :, chunk])  # (head, rows, chunk), low
-        if constant_low is not None:
-            logits += constant_low[chunk]
-        cross += (logits * p_low[:, chunk]).sum(-1).float()
-        new_top = torch.maximum(top, logits.amax(-1).float())
-        terms = logits.sub_(new_top.to(low)[..., None]).exp_()  # in place: logits are not needed again
-        sum_exp = sum_exp * torch.exp(top - new_top) + terms.sum(-1).float()
-        top = new_top
-    log_sum_exp = top + torch.log(sum_exp)
-    kl = (neg_entropy - cross + log_sum_exp).T  # (rows, head)
+    p_chunks = [p_low[:, chunk] for chunk in chunks]
+    sweep = Sweep(scaled, constant is not None, extended, low, p=p_chunks)
+    for index in range(len(chunks)):
+        sweep.add(index)
+    kl = sweep.kl(neg_entropy).T  # (rows, head)
     if grad_t is None and scale is None:
         return kl, None
-    shift = top.to(low)[..., None]  # exact: top is one of the low-precision logits
-    rescale = torch.exp(top - log_sum_exp).to(low)[..., None]  # q = exp(logits - top) * exp(top - lse)
-    spread = torch.zeros(heads, rows, device=p.device)
-    scaled_t = scaled.transpose(1, 2).contiguous()  # (head, d_head + 1, rows): small, and bmm wants it plain
-    for chunk in _chunks(vocab, p.device):
-        raw = torch.bmm(scaled, factors_t[:, :, chunk])  # logits - constant
-        logits = raw if constant_low is None else raw + constant_low[chunk]
-        residual = torch.sub(logits, shift).exp_().mul_(rescale).sub_(p_low[:, chunk])  # q - p: dKL/dlogits
-        spread += (residual * raw).sum(-1).float()
+    rescale = 1 / sweep.sum_exp  # q = 2^y / S, y against the final shift
+    constant_log2e = None if constant is None else (constant.float() * LOG2E).to(low)
+    spread = torch.zeros_like(sweep.sum_exp)
+    scaled_t = scaled.transpose(1, 2).to(low).contiguous()  # (head, d_head + 1, rows): small, and bmm wants it plain
+    for index, chunk in enumerate(chunks):
+        product = sweep.buffer("product", sweep.coefficients, index)  # pass 1's tile, free again
+        shifted = torch.bmm(sweep.coefficients, extended[index], out=product)
+        terms = gradient_terms(shifted, p_chunks[index], rescale,
+                               None if constant_log2e is None else constant_log2e[chunk])
+        # logits - constant = (y + shift) ln 2 - constant
+        spread += (terms.residual_y + sweep.shift * terms.residual_sum) / LOG2E
+        if terms.residual_constant is not None:
+            spread -= terms.residual_constant / LOG2E
         if grad_t is not None:
-            grad_t[:, :, chunk].add_(torch.bmm(scaled_t, residual), alpha=scale)  # bf16 into fp32 in one call
+            grad_t[:, :, chunk].add_(torch.bmm(scaled_t, terms.residual), alpha=scale)  # bf16 into fp32 in one call
     return kl, spread.T
 
 

@@ -61,7 +61,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_math_once(monkeypatch, caplo
         raise RuntimeError("no C++ compiler found\nsecond line")
 
     monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_compiled", {fused._statistics: broken})
     monkeypatch.setattr(fused, "_compile_failed", False)
     monkeypatch.delenv(fused.DISABLE_VARIABLE, raising=False)
     y, p = tile(torch.float32)
@@ -69,8 +69,7 @@ def test_a_compiler_failure_falls_back_to_the_eager_math_once(monkeypatch, caplo
         first = fused.chunk_statistics(y, p, GROUP)
         second = fused.chunk_statistics(y, p, GROUP)
     assert [r.getMessage() for r in caplog.records] == [
-        "compiling the eval's fused kernel failed (RuntimeError: no C++ compiler found); scoring eagerly, which is "
-        "slower"]
+        "compiling a fused kernel failed (RuntimeError: no C++ compiler found); running eagerly, which is slower"]
     expected = fused._statistics(y, p, GROUP)
     for got in (first, second):
         torch.testing.assert_close(got.sum_exp, expected.sum_exp)
@@ -83,7 +82,7 @@ def test_compiling_raises_no_warning(monkeypatch):
     import warnings
 
     monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fused, "_compiled", None)
+    monkeypatch.setattr(fused, "_compiled", {})
     monkeypatch.setattr(fused, "_compile_failed", False)
     monkeypatch.delenv(fused.DISABLE_VARIABLE, raising=False)
     torch._dynamo.reset()

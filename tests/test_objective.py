@@ -41,6 +41,35 @@ def test_factored_kl_matches_naive(tiny_model, kind, monkeypatch):
             torch.testing.assert_close(factored, naive, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_kernels_give_the_eager_values_and_gradients(monkeypatch, dtype):
+    """Both passes through torch.compile's fused kernels (fused.chunk_statistics, fused.gradient_terms), as every
+    tile of a real model takes them: the same KL and gradients as the eager math of the same tiles."""
+    from attention_lens import fused
+
+    monkeypatch.setattr("attention_lens.objective.VOCAB_CHUNK", 16)  # several chunks, a short last one
+    monkeypatch.delenv(fused.DISABLE_VARIABLE, raising=False)
+    model = make_tiny_model("llama")
+    torch.manual_seed(3)
+    lens = Lens.from_model(model, "affine")
+    with torch.no_grad():
+        for parameter in lens.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    z = torch.randn(24, model.n_heads, model.d_head)
+    p, neg_entropy = target_distribution(torch.randn(24, model.vocab) * 3)
+
+    def kl_and_gradient(minimum_elements):
+        monkeypatch.setattr(fused, "COMPILE_MIN_ELEMENTS", minimum_elements)
+        lens.zero_grad()
+        kl = head_kl(lens, z, 0, p, neg_entropy, backward_scale=1.0, dtype=dtype, block_rows=12)
+        return kl, torch.cat([parameter.grad.flatten() for parameter in lens.parameters()])
+
+    (eager_kl, eager_grad), (compiled_kl, compiled_grad) = kl_and_gradient(1 << 40), kl_and_gradient(0)
+    assert not fused._compile_failed
+    torch.testing.assert_close(compiled_kl, eager_kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-4 * eager_grad.abs().max().item(), rtol=1e-3)
+
+
 def test_bfloat16_stays_close_to_float32():
     model = make_tiny_model("llama")
     lens = Lens.from_model(model, "affine")

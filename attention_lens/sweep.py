@@ -1,0 +1,143 @@
+"""An online logsumexp over vocabulary chunks whose running shift sits inside the product (`Sweep`): what the tiled
+scorer of `eval` (fidelity_tiles) and the trainer's blocks (objective) stream every view of a lens through."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .fused import chunk_statistics, group_maxima
+
+GROUP = 8
+"""Tokens per group whose maximum a sweep keeps when asked (the strided groups of `fidelity_tiles._Groups`)."""
+REBASE_ABOVE = 60.0
+"""A sweep moves its shift once its running sum of exp(l - shift) passes exp(60): sums stay far from overflow."""
+LOG2E = 1 / math.log(2)
+
+
+
+
+def extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype,
+                      chunks: list[slice]) -> list[Tensor]:
+    """Per vocabulary chunk, a contiguous (head, d_head + 3, chunk) block in `dtype`: the factors, then the
+    constant times log2(e) (zeros if none), then a row of ones, so [z_h, 1] log2(e) / divisor, a constant weight (1
+    or 0, exact in any dtype) and -shift multiply all three in one product. Contiguous blocks, once per layer: a
+    strided chunk would be copied by every product of every tile."""
+    heads, vocab = factors.shape[0], factors.shape[1]
+    extra = torch.ones(heads, 2, vocab, dtype=dtype, device=factors.device)
+    extra[:, 0] = 0 if constant is None else (constant.float() * LOG2E).to(dtype)
+    extended = torch.cat([factors.detach().to(dtype).transpose(1, 2), extra], dim=1)
+    return [extended[:, :, chunk].contiguous() for chunk in chunks]
+
+
+class Sweep:
+    """One view's online logsumexp over vocabulary chunks, with the running shift inside the product.
+
+    The coefficients are [[z_h, 1] / divisor, constant weight, -shift] against the extended factors, so a chunk's
+    product already holds l - shift: a chunk costs a product and one pass that takes every sum at once
+    (`fused.chunk_statistics`, one compiled kernel for large tiles), with no max and no subtraction pass. The sweep
+    works in base 2 (the coefficients carry log2(e), the product gives (l - shift) log2(e)), because exp2 runs
+    faster than exp here. The first chunk sets the shift to its maximum, so the largest term seen is never
+    below 1. Later chunks may exceed it: 2^y is finite up to y = 128 (bf16 and fp32 share that range), and the shift
+    moves by log2 S (a rescale of the sums, no pass) once S passes exp(REBASE_ABOVE). A chunk that overflows anyway
+    is taken again with the shift moved to its maximum. Sums accumulate in fp32; the shift is kept at a value
+    `dtype` holds exactly, so what the product subtracts is what logsumexp adds back. With `groups`, the sweep also
+    keeps W = sum 2^y y (entropy = ln 2 (log2 S - W / S)) and the group maxima of `fidelity_tiles._Groups`.
+
+    Given p, the sweep also takes the cross term C = sum_v p_v y_v from the same rounded product, so
+    KL = sum p log p - C ln 2 + ln S (sum p = 1) carries the rounding of the logits in both of its terms, which
+    cancel where the view is close to the model. A shift move by `step` lowers C by step times the p-mass seen.
+    """
+
+    def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
+                 groups: "Any" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
+        """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
+        in `dtype`; p: per chunk, the rows' (rows, chunk) model probabilities in `dtype`, for the cross term."""
+        heads, rows, _ = scaled.shape
+        constant_weight = torch.zeros(heads, rows, 1, device=scaled.device)
+        if has_constant:
+            constant_weight[:, :constant_rows] = 1.0  # rows past `constant_rows` (DLA's) add no constant
+        shift = torch.zeros(heads, rows, 1, device=scaled.device)
+        self.coefficients = torch.cat([scaled * LOG2E, constant_weight, shift], dim=-1).to(dtype)
+        self.p = p
+        self.cross = torch.zeros(heads, rows, device=scaled.device)
+        self.p_seen = torch.zeros(rows, device=scaled.device)
+        self.factors = factors  # per chunk, (head, d_head + 3, chunk)
+        self.shift = torch.zeros(heads, rows, device=scaled.device)  # in log2 units
+        self.sum_exp = torch.zeros(heads, rows, device=scaled.device)
+        self.weighted = torch.zeros(heads, rows, device=scaled.device)
+        self.groups = groups
+        self.group_maxima: list[Tensor] = []
+        self.started = False
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def buffer(self, name: str, like: Tensor, chunk: int) -> Tensor:
+        """A reused (head, rows, chunk) tile: allocating a fresh multi-MB tile per chunk cost as much as the
+        product that fills it (fresh pages, cold cache)."""
+        key = (name, self.factors[chunk].shape[-1])
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(*like.shape[:2], key[1], dtype=like.dtype, device=like.device)
+        return self.buffers[key]
+
+    def add(self, chunk: int) -> None:
+        """Take in vocabulary chunk number `chunk`."""
+        # (head, rows, chunk): (l - shift) log2(e)
+        shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self.buffer("product", self.coefficients, chunk))
+        if not self.started:  # the first chunk's maximum: the largest term is 2^0 from here on
+            top = (group_maxima(shifted, GROUP) if self.groups is not None else shifted).amax(-1).float()
+            self._move_shift(top, shifted)
+            self.started = True
+        p = None if self.p is None else self.p[chunk]
+        group = 0 if self.groups is None else GROUP
+        statistics = chunk_statistics(shifted, p, group)
+        overflow = ~torch.isfinite(statistics.sum_exp)
+        if overflow.any():  # a logit far above the shift: move it there and take the chunk again
+            self._move_shift(torch.where(overflow, shifted.amax(-1).float(), 0.0), shifted)
+            statistics = chunk_statistics(shifted, p, group)
+        if self.groups is not None:
+            self.group_maxima.append(statistics.maxima.float() + self.shift[..., None])
+            self.weighted += statistics.weighted
+        if p is not None:
+            self.cross += statistics.cross
+            self.p_seen += p.sum(-1, dtype=torch.float32)
+        self.sum_exp += statistics.sum_exp
+        large = self.sum_exp > math.exp(REBASE_ABOVE)
+        if large.any():
+            self._move_shift(torch.where(large, torch.log2(self.sum_exp), 0.0))
+
+    def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
+        """Raise the shift by ~`step` (head, rows): rescale the sums, the coefficients and this chunk's values."""
+        new_shift = (self.shift + step).to(self.coefficients.dtype).float()  # exactly representable in the product
+        step = new_shift - self.shift
+        if shifted is not None:
+            # A step the chunk's dtype holds (the first chunk's: its own maximum) subtracts without a conversion;
+            # any other is taken in fp32 and rounded once.
+            low = step.to(shifted.dtype)
+            shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
+        # sum 2^(y - step) = 2^-step S; sum 2^(y - step)(y - step) = 2^-step (W - step S). Nothing seen yet: 1.
+        rescale = torch.where(self.sum_exp > 0, torch.exp2(-step), 1.0)
+        self.weighted = rescale * (self.weighted - step * self.sum_exp)
+        self.sum_exp = rescale * self.sum_exp
+        self.cross = self.cross - step * self.p_seen
+        self.shift = new_shift
+        self.coefficients[..., -1] = (-new_shift).to(self.coefficients.dtype)
+
+    def maxima(self) -> Tensor:
+        return torch.cat(self.group_maxima, dim=-1)  # (head, rows, groups)
+
+    def log_sum_exp(self) -> Tensor:
+        """Natural logsumexp of the view's logits, (head, rows)."""
+        return (self.shift + torch.log2(self.sum_exp)) / LOG2E
+
+    def kl(self, neg_entropy: Tensor) -> Tensor:
+        """KL(P_model || softmax(logits)) = sum p log p - sum p l + logsumexp(l), (head, rows), given sum p log p
+        per row (rows,); needs p. sum p l = (C + shift sum p) ln 2 with the p-mass seen, so a p whose sum is not
+        exactly 1 (a bf16 copy: off by ~1e-3) costs its own rounding, not that times the shift."""
+        p_shift = self.shift * (1 - self.p_seen)
+        return neg_entropy + (torch.log2(self.sum_exp) - self.cross + p_shift) / LOG2E
+
+    def entropy(self) -> Tensor:
+        return (torch.log2(self.sum_exp) - self.weighted / self.sum_exp) / LOG2E
