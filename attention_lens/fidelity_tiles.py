@@ -10,10 +10,10 @@ from torch import Tensor
 
 from .fidelity import Targets
 from .lens import Lens
-from .objective import DEFAULT_BLOCK_ROWS, _autocast, _chunks
+from .objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK, _autocast, _chunks
 from .sweep import GROUP, LOG2E, Sweep, extended_factors
 
-SCORE_TILE_ROWS = 2 * DEFAULT_BLOCK_ROWS
+SCORE_TILE_ROWS = DEFAULT_BLOCK_ROWS
 """Head-token rows per tile when scoring (e.g. 256 tokens x 9 heads): the bf16 products need a few hundred rows per
 head to run near the GEMM rate (64 rows ran at a quarter of it on 2 cores), and the tile must stay cache-sized."""
 
@@ -147,7 +147,7 @@ class _Groups:
         return ids.gather(-1, logits.topk(min(k, self.vocab), dim=-1).indices)
 
 
-SCORE_VOCAB_CHUNK = 1024
+SCORE_VOCAB_CHUNK = VOCAB_CHUNK
 """Vocabulary entries per scoring tile: with SCORE_TILE_ROWS, a (head, rows, chunk) tile of bf16 logits stays
 cache-sized (~5 MB); products whose output is 4x that ran at half the rate on 2 cores."""
 CANDIDATE_ROWS = 64

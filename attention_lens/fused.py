@@ -37,6 +37,8 @@ class ChunkStatistics(NamedTuple):
     """sum p y (the KL's cross term), with p"""
     maxima: Tensor | None
     """(head, rows, groups) the maxima of strided token groups (`fidelity_tiles._Groups`), with groups"""
+    p_mass: Tensor | None = None
+    """sum p (rows,), with p: the p-mass a shift move rescales the cross term by"""
 
 
 def _statistics(shifted: Tensor, p: Tensor | None, group: int) -> ChunkStatistics:
@@ -44,10 +46,10 @@ def _statistics(shifted: Tensor, p: Tensor | None, group: int) -> ChunkStatistic
     group maxima. Terms are taken in fp32 from the tile's values, whatever its dtype."""
     y = shifted.float()
     terms = torch.exp2(y)
-    cross = None if p is None else (y * p.float()).sum(-1)
+    cross, p_mass = (None, None) if p is None else ((y * p.float()).sum(-1), p.float().sum(-1))
     if not group:
-        return ChunkStatistics(terms.sum(-1), None, cross, None)
-    return ChunkStatistics(terms.sum(-1), (terms * y).sum(-1), cross, group_maxima(shifted, group))
+        return ChunkStatistics(terms.sum(-1), None, cross, None, p_mass)
+    return ChunkStatistics(terms.sum(-1), (terms * y).sum(-1), cross, group_maxima(shifted, group), p_mass)
 
 
 def group_maxima(shifted: Tensor, group: int) -> Tensor:

@@ -102,7 +102,7 @@ class Sweep:
             self.weighted += statistics.weighted
         if p is not None:
             self.cross += statistics.cross
-            self.p_seen += p.sum(-1, dtype=torch.float32)
+            self.p_seen += statistics.p_mass
         self.sum_exp += statistics.sum_exp
         large = self.sum_exp > math.exp(REBASE_ABOVE)
         if large.any():

@@ -28,7 +28,7 @@ def direct(y: torch.Tensor, p: torch.Tensor) -> dict[str, torch.Tensor]:
     n = y.shape[-1] // GROUP
     strided = torch.stack([y[..., j::n][..., :GROUP].amax(-1) for j in range(n)], -1)
     return {"sum_exp": (2 ** y).sum(-1), "weighted": (2 ** y * y).sum(-1), "cross": (p * y).sum(-1),
-            "maxima": torch.cat([strided, y[..., n * GROUP:]], -1)}
+            "maxima": torch.cat([strided, y[..., n * GROUP:]], -1), "p_mass": p.sum(-1)}
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
