@@ -4,12 +4,15 @@ scorer of `eval` (fidelity_tiles) and the trainer's blocks (objective) stream ev
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .fused import chunk_statistics, group_maxima
+
+if TYPE_CHECKING:  # fidelity_tiles imports this module
+    from .fidelity_tiles import _Groups
 
 GROUP = 8
 """Tokens per group whose maximum a sweep keeps when asked (the strided groups of `fidelity_tiles._Groups`)."""
@@ -18,10 +21,8 @@ REBASE_ABOVE = 60.0
 LOG2E = 1 / math.log(2)
 
 
-
-
 def extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtype,
-                      chunks: list[slice]) -> list[Tensor]:
+                     chunks: list[slice]) -> list[Tensor]:
     """Per vocabulary chunk, a contiguous (head, d_head + 3, chunk) block in `dtype`: the factors, then the
     constant times log2(e) (zeros if none), then a row of ones, so [z_h, 1] log2(e) / divisor, a constant weight (1
     or 0, exact in any dtype) and -shift multiply all three in one product. Contiguous blocks, once per layer: a
@@ -53,7 +54,7 @@ class Sweep:
     """
 
     def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
-                 groups: "Any" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
+                 groups: "_Groups | None" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
         """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
         in `dtype`; p: per chunk, the rows' (rows, chunk) model probabilities in `dtype`, for the cross term."""
         heads, rows, _ = scaled.shape
