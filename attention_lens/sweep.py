@@ -4,15 +4,12 @@ scorer of `eval` (fidelity_tiles) and the trainer's blocks (objective) stream ev
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .fused import chunk_statistics, group_maxima
-
-if TYPE_CHECKING:  # fidelity_tiles imports this module
-    from .fidelity_tiles import _Groups
 
 GROUP = 8
 """Tokens per group whose maximum a sweep keeps when asked (the strided groups of `fidelity_tiles._Groups`)."""
@@ -54,9 +51,11 @@ class Sweep:
     """
 
     def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
-                 groups: "_Groups | None" = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
+                 groups: Any = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
         """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
-        in `dtype`; p: per chunk, the rows' (rows, chunk) model probabilities in `dtype`, for the cross term."""
+        in `dtype`; groups: a `fidelity_tiles._Groups` to keep group maxima and the entropy's sum (typed loosely:
+        fidelity_tiles imports this module); p: per chunk, the rows' (rows, chunk) model probabilities, for the
+        cross term."""
         heads, rows, _ = scaled.shape
         constant_weight = torch.zeros(heads, rows, 1, device=scaled.device)
         if has_constant:
