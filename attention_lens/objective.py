@@ -80,7 +80,8 @@ def head_kl(
 
 @torch.no_grad()
 def _tiled_kl(z_aug: Tensor, divisor: Tensor, extended: list[Tensor], chunks: list[slice], constant: Tensor | None,
-              p: Tensor, neg_entropy: Tensor, grad_t: Tensor | None, scale: float | None) -> tuple[Tensor, Tensor | None]:
+              p: Tensor, neg_entropy: Tensor, grad_t: Tensor | None,
+              scale: float | None) -> tuple[Tensor, Tensor | None]:
     """KL (rows, head) of one block of rows, over the vocabulary in cache-sized chunks; optionally its gradient.
 
     z_aug (rows, head, d_head + 1), divisor (rows, head), extended: per chunk the (head, d_head + 3, chunk) factors
@@ -105,14 +106,13 @@ def _tiled_kl(z_aug: Tensor, divisor: Tensor, extended: list[Tensor], chunks: li
     if grad_t is None and scale is None:
         return kl, None
     rescale = 1 / sweep.sum_exp  # q = 2^y / S, y against the final shift
-    constant_log2e = None if constant is None else (constant.float() * LOG2E).to(low)
     spread = torch.zeros_like(sweep.sum_exp)
     scaled_t = scaled.transpose(1, 2).to(low).contiguous()  # (head, d_head + 1, rows): small, and bmm wants it plain
     for index, chunk in enumerate(chunks):
         product = sweep.buffer("product", sweep.coefficients, index)  # pass 1's tile, free again
         shifted = torch.bmm(sweep.coefficients, extended[index], out=product)
-        terms = gradient_terms(shifted, p_chunks[index], rescale,
-                               None if constant_log2e is None else constant_log2e[chunk])
+        # The chunk's constant as the product saw it: extended_factors' row d_head + 1 (constant log2(e), every head).
+        terms = gradient_terms(shifted, p_chunks[index], rescale, None if constant is None else extended[index][0, -2])
         # logits - constant = (y + shift) ln 2 - constant
         spread += (terms.residual_y + sweep.shift * terms.residual_sum) / LOG2E
         if terms.residual_constant is not None:

@@ -151,7 +151,7 @@ class Screen:
 
 def _sum_exp(values: Tensor, shift: Tensor) -> Tensor:
     """sum_v exp(values_v - shift) per row in fp32 from (rows, vocab) bf16 values, through one reused fp32 block of
-    SUM_COLUMNS columns that stays in cache: 2.6x faster than the eager pass over whole rows (fp32 copy, exp, sum),
+    SUM_COLUMNS columns that stays in cache: 2.2x faster than the eager pass over whole rows (fp32 copy, exp, sum),
     and within 15% of a compiled kernel without the seconds a one-shot `decode` would spend compiling it."""
     total = torch.zeros(values.shape[0], device=values.device)
     block = torch.empty(values.shape[0], min(SUM_COLUMNS, values.shape[1]), device=values.device)
@@ -165,7 +165,7 @@ def _sum_exp(values: Tensor, shift: Tensor) -> Tensor:
 def _screen_top(screened: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """The m largest screened logits of each row (rows, m), descending, and their token ids: from the m groups
     with the largest maxima (`fused.group_maxima`; each holds at least one of those m), then a top-m over their
-    tokens. About 4x faster than one top-m over the whole vocabulary."""
+    tokens. On SmolLM2 (270 heads x 20 tokens) the top-k took 81 ms this way, 226 ms as one top-m per row."""
     vocab = screened.shape[1]
     if vocab < 4 * GROUP * m:  # a short row: one top-m costs no more
         return screened.topk(m, dim=-1)
