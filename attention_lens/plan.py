@@ -15,13 +15,22 @@ from typing import Any
 import torch
 
 from .errors import AttentionLensError
+from .fused import COMPILE_MIN_ELEMENTS
 from .kinds import get_kind
+from .objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK
 
 RUNTIME_BYTES = 400 * 2**20
 """Resident memory besides tensors on a CPU: Python with torch 2.13, transformers 5 and attention_lens imported
 (measured: 223-239 MiB), the tokenizer, the tokenized corpus (SOTU: ~2.5 M tokens) and the allocator's slack."""
 GPU_RUNTIME_BYTES = 512 * 2**20
 """Device memory besides tensors on a GPU: the CUDA context and kernels (typical)."""
+COMPILED_KERNELS_BYTES = 100 * 2**20
+"""Resident memory Inductor's compiled tile kernels add on a CPU (`fused`; compiler modules, generated code): the
+peak of training SmolLM2 layers 20-29, 512 tokens per step, was 65-95 MiB above the same run kept eager."""
+TILE_BUFFERS = 16
+"""Tile-sized fp32 buffers a training layer holds (the product, the fused kernels' q - p, the gradient's product)
+plus what the allocator keeps of freed tiles from layer to layer: training SmolLM2 layers 20-29 at 512 tokens per
+step peaked ~150 MiB (16 tiles of 2,304 x 1,024) above the factors, their gradient and their extended copy."""
 ADAM_STATE = 3
 """Extra fp32 values per lens parameter while training with Adam: gradient + two moments (SGD: gradient only)."""
 GPU_THROUGHPUT = {
@@ -148,8 +157,8 @@ class Memory:
     layer_activations: int
     """Per step while one lens layer trains: the logits, p and the z not yet used, for every token."""
     layer_workspace: int
-    """One lens layer's vocabulary-sized factors, their gradient and the backward's contiguous copy of it (freed
-    before the next layer)."""
+    """One lens layer's vocabulary-sized factors, their gradient, the sweep's extended copy and the tiles (freed
+    before the next layer); on CPUs, the compiled tile kernels where tiles are large enough to use them."""
     peak: int
     """runtime + weights + readout + lens parameters + optimizer state + the larger of the two phases:
     activations, or layer_activations + layer_workspace."""
@@ -214,9 +223,15 @@ def plan(
     )
     layer_activations = tokens_per_step * (shape.vocab * (model_bytes + 4) + z_bytes)  # logits and p stay
     factors = shape.n_heads * (shape.d_head + 1) * shape.vocab  # (head, d_head + 1, vocab)
-    # Training: the factors in the training dtype, their fp32 gradient, and the copy of that gradient autograd
-    # makes to push it back through the factors' transposed view. Reading: the factors alone.
-    workspace = factors * (low_bytes + 8) if training else factors * low_bytes
+    # Training: the factors in the training dtype, their fp32 gradient, the sweep's extended copy (two more rows,
+    # sweep.extended_factors) and the tiles. Reading: the factors alone.
+    extended = shape.n_heads * (shape.d_head + 3) * shape.vocab
+    tile = min(DEFAULT_BLOCK_ROWS, shape.n_heads * tokens_per_step) * min(VOCAB_CHUNK, shape.vocab)
+    on_cpu = not device.startswith("cuda")
+    tiles = TILE_BUFFERS * 4 * tile if on_cpu else 0  # on GPUs a layer is one chunk, inside the workspace's terms
+    workspace = factors * (low_bytes + 4) + extended * low_bytes + tiles if training else factors * low_bytes
+    if on_cpu and tile >= COMPILE_MIN_ELEMENTS:
+        workspace += COMPILED_KERNELS_BYTES
     runtime = GPU_RUNTIME_BYTES if device.startswith("cuda") else RUNTIME_BYTES
     weights = shape.parameters * model_bytes
     activations = per_token * tokens_per_step

@@ -24,11 +24,15 @@ def extended_factors(factors: Tensor, constant: Tensor | None, dtype: torch.dtyp
     constant times log2(e) (zeros if none), then a row of ones, so [z_h, 1] log2(e) / divisor, a constant weight (1
     or 0, exact in any dtype) and -shift multiply all three in one product. Contiguous blocks, once per layer: a
     strided chunk would be copied by every product of every tile."""
-    heads, vocab = factors.shape[0], factors.shape[1]
-    extra = torch.ones(heads, 2, vocab, dtype=dtype, device=factors.device)
-    extra[:, 0] = 0 if constant is None else (constant.float() * LOG2E).to(dtype)
-    extended = torch.cat([factors.detach().to(dtype).transpose(1, 2), extra], dim=1)
-    return [extended[:, :, chunk].contiguous() for chunk in chunks]
+    heads, _, rank = factors.shape
+    factors_t = factors.detach().transpose(1, 2)  # (head, d_head + 1, vocab)
+    blocks = []
+    for chunk in chunks:  # chunk by chunk: a whole extended copy first would double the peak for a moment
+        block = torch.ones(heads, rank + 2, chunk.stop - chunk.start, dtype=dtype, device=factors.device)
+        block[:, :rank] = factors_t[:, :, chunk]
+        block[:, rank] = 0 if constant is None else (constant[chunk].float() * LOG2E).to(dtype)
+        blocks.append(block)
+    return blocks
 
 
 class Sweep:
