@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attention_lens.vocab_topk import CANDIDATES, WIDE_CANDIDATES, vocab_topk
+from attention_lens.vocab_topk import CANDIDATES, SUM_ROWS, WIDE_CANDIDATES, _log_sum_exp, vocab_topk
 
 
 def _fp32(y, W_U, bias, k):
@@ -67,3 +67,13 @@ def test_probs_are_the_softmax_of_the_top_logits():
     softmax = torch.softmax(y @ W_U.T, dim=-1).topk(4).values
     torch.testing.assert_close(top.probs(), softmax, rtol=2e-2, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("rows", [SUM_ROWS, 2 * SUM_ROWS + 5, 3])  # whole blocks, a short last block, one short block
+def test_log_sum_exp_of_bf16_rows_matches_float64(rows):
+    torch.manual_seed(1)
+    values = (torch.randn(rows, 5000) * 20 + torch.arange(rows)[:, None] * 30.0).to(torch.bfloat16)
+    expected = torch.logsumexp(values.double(), dim=-1)
+    got = _log_sum_exp(values)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
