@@ -228,11 +228,11 @@ def plan(
     extended = shape.n_heads * (shape.d_head + 3) * shape.vocab
     tile = min(DEFAULT_BLOCK_ROWS, shape.n_heads * tokens_per_step) * min(VOCAB_CHUNK, shape.vocab)
     on_cpu = not device.startswith("cuda")
-    tiles = TILE_BUFFERS * 4 * tile if on_cpu else 0  # on GPUs a layer is one chunk, inside the workspace's terms
+    tiles = TILE_BUFFERS * 4 * tile if on_cpu else 0  # measured on CPUs only; GPU tiles (one chunk) are not counted
     workspace = factors * (low_bytes + 4) + extended * low_bytes + tiles if training else factors * low_bytes
     if on_cpu and tile >= COMPILE_MIN_ELEMENTS:
         workspace += COMPILED_KERNELS_BYTES
-    runtime = GPU_RUNTIME_BYTES if device.startswith("cuda") else RUNTIME_BYTES
+    runtime = RUNTIME_BYTES if on_cpu else GPU_RUNTIME_BYTES
     weights = shape.parameters * model_bytes
     activations = per_token * tokens_per_step
     steady = runtime + weights + readout + lens_parameters + optimizer_state

@@ -145,7 +145,7 @@ class Screen:
         shift = exact[:, :1]  # the largest exact logit; bf16 ones exceed it by at most the bound
         # All terms minus the candidates' (cheaper than masking them out); the cancellation error is ~1e-6 of the
         # total (_log_sum_exp's own), far below the bf16 terms' error.
-        everything = torch.exp(_log_sum_exp(screened)[:, None] - shift).squeeze(1)
+        everything = torch.exp(_log_sum_exp(screened) - shift.squeeze(1))
         rest = everything - torch.exp(screened.gather(1, candidates).float() - shift).sum(-1)
         return shift.squeeze(1) + torch.log(rest.clamp_(min=0) + torch.exp(exact - shift).sum(-1))
 

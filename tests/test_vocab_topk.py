@@ -68,7 +68,6 @@ def test_probs_are_the_softmax_of_the_top_logits():
     torch.testing.assert_close(top.probs(), softmax, rtol=2e-2, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("rows", [SUM_ROWS, 2 * SUM_ROWS + 5, 3])  # whole blocks, a short last block, one short block
 def test_log_sum_exp_of_bf16_rows_matches_float64(rows):
     torch.manual_seed(1)
