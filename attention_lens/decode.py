@@ -11,6 +11,7 @@ from .errors import AttentionLensError
 from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
+from .readings import held_back_shares
 from .results import HeadTop, TokenScore
 from .vocab_topk import Screen, VocabTopK, vocab_topk
 
@@ -133,13 +134,15 @@ def _decode_reading(lens: Lens, capture, positions: list[int], final_scale: Tens
                      {name: _rounded(value, 6 if name == "prob" else 4).tolist() for name, value in values.items()}))
     distinct = sorted({i for _, ids, _ in rows for row in ids for head in row for i in head})
     texts = dict(zip(distinct, model.token_texts(distinct)))
+    shares = held_back_shares(lens) if reading == "effect" else {}
     for layer, ids, values in rows:
         for p_index, pos in enumerate(positions):
             for h_index, head in enumerate(lens.config.heads):
                 top = [TokenScore(token=texts[i], id=i, **{"prob": None, **{
                            name: value[p_index][h_index][rank] for name, value in values.items()}})
                        for rank, i in enumerate(ids[p_index][h_index])]
-                result.heads.append(HeadTop(layer=layer, head=head, position=pos, top=top))
+                result.heads.append(HeadTop(layer=layer, head=head, position=pos, top=top,
+                                            held_back_recovered=shares.get((layer, head))))
 
 
 def _top_k(lens: Lens, hidden: Tensor, final_scale: Tensor | None, k: int, exact: bool) -> VocabTopK:

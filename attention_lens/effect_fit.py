@@ -217,15 +217,21 @@ class KLFit:
     """(head,): 1 - residual / measured energy on the held-back windows, at the picked strength (to second
     order, the share of the effect's KL explained on text the fit did not see)."""
     positions: int
+    heads: list[tuple[int, int]]
+    """(layer, head) of each entry, layer-major."""
 
     def summary(self) -> dict:
-        """For the lens's training record: how many heads kept dla, the strengths picked, the held-back share."""
+        """For the lens's training record: how many heads kept dla, the strengths picked, the held-back share
+        (median, and per head as "layer.head" where there were windows to hold back: decode shows it)."""
         finite = torch.isfinite(self.strength)
         picked = self.strength[finite].tolist()
-        recovered = self.held_back_recovered[torch.isfinite(self.held_back_recovered)]
+        known = torch.isfinite(self.held_back_recovered)
+        recovered = self.held_back_recovered[known]
         return {"positions": self.positions, "heads_kept_dla": int((~finite).sum()),
                 "strengths": {f"{value:g}": picked.count(value) for value in sorted(set(picked))},
-                "held_back_recovered_median": float(recovered.median()) if recovered.numel() else None}
+                "held_back_recovered_median": float(recovered.median()) if recovered.numel() else None,
+                "held_back_recovered_by_head": {f"{layer}.{head}": round(float(value), 4) for (layer, head), value, ok
+                                                in zip(self.heads, self.held_back_recovered, known) if ok}}
 
 
 def fit_effect_lens_kl(lens: Lens, measured: Iterable[EffectBatch], top: int = 128, held_back: int = 4,
@@ -258,7 +264,8 @@ def fit_effect_lens_kl(lens: Lens, measured: Iterable[EffectBatch], top: int = 1
     for index, layer in enumerate(layers):
         part = maps[index * len(heads):(index + 1) * len(heads)]
         lens.set_layer("delta", layer, part.to(model.device) - model.W_O[layer, heads])
-    return KLFit(strength=strength, held_back_recovered=recovered, positions=problem.positions)
+    return KLFit(strength=strength, held_back_recovered=recovered, positions=problem.positions,
+                 heads=[(layer, head) for layer in layers for head in heads])
 
 
 def _pick_strengths(fit: Problem, check: Problem, anchor: Tensor, strengths: tuple[float, ...], iterations: int,

@@ -56,10 +56,16 @@ class HeadTop:
     position: int
     top: list[TokenScore]
     """Best first."""
+    held_back_recovered: float | None = None
+    """Effect reading of a lens fitted in the KL's metric: the share of the head's measured effect it predicted
+    on held-back training windows (readings.held_back_shares); None otherwise, and then not in the JSON."""
 
     def to_json(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "position": self.position,
-                "top": [entry.to_json() for entry in self.top]}
+        record = {"layer": self.layer, "head": self.head, "position": self.position,
+                  "top": [entry.to_json() for entry in self.top]}
+        if self.held_back_recovered is not None:
+            record["held_back_recovered"] = self.held_back_recovered
+        return record
 
 
 @dataclass

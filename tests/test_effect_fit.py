@@ -107,6 +107,9 @@ def test_held_back_windows_keep_dla_where_the_fit_does_not_carry_over_and_take_t
     fit = fit_effect_lens_kl(lens, measured, top=model.vocab)
     relay = RELAY[0] * model.n_heads + RELAY[1]
     assert torch.isfinite(fit.strength[relay]) and fit.held_back_recovered[relay] > 0.5
+    by_head = fit.summary()["held_back_recovered_by_head"]  # what decode marks heads by
+    assert len(by_head) == model.n_layers * model.n_heads
+    assert by_head[f"{RELAY[0]}.{RELAY[1]}"] == round(float(fit.held_back_recovered[relay]), 4)
     assert (lens.layer_tensor("delta", RELAY[0])[RELAY[1]].abs().max() > 0)  # moved away from dla
     # the KL itself, on the data it was fitted on, is lower than dla's for the relay head
     from attention_lens.effect_lens import effect_kl_step

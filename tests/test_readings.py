@@ -94,3 +94,28 @@ def test_cli_decode_readings(tmp_path, corpus, capsys):
     assert code == 0 and "raw reading" in stdout.replace("\n", " ")
     code, stdout, stderr = run_cli(base + ["--reading", "sideways"], capsys)
     assert code == 2 and stdout == "" and "reading" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_effect_reading_marks_heads_whose_reading_missed_their_effect_on_held_back_text(tmp_path, corpus, capsys):
+    """An effect lens fitted in the KL's metric records, per head, the share of the measured effect it predicted on
+    held-back windows: decode carries it into the JSON and marks the heads under UNREAD_SHARE in the table."""
+    from attention_lens import load_model
+    from attention_lens.readings import UNREAD_SHARE, held_back_shares
+    model_dir = str(make_model_dir(tmp_path / "model"))
+    model = load_model(model_dir)
+    lens = Lens.from_model(model, "effect")
+    lens.config.training = {"fit_choice": {"held_back_recovered_by_head": {"0.1": 0.4, "1.0": UNREAD_SHARE / 5}}}
+    assert held_back_shares(lens) == {(0, 1): 0.4, (1, 0): UNREAD_SHARE / 5}
+    assert held_back_shares(Lens.from_model(model, "effect")) == {}
+    lens.save(tmp_path / "lens")
+    base = ["decode", PROMPT, "--model", model_dir, "--lens", str(tmp_path / "lens"), "--prior-data", corpus]
+    code, stdout, stderr = run_cli(base + ["--json"], capsys)
+    assert code == 0, stderr
+    shares = {(r["layer"], r["head"]): r.get("held_back_recovered") for r in json.loads(stdout)["heads"]}
+    assert shares[(0, 1)] == 0.4 and shares[(1, 0)] == UNREAD_SHARE / 5
+    assert sum(value is None for value in shares.values()) == len(shares) - 2  # no record: no key
+    code, stdout, stderr = run_cli(base, capsys)
+    assert code == 0, stderr
+    assert stdout.count(" ?") == 1 and "held back" in stdout.replace("\n", " ")
+    code, stdout, stderr = run_cli(base + ["--reading", "raw"], capsys)  # the share is about the effect reading
+    assert code == 0 and " ?" not in stdout and "held back" not in stdout

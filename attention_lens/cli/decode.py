@@ -8,7 +8,8 @@ from rich.table import Table
 
 from ..decode import DecodeResult, decode as decode_prompt
 from ..errors import AttentionLensError
-from ..readings import choose_reading
+from ..readings import UNREAD_SHARE, choose_reading
+from ..results import HeadTop
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
 from .numbers import MAX_K, within
@@ -54,7 +55,8 @@ def decode(
     if as_json:
         emit_json(result.to_json())
         return
-    cells = {(r.position, r.layer, r.head): f"{visible(r.top[0].token)} {r.top[0].shown()}" for r in result.heads}
+    cells = {(r.position, r.layer, r.head): f"{visible(r.top[0].token)} {r.top[0].shown()}{_unread_mark(r)}"
+             for r in result.heads}
     # A terminal gets tables that fit its width; a file or pipe gets one table as wide as all heads need.
     terminal = Console(stderr=False)
     widest = max(len(cell) for cell in cells.values()) + CELL_PADDING
@@ -65,6 +67,12 @@ def decode(
     for pos in result.positions:
         for start in range(0, len(all_heads), per_table):
             console.print(_decode_table(result, pos, cells, all_heads[start:start + per_table]))
+
+
+def _unread_mark(record: HeadTop) -> str:
+    """' ?' after an effect reading that predicted under UNREAD_SHARE of its head's effect on held-back text."""
+    share = record.held_back_recovered
+    return " ?" if share is not None and share < UNREAD_SHARE else ""
 
 
 def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[int]) -> Table:
@@ -79,4 +87,8 @@ def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[
         table.add_column(f"H{head}", overflow="fold")
     for layer in sorted({r.layer for r in result.heads}):
         table.add_row(str(layer), *(cells.get((position, layer, head), "") for head in heads))
+    if any(_unread_mark(r) for r in result.heads):
+        table.caption = (f"(?) on training text held back from its fit, this reading predicted under "
+                         f"{UNREAD_SHARE:.0%} of the head's measured effect; what removing the head does is "
+                         "measured by `attention-lens effects`")
     return table
