@@ -12,7 +12,7 @@ from .heads import run_with_heads
 from .lens import Lens
 from .models import Model
 from .readings import held_back_shares
-from .results import HeadTop, TokenScore
+from .results import UNREAD_SHARE, HeadTop, TokenScore
 from .vocab_topk import Screen, VocabTopK, vocab_topk
 
 
@@ -36,7 +36,13 @@ class DecodeResult:
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "positions": self.positions, "lens": self.kind,
-                "reading": self.reading, "heads": [record.to_json() for record in self.heads]}
+                "reading": self.reading, "heads": [record.to_json() for record in self.heads],
+                "unread": [list(head) for head in self.unread_heads()], "unread_below": UNREAD_SHARE}
+
+    def unread_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) of the heads whose effect reading predicted under results.UNREAD_SHARE of their measured
+        effect on held-back text (an effect lens fitted in the KL's metric keeps that share per head)."""
+        return sorted({(r.layer, r.head) for r in self.heads if r.unread})
 
     def top_token(self, layer: int, head: int, position: int) -> str:
         for record in self.heads:

@@ -73,12 +73,6 @@ def choose_reading(model: Model, lens: Lens, name: str | None = None, data: str 
     return ChosenReading(name)
 
 
-UNREAD_SHARE = 0.05
-"""An effect reading that predicted less than this share of its head's measured effect on held-back training
-windows is marked as not reading the head (decode): on SmolLM2 the largest-effect heads, in layers 0-3 and 9-12,
-stay near 0 with every reading of z_h tried, linear or not (bench/RESULTS.md, "True readings")."""
-
-
 def held_back_shares(lens: Lens) -> dict[tuple[int, int], float]:
     """(layer, head) -> the share of the head's measured effect (its KL, to second order) that an effect lens
     fitted in the KL's metric predicted on the training windows held back from its fit; empty for lenses fitted

@@ -47,6 +47,13 @@ class TokenScore:
         return f"{self.prob:.0%}"
 
 
+UNREAD_SHARE = 0.05
+"""An effect reading that predicted less than this share of its head's measured effect on held-back training
+windows is marked as not reading the head (decode, the report, the explorer): on SmolLM2 the largest-effect heads,
+in layers 0-3 and 9-12, stay near 0 with every reading of z_h tried, linear or not (bench/RESULTS.md, "True
+readings")."""
+
+
 @dataclass
 class HeadTop:
     """A head's top-k tokens at one position of a prompt (decode)."""
@@ -59,6 +66,11 @@ class HeadTop:
     held_back_recovered: float | None = None
     """Effect reading of a lens fitted in the KL's metric: the share of the head's measured effect it predicted
     on held-back training windows (readings.held_back_shares); None otherwise, and then not in the JSON."""
+
+    @property
+    def unread(self) -> bool:
+        """The effect reading predicted under UNREAD_SHARE of the head's measured effect on held-back text."""
+        return self.held_back_recovered is not None and self.held_back_recovered < UNREAD_SHARE
 
     def to_json(self) -> dict:
         record = {"layer": self.layer, "head": self.head, "position": self.position,

@@ -189,6 +189,26 @@ def test_report_reading_and_effects(files, page, tmp_path, monkeypatch, capsys):
     page.screenshot(path=str(ARTIFACTS / "report-effects.png"), full_page=True)
 
 
+def test_report_marks_heads_whose_effect_reading_missed_on_held_back_text(files, page, tmp_path, monkeypatch):
+    """An effect lens fitted in the KL's metric keeps each head's held-back share: the report's grid marks the heads
+    under results.UNREAD_SHARE with "?" and says why in the cell's tooltip; the others are unmarked."""
+    model_dir, _, _ = files
+    monkeypatch.setattr("attention_lens.readings.CACHE_DIR", tmp_path / "cache")
+    lens = Lens.from_model(load_model(str(model_dir)), "effect")
+    lens.config.training = {"fit_choice": {"held_back_recovered_by_head": {"1.2": 0.01, "0.1": 0.5}}}
+    lens.save(tmp_path / "lens")
+    out = tmp_path / "report.html"
+    assert main(["report", "--model", str(model_dir), "--lens", str(tmp_path / "lens"), "--prior-data",
+                 str(make_corpus(tmp_path / "corpus")), "--prompt", PROMPT, "--out", str(out)]) == 0
+    page.goto(out.as_uri())
+    page.wait_for_selector("table.grid td.cell")
+    marked = page.locator("table.grid td.cell:has(span.unread)")
+    assert marked.count() == 1
+    assert (marked.get_attribute("data-layer"), marked.get_attribute("data-head")) == ("1", "2")
+    assert "under 5.0% of the head's measured effect on held-back text" in marked.get_attribute("title")
+    assert "held-back" not in page.locator("table.grid td.cell[data-layer='0'][data-head='1']").get_attribute("title")
+
+
 def _api(page, url, body, path="/api/decode"):
     answer = page.request.post(url + path, data=json.dumps(body), headers={"Content-Type": "application/json"})
     assert answer.ok

@@ -100,7 +100,8 @@ def test_effect_reading_marks_heads_whose_reading_missed_their_effect_on_held_ba
     """An effect lens fitted in the KL's metric records, per head, the share of the measured effect it predicted on
     held-back windows: decode carries it into the JSON and marks the heads under UNREAD_SHARE in the table."""
     from attention_lens import load_model
-    from attention_lens.readings import UNREAD_SHARE, held_back_shares
+    from attention_lens.readings import held_back_shares
+    from attention_lens.results import UNREAD_SHARE
     model_dir = str(make_model_dir(tmp_path / "model"))
     model = load_model(model_dir)
     lens = Lens.from_model(model, "effect")
@@ -114,6 +115,7 @@ def test_effect_reading_marks_heads_whose_reading_missed_their_effect_on_held_ba
     shares = {(r["layer"], r["head"]): r.get("held_back_recovered") for r in json.loads(stdout)["heads"]}
     assert shares[(0, 1)] == 0.4 and shares[(1, 0)] == UNREAD_SHARE / 5
     assert sum(value is None for value in shares.values()) == len(shares) - 2  # no record: no key
+    assert json.loads(stdout)["unread"] == [[1, 0]] and json.loads(stdout)["unread_below"] == UNREAD_SHARE
     code, stdout, stderr = run_cli(base, capsys)
     assert code == 0, stderr
     assert stdout.count(" ?") == 1 and "held back" in stdout.replace("\n", " ")

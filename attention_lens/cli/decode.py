@@ -8,8 +8,8 @@ from rich.table import Table
 
 from ..decode import DecodeResult, decode as decode_prompt
 from ..errors import AttentionLensError
-from ..readings import UNREAD_SHARE, choose_reading
-from ..results import HeadTop
+from ..readings import choose_reading
+from ..results import UNREAD_SHARE, HeadTop
 from ..notebook import visible
 from .common import emit_json, lens_and_model, parse_indices
 from .numbers import MAX_K, within
@@ -71,8 +71,7 @@ def decode(
 
 def _unread_mark(record: HeadTop) -> str:
     """' ?' after an effect reading that predicted under UNREAD_SHARE of its head's effect on held-back text."""
-    share = record.held_back_recovered
-    return " ?" if share is not None and share < UNREAD_SHARE else ""
+    return " ?" if record.unread else ""
 
 
 def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[int]) -> Table:

@@ -19,6 +19,7 @@ from ..decode import DecodeResult, decode
 from ..lens import Lens
 from ..models import Model
 from ..readings import ChosenReading
+from ..results import UNREAD_SHARE
 from ..storage import atomic_write
 from .results import HeadResults, read_results
 
@@ -79,6 +80,8 @@ def compact_decode(result: DecodeResult) -> dict:
         "heads": sorted({r.head for r in result.heads}),
         "strings": {str(i): s for i, s in strings.items()},
         "cells": cells,
+        "unread": [f"{layer},{head}" for layer, head in result.unread_heads()],
+        "unread_below": UNREAD_SHARE,
     }
 
 

@@ -137,7 +137,9 @@ const LensView = (() => {
   function fromDecode(doc) {
     const cells = {};
     for (const r of doc.heads) cells[`${r.position},${r.layer},${r.head}`] = r.top;
-    return makeGrid(doc.reading || "raw", doc.text, doc.tokens, doc.positions, doc.heads, cells);
+    const unread = (doc.unread || []).map(([l, h]) => `${l},${h}`);
+    return makeGrid(doc.reading || "raw", doc.text, doc.tokens, doc.positions, doc.heads, cells, unread,
+                    doc.unread_below);
   }
 
   /** A grid from the report's compact form, where each token string is stored once: [id, prob] (raw),
@@ -154,13 +156,17 @@ const LensView = (() => {
       });
     }
     const records = c.layers.flatMap((layer) => c.heads.map((head) => ({ layer, head })));
-    return makeGrid(reading, c.text, c.tokens, c.positions, records, cells);
+    return makeGrid(reading, c.text, c.tokens, c.positions, records, cells, c.unread || [], c.unread_below);
   }
 
-  function makeGrid(reading, text, tokens, positions, records, cells) {
+  /** `unread`: "layer,head" of the heads whose effect reading predicted under `unreadBelow` of their measured
+      effect on held-back text (decode's `unread`, `unread_below`): their cells are marked "?". */
+  function makeGrid(reading, text, tokens, positions, records, cells, unread = [], unreadBelow = 0) {
     const layers = [...new Set(records.map((r) => r.layer))].sort((a, b) => a - b);
     const heads = [...new Set(records.map((r) => r.head))].sort((a, b) => a - b);
-    return { reading, text, tokens, positions, layers, heads, top: (p, l, h) => cells[`${p},${l},${h}`] || [] };
+    const unreadSet = new Set(unread);
+    return { reading, text, tokens, positions, layers, heads, top: (p, l, h) => cells[`${p},${l},${h}`] || [],
+             unread: (l, h) => unreadSet.has(`${l},${h}`), unreadBelow };
   }
 
   /** The number a token shows: its promoted nats (it was ranked by q log(q/prior)), its predicted logit change, or
@@ -212,12 +218,16 @@ const LensView = (() => {
     const head = el("tr", {}, el("th", { text: "layer" }), ...grid.heads.map((h) => el("th", { text: `H${h}` })));
     const rows = grid.layers.map((l) => el("tr", {}, el("th", { text: `${l}` }), ...grid.heads.map((h) => {
       const best = grid.top(position, l, h)[0];
+      const unread = grid.unread(l, h);
+      const caveat = unread ? ` (?: this reading predicted under ${percent(grid.unreadBelow)} of the head's ` +
+        "measured effect on held-back text; `attention-lens effects` measures what removing it does)" : "";
       const cell = el("td", { class: "cell", "data-layer": l, "data-head": h,
-        title: best ? `L${l} H${h}: ${visible(best.token)} ${shown(best)}` : "" });
+        title: best ? `L${l} H${h}: ${visible(best.token)} ${shown(best)}${caveat}` : "" });
       if (best) {
         cell.style.background = shade(best);
         cell.append(el("span", { class: "tok", text: visible(best.token) }),
           el("span", { class: "p", text: shown(best, true) }));
+        if (unread) cell.append(el("span", { class: "unread", text: " ?" }));
       }
       if (opts.selected === `${l},${h}`) cell.classList.add("selected");
       if (opts.onClick) cell.addEventListener("click", () => opts.onClick(l, h));
