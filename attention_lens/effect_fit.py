@@ -246,21 +246,7 @@ def fit_effect_lens_kl(lens: Lens, measured: Iterable[EffectBatch], top: int = 1
     model, layers, heads = lens.model, lens.config.layers, lens.config.heads
     problem = kl_problem(lens, measured, top)
     anchor = model.W_O[layers][:, heads].flatten(0, 1).float().cpu()  # (layer * head, d_head, d_model): dla
-    check = problem.windows % max(held_back, 1) == held_back - 1  # held_back < 2: all or none, no choice
-    n_heads = anchor.shape[0]
-    if not check.any() or check.all():
-        strength = torch.full((n_heads,), strengths[len(strengths) // 2])
-        recovered, start = torch.full((n_heads,), float("nan")), anchor
-    else:
-        strength, recovered, start = _pick_strengths(problem.take(~check), problem.take(check), anchor, strengths,
-                                                     iterations, note)
-    finite = torch.isfinite(strength)
-    maps = anchor.clone()
-    if finite.any():
-        note(f"refitting on all {problem.positions} positions")
-        maps = solve(problem, torch.where(finite, strength, torch.full_like(strength, 1e6)), anchor, start=start,
-                     iterations=iterations)
-        maps[~finite] = anchor[~finite]
+    maps, strength, recovered = fit_maps(problem, anchor, held_back, strengths, iterations, note)
     for index, layer in enumerate(layers):
         part = maps[index * len(heads):(index + 1) * len(heads)]
         lens.set_layer("delta", layer, part.to(model.device) - model.W_O[layer, heads])
@@ -268,7 +254,30 @@ def fit_effect_lens_kl(lens: Lens, measured: Iterable[EffectBatch], top: int = 1
                  heads=[(layer, head) for layer in layers for head in heads])
 
 
-def _pick_strengths(fit: Problem, check: Problem, anchor: Tensor, strengths: tuple[float, ...], iterations: int,
+def fit_maps(problem: Problem, anchor: Tensor, held_back: int = 4, strengths: tuple[float, ...] = STRENGTHS,
+             iterations: int = 100, note: Callable[[str], None] = lambda text: None) -> tuple[Tensor, Tensor, Tensor]:
+    """Each head's map (head, d_head, d_model) fitted toward `anchor` on all of `problem`, at the strength that did
+    best on every `held_back`-th window (pick_strengths; the anchor itself where it won), that strength and its
+    held-back share. With nothing to hold back, the middle strength and a NaN share."""
+    check = problem.windows % max(held_back, 1) == held_back - 1  # held_back < 2: all or none, no choice
+    n_heads = anchor.shape[0]
+    if not check.any() or check.all():
+        strength = torch.full((n_heads,), strengths[len(strengths) // 2])
+        recovered, start = torch.full((n_heads,), float("nan")), anchor
+    else:
+        strength, recovered, start = pick_strengths(problem.take(~check), problem.take(check), anchor, strengths,
+                                                    iterations, note)
+    finite = torch.isfinite(strength)
+    maps = anchor.clone()
+    if finite.any():
+        note(f"refitting on all {problem.positions} positions")
+        maps = solve(problem, torch.where(finite, strength, torch.full_like(strength, 1e6)), anchor, start=start,
+                     iterations=iterations)
+        maps[~finite] = anchor[~finite]
+    return maps, strength, recovered
+
+
+def pick_strengths(fit: Problem, check: Problem, anchor: Tensor, strengths: tuple[float, ...], iterations: int,
                     note: Callable[[str], None]) -> tuple[Tensor, Tensor, Tensor]:
     """Per head, the strength whose fit on `fit` leaves the least residual on `check` (inf: dla, M = W_O), that
     held-back share, and the fit itself (where the refit on all positions starts)."""

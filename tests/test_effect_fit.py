@@ -123,9 +123,9 @@ def test_a_head_whose_change_is_noise_keeps_dla():
     problem, _ = _planted(noise=0.0)
     generator = torch.Generator().manual_seed(1)
     problem.targets[:, :, 1] = torch.randn(problem.positions, problem.targets.shape[1], generator=generator)
-    from attention_lens.effect_fit import _pick_strengths
+    from attention_lens.effect_fit import pick_strengths
     check = problem.windows % 4 == 3
-    strength, recovered, _ = _pick_strengths(problem.take(~check), problem.take(check), torch.zeros(3, 4, 6),
+    strength, recovered, _ = pick_strengths(problem.take(~check), problem.take(check), torch.zeros(3, 4, 6),
                                           (10.0, 1.0, 0.01), 100, lambda text: None)
     assert torch.isfinite(strength[[0, 2]]).all() and (recovered[[0, 2]] > 0.99).all()
     # a map fitted to noise on 150 positions does worse on the other 75 than predicting nothing (the anchor here)
