@@ -298,6 +298,10 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
                 start = "initial (the fit was worse in KL)"
                 note("the fit is worse in KL than the start: training from the start")
     final_loss = start_loss if fit_loss is None else min(start_loss, fit_loss)  # where training starts
+    if start != "fit" or config.epochs > 0:
+        # The held-back shares describe the fitted maps; a lens restored to its start or trained on no longer has
+        # them, and decode must not mark (or clear) its heads by them.
+        chosen.pop("held_back_recovered_by_head", None)
     if config.epochs > 0:
         train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
         note("scoring the trained lens")

@@ -196,6 +196,7 @@ def test_cli_train_effect_objective(tmp_path, corpus, capsys):
     training = lens.config.training
     assert lens.kind == "effect" and training["objective"] == "effect" and training["fit_metric"] == "kl"
     assert training["fit_choice"]["positions"] == training["fit_tokens"] > 0
+    assert "held_back_recovered_by_head" not in training["fit_choice"]  # it described the fit, not the trained lens
     assert float(lens.delta.detach().abs().max()) > 0  # fitted and trained, no longer dla
     code, _, stderr = run_cli(["train", "--objective", "effect", "--kind", "affine", "--model", model_dir, "--data",
                                corpus, "--out", tmp_path / "other"], capsys)

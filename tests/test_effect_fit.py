@@ -126,7 +126,7 @@ def test_a_head_whose_change_is_noise_keeps_dla():
     from attention_lens.effect_fit import pick_strengths
     check = problem.windows % 4 == 3
     strength, recovered, _ = pick_strengths(problem.take(~check), problem.take(check), torch.zeros(3, 4, 6),
-                                          (10.0, 1.0, 0.01), 100, lambda text: None)
+                                            (10.0, 1.0, 0.01), 100, lambda text: None)
     assert torch.isfinite(strength[[0, 2]]).all() and (recovered[[0, 2]] > 0.99).all()
     # a map fitted to noise on 150 positions does worse on the other 75 than predicting nothing (the anchor here)
     assert torch.isinf(strength[1]) or recovered[1] < 0.05
@@ -171,3 +171,4 @@ def test_cli_fit_alone_skips_the_kl_passes_and_says_what_it_chose(tmp_path, corp
         result["layers"]) * len(result["heads"])
     assert "KL" not in err.replace("KL's", "") and "held-back" in err
     assert Lens.load(tmp_path / "lens").config.training["fit_choice"] == choice
+    assert len(choice["held_back_recovered_by_head"]) == len(result["layers"]) * len(result["heads"])  # decode's "?"
