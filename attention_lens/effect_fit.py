@@ -255,10 +255,11 @@ def fit_effect_lens_kl(lens: Lens, measured: Iterable[EffectBatch], top: int = 1
 
 
 def fit_maps(problem: Problem, anchor: Tensor, held_back: int = 4, strengths: tuple[float, ...] = STRENGTHS,
-             iterations: int = 100, note: Callable[[str], None] = lambda text: None) -> tuple[Tensor, Tensor, Tensor]:
+             iterations: int = 100, note: Callable[[str], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Each head's map (head, d_head, d_model) fitted toward `anchor` on all of `problem`, at the strength that did
     best on every `held_back`-th window (pick_strengths; the anchor itself where it won), that strength and its
     held-back share. With nothing to hold back, the middle strength and a NaN share."""
+    note = note or (lambda text: None)
     check = problem.windows % max(held_back, 1) == held_back - 1  # held_back < 2: all or none, no choice
     n_heads = anchor.shape[0]
     if not check.any() or check.all():
