@@ -260,7 +260,7 @@ def fit_maps(problem: Problem, anchor: Tensor, held_back: int = 4, strengths: tu
     best on every `held_back`-th window (pick_strengths; the anchor itself where it won), that strength and its
     held-back share. With nothing to hold back, the middle strength and a NaN share."""
     note = note or (lambda text: None)
-    check = problem.windows % max(held_back, 1) == held_back - 1  # held_back < 2: all or none, no choice
+    check = held_back_windows(problem.windows, held_back)
     n_heads = anchor.shape[0]
     if not check.any() or check.all():
         strength = torch.full((n_heads,), strengths[len(strengths) // 2])
@@ -276,6 +276,12 @@ def fit_maps(problem: Problem, anchor: Tensor, held_back: int = 4, strengths: tu
                      iterations=iterations)
         maps[~finite] = anchor[~finite]
     return maps, strength, recovered
+
+
+def held_back_windows(windows: Tensor, held_back: int = 4) -> Tensor:
+    """(positions,) bool: the positions of every `held_back`-th window, which fit_maps picks strengths on
+    (held_back < 2: all or none, no choice)."""
+    return windows % max(held_back, 1) == held_back - 1
 
 
 def pick_strengths(fit: Problem, check: Problem, anchor: Tensor, strengths: tuple[float, ...], iterations: int,

@@ -15,7 +15,7 @@ metric: effect_fit.py):
   context the head does not write), a diagnostic of whether the effect depends on where the head writes;
 - hindsight: the linear fit made on the held-out text itself (an overfit bound, not a reading).
 
-    python bench/effect_readability.py --train-tokens 3072 --held-tokens 1024 --out bench/results/X.json
+    python bench/effect_readability.py --train-tokens 4096 --held-tokens 1024 --out bench/results/X.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor
 
 import attention_lens as al
 from attention_lens.data import DataConfig
-from attention_lens.effect_fit import Problem, fit_maps, kl_problem, solve
+from attention_lens.effect_fit import Problem, fit_maps, held_back_windows, kl_problem, solve
 from attention_lens.effects import EffectsConfig, measured_batches
 from attention_lens.lens import Lens
 
@@ -131,7 +131,8 @@ def train_network(network: Network, fit: Problem, check: Problem, fit_context: T
             now = recovered(check, network(check.inputs, check_context))
         better = now > best
         best = torch.where(better, now, best)
-        with torch.no_grad():  # per head: keep the parameters of the heads that improved (every parameter's axis 0 is the head)
+        # Per head: keep the parameters of the heads that improved (every parameter's axis 0 is the head).
+        with torch.no_grad():
             for name, value in network.named_parameters():
                 best_state[name][better] = value[better]
         print(f"  epoch {epoch + 1}: training residual share {total / fit.positions / len(energy):.4f}, held-back "
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--effects", default=str(RESULTS / "effects-smollm2-sotu.json"),
                         help="an `attention-lens effects --json` record: the heads to study are its largest")
     parser.add_argument("--heads", type=int, default=27)
-    parser.add_argument("--train-tokens", type=int, default=3072)
+    parser.add_argument("--train-tokens", type=int, default=4096)
     parser.add_argument("--held-tokens", type=int, default=1024)
     parser.add_argument("--top", type=int, default=128)
     parser.add_argument("--width", type=int, default=256)
@@ -184,7 +185,7 @@ def main() -> None:
     scores = {"zero": torch.zeros(len(chosen)), "dla": recovered(held, linear_writes(held, anchor))}
     maps, _, _ = fit_maps(train, anchor, note=print)  # the effect lens's own fit, as `train --objective effect`
     scores["linear"] = recovered(held, linear_writes(held, maps))
-    check = train.windows % 4 == 3  # the windows fit_maps held back: the networks stop early on them too
+    check = held_back_windows(train.windows)  # the windows fit_maps held back: the networks stop early on them too
     fit, checked = train.take(~check), train.take(check)
     hindsight = solve(held, torch.full((len(chosen),), 1e-3), anchor)
     scores["hindsight"] = recovered(held, linear_writes(held, hindsight))

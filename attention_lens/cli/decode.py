@@ -86,7 +86,7 @@ def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[
         table.add_column(f"H{head}", overflow="fold")
     for layer in sorted({r.layer for r in result.heads}):
         table.add_row(str(layer), *(cells.get((position, layer, head), "") for head in heads))
-    if any(_unread_mark(r) for r in result.heads):
+    if result.unread_heads():
         table.caption = (f"(?) on training text held back from its fit, this reading predicted under "
                          f"{UNREAD_SHARE:.0%} of the head's measured effect; what removing the head does is "
                          "measured by `attention-lens effects`")
