@@ -4,6 +4,7 @@ chunk) tiles, each view an online logsumexp with its running shift inside its pr
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,34 +20,33 @@ head to run near the GEMM rate (64 rows ran at a quarter of it on 2 cores), and 
 
 
 def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets,
-                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16,
-                      lens_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
     """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles, summed in fp32.
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
     factors and differ only in divisor and constant; they run as one product). Each view streams through an online
     logsumexp whose shift sits inside the product (`Sweep`), so a chunk costs one product and one fused pass;
-    no vocabulary-sized row of any view is ever whole. The lens's view runs in `lens_dtype` (fp32), its cross term
-    sum_v p_v l_v from the same logits as its logsumexp: with its factors rounded to bf16 its per-head KL on a fitted
-    SmolLM2 lens strayed up to 0.009 nats from fp32, which is the margin a head is judged by (the rounding of the
-    factors, fixed per token, does not average out over positions). Carrying each factor and coefficient as a bf16
-    pair (hi + lo, three products) held it to 0.003 but ran no faster than fp32 on an AMX machine (2.2 ms per tile
-    and chunk, both). The baselines run in `dtype` (bf16); they are far from the model by design (KL ~3-80 nats)
-    and take their cross terms exactly in fp32 from factors averaged under p (`expected_factors`), which touches no
-    vocabulary per head. The lens's view also keeps its entropy and the maxima of strided token groups; its top-k
-    is rescored on the tokens of the groups with the largest maxima. Not for soft-capped readouts (the cap is not
-    linear in the factors): `score_layer` serves them.
+    no vocabulary-sized row of any view is ever whole. Products run in `dtype` (bf16) with fp32 sums. The
+    baselines are far from the model by design (KL ~3-80 nats) and take their cross terms exactly in fp32 from
+    factors averaged under p (`expected_factors`), which touches no vocabulary per head. The lens's view is judged
+    by margins of ~0.01 nats, which the rounding of its factors alone would eat (up to 0.01 on a fitted SmolLM2
+    lens: fixed per token, it does not average out over positions); it is taken back to first order
+    (`_rounding_correction`) on the tokens that carry its mass: the lens's top candidates and the model's top-k,
+    whose logits are computed exactly in fp32 anyway (for the top-k and the cross-entropy). The lens's view also
+    keeps its entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups
+    with the largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer`
+    serves them.
     """
     heads = lens.config.heads
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
-    with _autocast(z.device, lens_dtype):
+    with _autocast(z.device, torch.float32):  # exact: the candidates' logits, the correction's reference
         own_factors, own_constant = lens.vocab_factors(layer)
     with _autocast(z.device, dtype):  # the vocab x d_model x d_head factor products run in `dtype` too
         base_factors, base_constant = baseline.vocab_factors(layer)
     groups = _Groups(lens.model.vocab, z.device)
-    own = extended_factors(own_factors, own_constant, lens_dtype, groups.chunks)
+    own = extended_factors(own_factors, own_constant, dtype, groups.chunks)
     base = extended_factors(base_factors, base_constant, dtype, groups.chunks)
-    own_rows = own_factors.flatten(0, 1).contiguous()  # (head * vocab, d_head + 1): rows top-k candidates gather
+    own_rows = _ExactRows(own_factors, own_constant, dtype)
     rows_per_tile = max(1, block_rows // len(heads))
     parts: dict[str, list[Tensor]] = defaultdict(list)
     for start in range(0, z.shape[0], rows_per_tile):
@@ -58,8 +58,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
             "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
         }
         n_rows = scaled["own"].shape[1]
-        p = [block[rows] for block in targets.p_chunks(lens_dtype, groups.chunks)]
-        own_sweep = Sweep(scaled["own"], own_constant is not None, own, lens_dtype, groups, p=p)
+        p = [block[rows] for block in targets.p_chunks(dtype, groups.chunks)]
+        own_sweep = Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p)
         # logit then DLA rows, one product: DLA is an attribution and adds no constant.
         base_sweep = Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
                             dtype, constant_rows=n_rows)
@@ -69,10 +69,14 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
         base_lse = base_sweep.log_sum_exp()
         cross = _baseline_cross_terms(baseline, layer, scaled, targets, rows)
         neg_entropy = targets.neg_entropy[rows]
-        next_token = targets.next_token[rows]
-        picked = _picked_logits(scaled["own"], own_factors, own_constant, next_token)
-        top_ids = groups.top_ids(own_sweep.maxima(), scaled["own"], own_rows, own_constant, targets.top.shape[-1])
-        scores = _own_scores(own_sweep, targets, rows, picked, top_ids)
+        candidates = groups.candidates(own_sweep.maxima(), scaled["own"], own_rows, targets.top.shape[-1])
+        model_top = targets.top[rows][None].expand(len(heads), -1, -1)  # (head, rows, k)
+        model_top_logits = own_rows.logits(model_top, scaled["own"])
+        picked = own_rows.logits(targets.next_token[rows].clamp(min=0)[None, :, None].expand(len(heads), -1, 1),
+                                 scaled["own"]).exact[..., 0]
+        corrected = _rounding_correction(own_sweep, neg_entropy, targets.p[rows], dtype, candidates, model_top,
+                                         model_top_logits)
+        scores = _own_scores(corrected, targets, rows, picked, candidates.top(targets.top.shape[-1]))
         scores["logit"] = (neg_entropy - cross["logit"] + base_lse[:, :n_rows]).T
         scores["dla"] = (neg_entropy - cross["dla"] + base_lse[:, n_rows:]).T
         for name, value in scores.items():
@@ -93,13 +97,6 @@ def _baseline_cross_terms(baseline: Lens, layer: int, scaled: dict[str, Tensor],
     mean, constant = baseline.kind_spec.expected_factors(baseline, layer, p, p_readout)
     logit = (scaled["logit"] * mean).sum(-1)
     return {"logit": logit if constant is None else logit + constant, "dla": (scaled["dla"] * mean).sum(-1)}
-
-
-def _picked_logits(scaled: Tensor, factors: Tensor, constant: Tensor | None, next_token: Tensor) -> Tensor:
-    """The lens's logit of each row's next token (head, rows), from the factor columns of those tokens alone."""
-    columns = factors[:, next_token.clamp(min=0)]  # (head, rows, d_head + 1)
-    picked = (scaled * columns.float()).sum(-1)
-    return picked if constant is None else picked + constant[next_token.clamp(min=0)].float()
 
 
 class _Groups:
@@ -123,28 +120,16 @@ class _Groups:
             sizes += [GROUP] * n + [1] * (length - n * GROUP)
         self.start, self.stride, self.size = (torch.tensor(v, device=device) for v in (starts, strides, sizes))
 
-    def top_ids(self, maxima: Tensor, scaled: Tensor, rows_of: Tensor, constant: Tensor | None, k: int) -> Tensor:
-        """The top-k token ids (head, rows, k), largest first, of the view with group `maxima` (head, rows, groups):
-        the logits of the tokens of the k + 2 groups with the largest maxima (two spare: a group whose maximum
-        rounds just below the k-th group's is still rescored). rows_of: (head * vocab, d_head + 1) factors, in the
-        sweep's dtype: candidates are ranked by the same rounding as the sweep's logits."""
+    def candidates(self, maxima: Tensor, scaled: Tensor, rows: _ExactRows, k: int) -> _Candidates:
+        """The tokens of the k + 2 groups with the largest `maxima` (head, rows, groups) and their logits: the top-k
+        lies among them (two spare groups: a group whose maximum rounds just below the k-th group's is still
+        rescored)."""
         chosen = maxima.topk(min(k + 2, maxima.shape[-1]), dim=-1).indices  # (head, rows, k + 2)
         offsets = torch.arange(GROUP, device=chosen.device)
         ids = (self.start[chosen][..., None] + self.stride[chosen][..., None] * offsets).flatten(-2)
         valid = (offsets < self.size[chosen][..., None]).flatten(-2)
         ids = ids.masked_fill(~valid, 0)
-        logits = torch.empty(ids.shape, device=ids.device)
-        # Row of (head h, token v) in rows_of: h * vocab + v.
-        flat_ids = ids + torch.arange(ids.shape[0], device=ids.device)[:, None, None] * self.vocab
-        for start in range(0, ids.shape[1], CANDIDATE_ROWS):  # (head, rows, candidates, d_head + 1) a block at a time
-            block = slice(start, start + CANDIDATE_ROWS)
-            block_ids = flat_ids[:, block]
-            columns = rows_of.index_select(0, block_ids.flatten()).view(*block_ids.shape, -1)
-            logits[:, block] = (columns @ scaled[:, block, :, None].to(columns.dtype)).squeeze(-1).float()
-        if constant is not None:
-            logits = logits + constant[ids].float()
-        logits = logits.masked_fill(~valid, -torch.inf)
-        return ids.gather(-1, logits.topk(min(k, self.vocab), dim=-1).indices)
+        return _Candidates(ids, valid, rows.logits(ids, scaled))
 
 
 SCORE_VOCAB_CHUNK = VOCAB_CHUNK
@@ -152,17 +137,98 @@ SCORE_VOCAB_CHUNK = VOCAB_CHUNK
 cache-sized (~5 MB); products whose output is 4x that ran at half the rate on 2 cores."""
 CANDIDATE_ROWS = 64
 """Rows per block when the lens's top-k candidates are rescored (bounds that block's memory)."""
-def _own_scores(sweep: "Sweep", targets: Targets, rows: slice, picked: Tensor, top_ids: Tensor) -> dict[str, Tensor]:
+class TokenLogits(NamedTuple):
+    """A view's logits of chosen tokens, (head, rows, n) in natural units."""
+
+    exact: Tensor
+    """from the fp32 factors and coefficients"""
+    rounded: Tensor
+    """as the sweep's `dtype` product takes them: factors, coefficients and constant rounded, sums in fp32"""
+
+
+class _ExactRows:
+    """The lens's factors as (head * vocab, d_head + 1) fp32 rows, for the logits of a few tokens per head-row."""
+
+    def __init__(self, factors: Tensor, constant: Tensor | None, dtype: torch.dtype):
+        self.vocab = factors.shape[1]
+        self.rows = factors.detach().flatten(0, 1).contiguous()
+        self.constant = None if constant is None else constant.detach().float()
+        self.dtype = dtype
+
+    def logits(self, ids: Tensor, scaled: Tensor) -> TokenLogits:
+        """ids (head, rows, n); scaled (head, rows, d_head + 1) = [z_h, 1] / divisor in fp32."""
+        # Row of (head h, token v): h * vocab + v.
+        flat_ids = ids + torch.arange(ids.shape[0], device=ids.device)[:, None, None] * self.vocab
+        coefficients = (scaled * LOG2E).to(self.dtype).float()  # base 2, rounded as the sweep's coefficients
+        exact, rounded = torch.empty(ids.shape, device=ids.device), torch.empty(ids.shape, device=ids.device)
+        for start in range(0, ids.shape[1], CANDIDATE_ROWS):  # (head, rows, n, d_head + 1) a block at a time
+            block = slice(start, start + CANDIDATE_ROWS)
+            block_ids = flat_ids[:, block]
+            columns = self.rows.index_select(0, block_ids.flatten()).view(*block_ids.shape, -1)
+            exact[:, block] = (columns @ scaled[:, block, :, None]).squeeze(-1)
+            rounded[:, block] = (columns.to(self.dtype).float() @ coefficients[:, block, :, None]).squeeze(-1)
+        if self.constant is not None:
+            constant = self.constant[ids]
+            exact += constant
+            rounded += (constant * LOG2E).to(self.dtype).float()
+        return TokenLogits(exact, rounded / LOG2E)
+
+
+class _Candidates(NamedTuple):
+    """Tokens per head-row that may hold the lens's top-k (`_Groups.candidates`)."""
+
+    ids: Tensor
+    """(head, rows, n); 0 where not a token"""
+    valid: Tensor
+    """(head, rows, n): a token (a short chunk's leftover groups pad)"""
+    logits: TokenLogits
+
+    def top(self, k: int) -> Tensor:
+        """The top-k ids (head, rows, k), largest exact logit first."""
+        ranked = self.logits.exact.masked_fill(~self.valid, -torch.inf).topk(min(k, self.ids.shape[-1]), dim=-1)
+        return self.ids.gather(-1, ranked.indices)
+
+
+def _rounding_correction(sweep: Sweep, neg_entropy: Tensor, p: Tensor, p_dtype: torch.dtype, candidates: _Candidates,
+                         model_top: Tensor, model_top_logits: TokenLogits) -> dict[str, Tensor]:
+    """The lens view's KL, logsumexp and entropy, (head, rows), with the rounding of its logits taken out to first
+    order on the lens's candidates and the model's top-k (model_top, (head, rows, k); those among the candidates
+    are counted once).
+
+    With rounded logits l~ = l + e: KL~ = KL + sum (q - p) e, logsumexp~ = logsumexp + sum q e and
+    entropy~ = entropy - sum q e (l - mean_q l), to first order (e ~ 1e-2 here, the second order ~1e-4 q). The
+    sweep's cross term also took p rounded to `p_dtype` (p~): KL~ gains sum (p - p~) l~, taken back on the same
+    tokens. The tokens left out carry little mass and rounding errors of either sign, which average out.
+    p: the rows' model probabilities (rows, vocab) in fp32.
+    """
+    log_sum_exp, entropy = sweep.log_sum_exp(), sweep.entropy()
+    repeated = ((model_top[..., :, None] == candidates.ids[..., None, :]) & candidates.valid[..., None, :]).any(-1)
+    counted = torch.cat([candidates.valid, ~repeated], dim=-1)
+    ids = torch.cat([candidates.ids, model_top], dim=-1)
+    rounded = torch.cat([candidates.logits.rounded, model_top_logits.rounded], dim=-1)
+    error = torch.where(counted, rounded - torch.cat([candidates.logits.exact, model_top_logits.exact], dim=-1), 0.0)
+    q = torch.where(counted, torch.exp(rounded - log_sum_exp[..., None]), 0.0)  # the view's q, as its sums hold it
+    p_at = torch.where(counted, p[torch.arange(p.shape[0], device=p.device)[None, :, None], ids], 0.0)
+    p_rounded = p_at.to(p_dtype).float()  # the sweep's cross term takes p in its product's dtype
+    mean = log_sum_exp - entropy  # sum q l
+    return {
+        "kl": sweep.kl(neg_entropy) + ((p_at - q) * error + (p_rounded - p_at) * rounded).sum(-1),
+        "log_sum_exp": log_sum_exp - (q * error).sum(-1),
+        "entropy": entropy + (q * error * (rounded - mean[..., None])).sum(-1),
+    }
+
+
+def _own_scores(corrected: dict[str, Tensor], targets: Targets, rows: slice, picked: Tensor,
+                top_ids: Tensor) -> dict[str, Tensor]:
     """The lens's own scores, as `_lens_scores` gives them: each (rows, head)."""
     model_top = targets.top[rows]  # (rows, k)
     lens_top = top_ids.transpose(0, 1)  # (rows, head, k)
     next_token = targets.next_token[rows]
-    log_sum_exp = sweep.log_sum_exp()
     return {
-        "kl": sweep.kl(targets.neg_entropy[rows]).T,
+        "kl": corrected["kl"].T,
         "top1": (lens_top[..., 0] == model_top[:, None, 0]).float(),
         "top10": (lens_top[..., :, None] == model_top[:, None, None, :]).any(-1).float().mean(-1),
-        "cross_entropy": torch.where(next_token[:, None] >= 0, (log_sum_exp - picked).T, 0.0),
-        "entropy": sweep.entropy().T,
+        "cross_entropy": torch.where(next_token[:, None] >= 0, (corrected["log_sum_exp"] - picked).T, 0.0),
+        "entropy": corrected["entropy"].T,
         "top_id": lens_top[..., 0],
     }

@@ -59,8 +59,10 @@ def test_per_head_outputs_match_nnsight(smollm2):
 
 
 def test_tiled_eval_agrees_with_the_fp32_eval(smollm2):
-    """The default bf16-tiled scorer against --exact on a fitted lens of the real model: per-head KL within 0.01
-    nats, the same heads beating each baseline, the same top-1 agreement up to rank flips between near-tied logits."""
+    """The default bf16-tiled scorer against --exact on a fitted lens of the real model: per-head KL within 0.005
+    nats (the issue asks 0.01; without the first-order rounding correction the lens's bf16 view strays 0.007-0.010
+    here), the same heads beating each baseline, the same top-1 agreement up to rank flips between near-tied
+    logits."""
     lens = al.Lens.from_model(smollm2, "affine", layers=[0, 15, 29])
     fit(lens, al.DataConfig(data="sotu"), FitConfig(tokens=4096, batch_size=4))
     data = al.DataConfig(data="sotu")
@@ -69,7 +71,7 @@ def test_tiled_eval_agrees_with_the_fp32_eval(smollm2):
     exact = al.evaluate(lens, data, al.EvalConfig(**settings, exact=True))
     assert tiled.setup["precision"] != exact.setup["precision"]
     for ours, reference in zip(tiled.heads, exact.heads, strict=True):
-        assert ours.kl == pytest.approx(reference.kl, abs=0.01)
+        assert ours.kl == pytest.approx(reference.kl, abs=0.005)
         assert ours.top1 == pytest.approx(reference.top1, abs=0.02)
     for name, value in exact.summary.items():
         if name.startswith("frac_beats_"):
