@@ -12,7 +12,7 @@ from torch import Tensor
 from .fidelity import Targets
 from .lens import Lens
 from .objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK, _autocast, _chunks
-from .sweep import GROUP, LOG2E, Sweep, extended_factors
+from .sweep import GROUP, LOG2E, ScaledViews, Sweep, extended_factors
 
 SCORE_TILE_ROWS = DEFAULT_BLOCK_ROWS
 """Head-token rows per tile when scoring (e.g. 256 tokens x 9 heads): the bf16 products need a few hundred rows per
@@ -57,16 +57,14 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
             "logit": _scaled(z_aug[rows], baseline.divisor(z[rows], layer)),
             "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
         }
-        n_rows = scaled["own"].shape[1]
         p = [block[rows] for block in targets.p_chunks(dtype, groups.chunks)]
         own_sweep = Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p)
-        # logit then DLA rows, one product: DLA is an attribution and adds no constant.
-        base_sweep = Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), base_constant is not None, base,
-                            dtype, constant_rows=n_rows)
+        base_sweep = _baseline_sweep(z_aug[rows], 1 / baseline.divisor(z[rows], layer), 1 / final_scale,
+                                     base_constant is not None, base, dtype)
         for index in range(len(groups.chunks)):
             own_sweep.add(index)
             base_sweep.add(index)
-        base_lse = base_sweep.log_sum_exp()
+        base_lse = base_sweep.log_sum_exp()  # (logit, DLA), each (head, rows)
         cross = _baseline_cross_terms(baseline, layer, scaled, targets, rows)
         neg_entropy = targets.neg_entropy[rows]
         candidates = groups.candidates(own_sweep.maxima(), scaled["own"], own_rows, targets.top.shape[-1])
@@ -77,8 +75,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
         corrected = _rounding_correction(own_sweep, neg_entropy, targets.p[rows], dtype, candidates, model_top,
                                          model_top_logits)
         scores = _own_scores(corrected, targets, rows, picked, candidates.top(targets.top.shape[-1]))
-        scores["logit"] = (neg_entropy - cross["logit"] + base_lse[:, :n_rows]).T
-        scores["dla"] = (neg_entropy - cross["dla"] + base_lse[:, n_rows:]).T
+        scores["logit"] = (neg_entropy - cross["logit"] + base_lse[0]).T
+        scores["dla"] = (neg_entropy - cross["dla"] + base_lse[1]).T
         for name, value in scores.items():
             parts[name].append(value)
     return {name: torch.cat(values) for name, values in parts.items()}
@@ -87,6 +85,35 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
 def _scaled(z_aug: Tensor, divisor: Tensor) -> Tensor:
     """(head, rows, d_head + 1) = [z_h, 1] / divisor in fp32: the divisor goes on the small side of the product."""
     return (z_aug / divisor[..., None]).transpose(0, 1)
+
+
+class _ConcatenatedViews:
+    """The logit lens and DLA as one `Sweep` over their rows stacked, where the logit lens adds a constant (norm bias
+    and b_U through W_U) that DLA, an attribution, does not: their logits are then not one another scaled."""
+
+    def __init__(self, sweep: Sweep, rows: int):
+        self.sweep, self.rows = sweep, rows
+
+    def add(self, chunk: int) -> None:
+        self.sweep.add(chunk)
+
+    def log_sum_exp(self) -> Tensor:
+        lse = self.sweep.log_sum_exp()
+        return torch.stack([lse[:, :self.rows], lse[:, self.rows:]])
+
+
+def _baseline_sweep(z_aug: Tensor, logit_scale: Tensor, dla_scale: Tensor, has_constant: bool,
+                    factors: list[Tensor], dtype: torch.dtype) -> ScaledViews | _ConcatenatedViews:
+    """The logit lens's and DLA's online logsumexps over the baseline's factors: one product at the larger of their
+    scales (logit_scale (rows, head), dla_scale (rows,)) where they differ by scale alone, two stacked otherwise."""
+    logit_scale, dla_scale = logit_scale.T, dla_scale[None].expand_as(logit_scale.T)  # (head, rows)
+    if has_constant:
+        scaled = [(z_aug * scale.T[..., None]).transpose(0, 1) for scale in (logit_scale, dla_scale)]
+        return _ConcatenatedViews(Sweep(torch.cat(scaled, dim=1), True, factors, dtype,
+                                        constant_rows=logit_scale.shape[1]), logit_scale.shape[1])
+    larger = torch.maximum(logit_scale, dla_scale)
+    ratios = torch.stack([logit_scale / larger, dla_scale / larger])  # (view, head, rows), the larger view's 1
+    return ScaledViews(z_aug.transpose(0, 1) * larger[..., None], ratios, factors, dtype)
 
 
 def _baseline_cross_terms(baseline: Lens, layer: int, scaled: dict[str, Tensor], targets: Targets,

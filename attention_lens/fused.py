@@ -127,3 +127,14 @@ def gradient_terms(shifted: Tensor, p: Tensor, rescale: Tensor, constant: Tensor
     """`_gradient_terms` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles: the trainer's
     second pass reads the chunk once and writes q - p once (eagerly: five passes)."""
     return _fused(_gradient_terms, shifted, p, rescale, constant)
+
+
+def _view_sums(shifted: Tensor, ratios: Tensor) -> Tensor:
+    """(views, head, rows): sum 2^(ratio y) over a (head, rows, chunk) tile y, for each view's (views, head, rows)
+    ratio (`sweep.ScaledViews`)."""
+    return torch.exp2(shifted.float()[None] * ratios[..., None]).sum(-1)
+
+
+def view_sums(shifted: Tensor, ratios: Tensor) -> Tensor:
+    """`_view_sums` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles."""
+    return _fused(_view_sums, shifted, ratios)

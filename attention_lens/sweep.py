@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fused import chunk_statistics, group_maxima
+from .fused import chunk_statistics, group_maxima, view_sums
 
 GROUP = 8
 """Tokens per group whose maximum a sweep keeps when asked (the strided groups of `fidelity_tiles._Groups`)."""
@@ -145,3 +145,65 @@ class Sweep:
 
     def entropy(self) -> Tensor:
         return (torch.log2(self.sum_exp) - self.weighted / self.sum_exp) / LOG2E
+
+
+class ScaledViews:
+    """Several views of one product that differ only by a positive scale per row, each with its online logsumexp.
+
+    The logit lens and DLA are W_U (gamma * W_O z_h) over two divisors: one product at the larger scale serves
+    both. With y the product's base-2 logits less its shift s, view j's are ratio_j y less the shift ratio_j s
+    (ratio_j = its scale / the larger, in (0, 1]), so a chunk costs one product and one pass that takes every
+    view's sum of 2^(ratio_j y) (`fused.view_sums`); a ratio below 1 also shrinks the product's rounding for that
+    view. The shift follows `Sweep`'s rules: the first chunk's maximum, a chunk taken again with the shift at its
+    maximum where a sum overflows, and a move once a sum passes exp(REBASE_ABOVE), by the smallest
+    log2(S_j) / ratio_j: every view's largest term then stays within [2^-log2(vocab), 1] of its sum. No constant.
+    """
+
+    def __init__(self, scaled: Tensor, ratios: Tensor, factors: list[Tensor], dtype: torch.dtype):
+        """scaled: (head, rows, d_head + 1) [z_h, 1] times the larger scale, fp32; ratios: (views, head, rows);
+        factors: `extended_factors` of a view without a constant, per chunk."""
+        heads, rows, _ = scaled.shape
+        no_constant = torch.zeros(heads, rows, 1, device=scaled.device)
+        self.coefficients = torch.cat([scaled * LOG2E, no_constant, no_constant], dim=-1).to(dtype)
+        self.ratios = ratios
+        self.factors = factors
+        self.shift = torch.zeros(heads, rows, device=scaled.device)  # the product's, in log2 units
+        self.sum_exp = torch.zeros_like(ratios)
+        self.started = False
+        self.buffers: dict[int, Tensor] = {}
+
+    def add(self, chunk: int) -> None:
+        """Take in vocabulary chunk number `chunk`."""
+        width = self.factors[chunk].shape[-1]
+        if width not in self.buffers:  # reused: a fresh multi-MB tile per chunk costs as much as its product
+            self.buffers[width] = torch.empty(*self.coefficients.shape[:2], width, dtype=self.coefficients.dtype,
+                                              device=self.coefficients.device)
+        shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self.buffers[width])
+        if not self.started:
+            self._move_shift(shifted.amax(-1).float(), shifted)
+            self.started = True
+        sums = view_sums(shifted, self.ratios)
+        overflow = ~torch.isfinite(sums).all(0)
+        if overflow.any():
+            self._move_shift(torch.where(overflow, shifted.amax(-1).float(), 0.0), shifted)
+            sums = view_sums(shifted, self.ratios)
+        self.sum_exp += sums
+        large = (self.sum_exp > math.exp(REBASE_ABOVE)).any(0)
+        if large.any():
+            step = torch.where(self.sum_exp > 0, torch.log2(self.sum_exp) / self.ratios, torch.inf).amin(0)
+            self._move_shift(torch.where(large, step, 0.0))
+
+    def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
+        """Raise the product's shift by ~`step` (head, rows), kept at a value its dtype holds exactly."""
+        new_shift = (self.shift + step).to(self.coefficients.dtype).float()
+        step = new_shift - self.shift
+        if shifted is not None:
+            low = step.to(shifted.dtype)
+            shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
+        self.sum_exp = torch.where(self.sum_exp > 0, self.sum_exp * torch.exp2(-step * self.ratios), 0.0)
+        self.shift = new_shift
+        self.coefficients[..., -1] = (-new_shift).to(self.coefficients.dtype)
+
+    def log_sum_exp(self) -> Tensor:
+        """Natural logsumexp of each view's logits, (views, head, rows)."""
+        return (self.ratios * self.shift + torch.log2(self.sum_exp)) / LOG2E

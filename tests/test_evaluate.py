@@ -172,6 +172,32 @@ def test_tiles_move_their_shift_when_a_later_chunk_is_far_larger():
     assert_same_scores(tiled, whole, atol=2e-4)
 
 
+@pytest.mark.parametrize("dla_ratio", [1.0, 0.3, 0.01, 3.0])
+def test_logit_lens_and_dla_share_one_product(dla_ratio):
+    """The baselines' one product at the larger scale, each view's logsumexp taken from it by its ratio, against
+    logsumexp of each view's own logits, with chunks climbing by hundreds of nats (the shift moves, sums rescale)
+    and a view whose scale is 1/100 of the other's (its sums must neither underflow nor lag)."""
+    from attention_lens.fidelity_tiles import _baseline_sweep
+    from attention_lens.sweep import extended_factors
+
+    generator = torch.Generator().manual_seed(0)
+    heads, rows, d_head, vocab = 2, 5, 4, 3000
+    factors = torch.randn(heads, vocab, d_head + 1, generator=generator)
+    factors[..., -1] += torch.linspace(-300.0, 300.0, vocab)  # later chunks far above the first
+    z_aug = torch.cat([torch.randn(rows, heads, d_head, generator=generator), torch.ones(rows, heads, 1)], dim=-1)
+    logit_scale = torch.rand(rows, heads, generator=generator) + 0.5
+    dla_scale = logit_scale[:, 0] * dla_ratio  # (rows,): one per position, as the final norm's sigma
+    chunks = [slice(0, 1000), slice(1000, 2000), slice(2000, vocab)]
+    views = _baseline_sweep(z_aug, logit_scale, dla_scale, False, extended_factors(factors, None, torch.float32,
+                                                                                    chunks), torch.float32)
+    for index in range(len(chunks)):
+        views.add(index)
+    raw = torch.einsum("rhd,hvd->hrv", z_aug.double(), factors.double())  # (head, rows, vocab)
+    expected = torch.stack([torch.logsumexp(raw * logit_scale.T[..., None], -1),
+                            torch.logsumexp(raw * dla_scale[None, :, None], -1)])
+    torch.testing.assert_close(views.log_sum_exp().double(), expected, atol=2e-4, rtol=1e-6)
+
+
 def test_token_writer_head_reads_its_token(corpus):
     model = make_token_writer()
     data = DataConfig(data=str(corpus), seq_len=SEQ_LEN, holdout=0.25)
