@@ -147,10 +147,16 @@ def residual_energy(problem: Problem, maps: Tensor) -> Tensor:
     """sum_p || B_p M_h^T u_p - y_p ||^2 per head: twice the KL left unexplained, to second order."""
     out = torch.zeros(problem.inputs.shape[1])
     for start in range(0, problem.positions, CHUNK):
-        written = torch.einsum("phd,hdm->pmh", problem.inputs[start:start + CHUNK], maps)
-        miss = torch.bmm(problem.metric[start:start + CHUNK], written) - problem.targets[start:start + CHUNK]
-        out += miss.pow(2).sum((0, 1))
+        rows = slice(start, start + CHUNK)
+        out += miss_energy(problem, rows, torch.einsum("phd,hdm->pmh", problem.inputs[rows], maps))
     return out
+
+
+def miss_energy(problem: Problem, rows: slice, written: Tensor) -> Tensor:
+    """sum_p || B_p w_p - y_p ||^2 per head over positions `rows`, for any predicted writes w (positions, d_model,
+    head): `residual_energy`'s term, also for readers that are not linear maps."""
+    miss = torch.bmm(problem.metric[rows], written) - problem.targets[rows]  # (positions, top, head)
+    return miss.pow(2).sum((0, 1))
 
 
 def penalty_scale(problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
