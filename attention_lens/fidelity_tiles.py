@@ -24,7 +24,8 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles, summed in fp32.
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
-    factors and differ only in divisor and constant; they run as one product). Each view streams through an online
+    factors and differ only in scale, and for some models a constant: one product serves both, `_baseline_sweep`).
+    Each view streams through an online
     logsumexp whose shift sits inside the product (`Sweep`), so a chunk costs one product and one fused pass;
     no vocabulary-sized row of any view is ever whole. Products run in `dtype` (bf16) with fp32 sums. The
     baselines are far from the model by design (KL ~3-80 nats) and take their cross terms exactly in fp32 from
@@ -52,15 +53,16 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     for start in range(0, z.shape[0], rows_per_tile):
         rows = slice(start, start + rows_per_tile)
         final_scale = targets.final_scale[rows]
+        logit_divisor = baseline.divisor(z[rows], layer)  # (rows, head)
         scaled = {
             "own": _scaled(z_aug[rows], lens.divisor(z[rows], layer, final_scale)),
-            "logit": _scaled(z_aug[rows], baseline.divisor(z[rows], layer)),
+            "logit": _scaled(z_aug[rows], logit_divisor),
             "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
         }
         p = [block[rows] for block in targets.p_chunks(dtype, groups.chunks)]
         own_sweep = Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p)
-        base_sweep = _baseline_sweep(z_aug[rows], 1 / baseline.divisor(z[rows], layer), 1 / final_scale,
-                                     base_constant is not None, base, dtype)
+        base_sweep = _baseline_sweep(z_aug[rows], 1 / logit_divisor, 1 / final_scale, base_constant is not None,
+                                     base, dtype)
         for index in range(len(groups.chunks)):
             own_sweep.add(index)
             base_sweep.add(index)
@@ -163,7 +165,9 @@ SCORE_VOCAB_CHUNK = VOCAB_CHUNK
 """Vocabulary entries per scoring tile: with SCORE_TILE_ROWS, a (head, rows, chunk) tile of bf16 logits stays
 cache-sized (~5 MB); products whose output is 4x that ran at half the rate on 2 cores."""
 CANDIDATE_ROWS = 64
-"""Rows per block when the lens's top-k candidates are rescored (bounds that block's memory)."""
+"""Rows per block when the lens's candidates' logits are taken (bounds that block's memory)."""
+
+
 class TokenLogits(NamedTuple):
     """A view's logits of chosen tokens, (head, rows, n) in natural units."""
 
