@@ -118,18 +118,27 @@ def test_every_score_matches_a_direct_computation(corpus, model_type, kind, exac
     assert result.setup["constant"]["tokens"] == math.ceil(CONSTANT_TOKENS / SEQ_LEN) * SEQ_LEN
 
 
+def layer_one(lens: Lens, windows: tuple[int, int]):
+    """What a scorer of layer 1 takes for random windows (batch, pos): the logit baseline, z and the targets."""
+    from attention_lens import fidelity
+
+    model = lens.model
+    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
+    input_ids = torch.randint(0, model.vocab, windows, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
+    targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
+    return baseline, capture.heads[1].z.flatten(0, 1), targets
+
+
 def tiled_and_whole(lens: Lens) -> tuple[dict, dict]:
     """Layer 1's scores from the whole-row scorer and from the tiled one in fp32, with tiles of 3 rows and
     vocabulary chunks smaller than a row (the last one short)."""
     from attention_lens import fidelity, fidelity_tiles
 
     model = lens.model
-    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
-    input_ids = torch.randint(0, model.vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    baseline, z, targets = layer_one(lens, (2, 12))
     with torch.no_grad():
-        logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
-        targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
-        z = capture.heads[1].z.flatten(0, 1)
         whole = fidelity.score_layer(lens, baseline, 1, z, targets, block_rows=64)
         chunk = fidelity_tiles.SCORE_VOCAB_CHUNK
         fidelity_tiles.SCORE_VOCAB_CHUNK = model.vocab // 3 + 1
@@ -306,14 +315,9 @@ def test_bf16_tiles_take_the_rounding_of_the_lens_back(model_type, monkeypatch):
     view without it (the rounding of the factors is fixed per token and does not average out)."""
     from attention_lens import fidelity, fidelity_tiles
 
-    model = make_tiny_model(model_type)
-    lens = perturbed_lens(model, "affine")
-    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
-    input_ids = torch.randint(0, model.vocab, (4, 32), generator=torch.Generator().manual_seed(0))
+    lens = perturbed_lens(make_tiny_model(model_type), "affine")
+    baseline, z, targets = layer_one(lens, (4, 32))
     with torch.no_grad():
-        logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
-        targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
-        z = capture.heads[1].z.flatten(0, 1)
         whole = fidelity.score_layer(lens, baseline, 1, z, targets, block_rows=64)
         corrected = fidelity_tiles.score_layer_tiled(lens, baseline, 1, z, targets)
         monkeypatch.setattr(fidelity_tiles, "_rounding_correction", lambda sweep, neg_entropy, *_: {
