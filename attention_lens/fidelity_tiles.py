@@ -61,8 +61,7 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
         }
         p = [block[rows] for block in targets.p_chunks(dtype, groups.chunks)]
         own_sweep = Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p)
-        base_sweep = _baseline_sweep(z_aug[rows], 1 / logit_divisor, 1 / final_scale, base_constant is not None,
-                                     base, dtype)
+        base_sweep = _baseline_sweep(scaled, logit_divisor, final_scale, base_constant is not None, base, dtype)
         for index in range(len(groups.chunks)):
             own_sweep.add(index)
             base_sweep.add(index)
@@ -104,18 +103,21 @@ class _ConcatenatedViews:
         return torch.stack([lse[:, :self.rows], lse[:, self.rows:]])
 
 
-def _baseline_sweep(z_aug: Tensor, logit_scale: Tensor, dla_scale: Tensor, has_constant: bool,
+def _baseline_sweep(scaled: dict[str, Tensor], logit_divisor: Tensor, final_scale: Tensor, has_constant: bool,
                     factors: list[Tensor], dtype: torch.dtype) -> ScaledViews | _ConcatenatedViews:
-    """The logit lens's and DLA's online logsumexps over the baseline's factors: one product at the larger of their
-    scales (logit_scale (rows, head), dla_scale (rows,)) where they differ by scale alone, two stacked otherwise."""
-    logit_scale, dla_scale = logit_scale.T, dla_scale[None].expand_as(logit_scale.T)  # (head, rows)
+    """The logit lens's and DLA's online logsumexps over the baseline's factors, from their `scaled` rows (divisors
+    logit_divisor (rows, head) and final_scale (rows,)): one product at the larger of their scales where they differ
+    by scale alone, their rows stacked otherwise."""
     if has_constant:
-        scaled = [(z_aug * scale.T[..., None]).transpose(0, 1) for scale in (logit_scale, dla_scale)]
-        return _ConcatenatedViews(Sweep(torch.cat(scaled, dim=1), True, factors, dtype,
-                                        constant_rows=logit_scale.shape[1]), logit_scale.shape[1])
+        rows = scaled["logit"].shape[1]
+        return _ConcatenatedViews(Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), True, factors, dtype,
+                                        constant_rows=rows), rows)
+    logit_scale = 1 / logit_divisor.T  # (head, rows)
+    dla_scale = (1 / final_scale)[None].expand_as(logit_scale)
     larger = torch.maximum(logit_scale, dla_scale)
     ratios = torch.stack([logit_scale / larger, dla_scale / larger])  # (view, head, rows), the larger view's 1
-    return ScaledViews(z_aug.transpose(0, 1) * larger[..., None], ratios, factors, dtype)
+    larger_rows = torch.where((logit_scale >= dla_scale)[..., None], scaled["logit"], scaled["dla"])
+    return ScaledViews(larger_rows, ratios, factors, dtype)
 
 
 def _baseline_cross_terms(baseline: Lens, layer: int, scaled: dict[str, Tensor], targets: Targets,

@@ -79,12 +79,8 @@ class Sweep:
         self.buffers: dict[tuple, Tensor] = {}
 
     def buffer(self, name: str, like: Tensor, chunk: int) -> Tensor:
-        """A reused (head, rows, chunk) tile: allocating a fresh multi-MB tile per chunk cost as much as the
-        product that fills it (fresh pages, cold cache)."""
-        key = (name, self.factors[chunk].shape[-1])
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(*like.shape[:2], key[1], dtype=like.dtype, device=like.device)
-        return self.buffers[key]
+        """A (head, rows, chunk) tile shaped as `like`, reused for every chunk of that width (`_reused_tile`)."""
+        return _reused_tile(self.buffers, name, like, self.factors[chunk].shape[-1])
 
     def add(self, chunk: int) -> None:
         """Take in vocabulary chunk number `chunk`."""
@@ -114,20 +110,13 @@ class Sweep:
 
     def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
         """Raise the shift by ~`step` (head, rows): rescale the sums, the coefficients and this chunk's values."""
-        new_shift = (self.shift + step).to(self.coefficients.dtype).float()  # exactly representable in the product
-        step = new_shift - self.shift
-        if shifted is not None:
-            # A step the chunk's dtype holds (the first chunk's: its own maximum) subtracts without a conversion;
-            # any other is taken in fp32 and rounded once.
-            low = step.to(shifted.dtype)
-            shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
+        new_shift, step = _move_product_shift(self.coefficients, self.shift, step, shifted)
         # sum 2^(y - step) = 2^-step S; sum 2^(y - step)(y - step) = 2^-step (W - step S). Nothing seen yet: 1.
         rescale = torch.where(self.sum_exp > 0, torch.exp2(-step), 1.0)
         self.weighted = rescale * (self.weighted - step * self.sum_exp)
         self.sum_exp = rescale * self.sum_exp
         self.cross = self.cross - step * self.p_seen
         self.shift = new_shift
-        self.coefficients[..., -1] = (-new_shift).to(self.coefficients.dtype)
 
     def maxima(self) -> Tensor:
         return torch.cat(self.group_maxima, dim=-1)  # (head, rows, groups)
@@ -170,15 +159,12 @@ class ScaledViews:
         self.shift = torch.zeros(heads, rows, device=scaled.device)  # the product's, in log2 units
         self.sum_exp = torch.zeros_like(ratios)
         self.started = False
-        self.buffers: dict[int, Tensor] = {}
+        self.buffers: dict[tuple, Tensor] = {}
 
     def add(self, chunk: int) -> None:
         """Take in vocabulary chunk number `chunk`."""
-        width = self.factors[chunk].shape[-1]
-        if width not in self.buffers:  # reused: a fresh multi-MB tile per chunk costs as much as its product
-            self.buffers[width] = torch.empty(*self.coefficients.shape[:2], width, dtype=self.coefficients.dtype,
-                                              device=self.coefficients.device)
-        shifted = torch.bmm(self.coefficients, self.factors[chunk], out=self.buffers[width])
+        tile = _reused_tile(self.buffers, "product", self.coefficients, self.factors[chunk].shape[-1])
+        shifted = torch.bmm(self.coefficients, self.factors[chunk], out=tile)
         if not self.started:
             self._move_shift(shifted.amax(-1).float(), shifted)
             self.started = True
@@ -194,16 +180,35 @@ class ScaledViews:
             self._move_shift(torch.where(large, step, 0.0))
 
     def _move_shift(self, step: Tensor, shifted: Tensor | None = None) -> None:
-        """Raise the product's shift by ~`step` (head, rows), kept at a value its dtype holds exactly."""
-        new_shift = (self.shift + step).to(self.coefficients.dtype).float()
-        step = new_shift - self.shift
-        if shifted is not None:
-            low = step.to(shifted.dtype)
-            shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
+        """Raise the product's shift by ~`step` (head, rows): rescale every view's sum and this chunk's values."""
+        self.shift, step = _move_product_shift(self.coefficients, self.shift, step, shifted)
         self.sum_exp = torch.where(self.sum_exp > 0, self.sum_exp * torch.exp2(-step * self.ratios), 0.0)
-        self.shift = new_shift
-        self.coefficients[..., -1] = (-new_shift).to(self.coefficients.dtype)
 
     def log_sum_exp(self) -> Tensor:
         """Natural logsumexp of each view's logits, (views, head, rows)."""
         return (self.ratios * self.shift + torch.log2(self.sum_exp)) / LOG2E
+
+
+def _reused_tile(buffers: dict[tuple, Tensor], name: str, like: Tensor, width: int) -> Tensor:
+    """A (head, rows, width) tile shaped and typed as `like`, kept in `buffers` for the next chunk of that width:
+    allocating a fresh multi-MB tile per chunk cost as much as the product that fills it (fresh pages, cold cache)."""
+    key = (name, width)
+    if key not in buffers:
+        buffers[key] = torch.empty(*like.shape[:2], width, dtype=like.dtype, device=like.device)
+    return buffers[key]
+
+
+def _move_product_shift(coefficients: Tensor, shift: Tensor, step: Tensor,
+                        shifted: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Raise a product's shift (head, rows) by ~`step`, to a value the coefficients' dtype holds exactly (so what
+    the product subtracts is what logsumexp adds back): writes it into the coefficients' last column, subtracts the
+    step from the chunk's `shifted` values if given, and returns the new shift and the step taken."""
+    new_shift = (shift + step).to(coefficients.dtype).float()
+    step = new_shift - shift
+    if shifted is not None:
+        # A step the chunk's dtype holds (the first chunk's: its own maximum) subtracts without a conversion; any
+        # other is taken in fp32 and rounded once.
+        low = step.to(shifted.dtype)
+        shifted.sub_((low if torch.equal(low.float(), step) else step)[..., None])
+    coefficients[..., -1] = (-new_shift).to(coefficients.dtype)
+    return new_shift, step

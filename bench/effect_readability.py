@@ -30,8 +30,7 @@ from torch import Tensor
 
 import attention_lens as al
 from attention_lens.data import DataConfig
-from attention_lens import effect_fit
-from attention_lens.effect_fit import Problem, fit_maps, held_back_windows, kl_problem, solve
+from attention_lens.effect_fit import CHUNK, Problem, fit_maps, held_back_windows, kl_problem, miss_energy, solve
 from attention_lens.effects import EffectsConfig, measured_batches
 from attention_lens.lens import Lens
 
@@ -64,9 +63,9 @@ def recovered(problem: Problem, written: Tensor) -> Tensor:
     """Per head, 1 - residual / measured energy, for predicted writes `written` (positions, head, d_model)."""
     miss = torch.zeros(written.shape[1])
     energy = problem.targets.pow(2).sum((0, 1))
-    for start in range(0, problem.positions, effect_fit.CHUNK):
-        rows = slice(start, start + effect_fit.CHUNK)
-        miss += effect_fit.miss_energy(problem, rows, written[rows].transpose(1, 2))
+    for start in range(0, problem.positions, CHUNK):
+        rows = slice(start, start + CHUNK)
+        miss += miss_energy(problem, rows, written[rows].transpose(1, 2))
     return 1 - miss / energy.clamp_min(1e-30)
 
 

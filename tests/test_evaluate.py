@@ -197,8 +197,10 @@ def test_logit_lens_and_dla_share_one_product(dla_ratio):
     logit_scale = torch.rand(rows, heads, generator=generator) + 0.5
     dla_scale = logit_scale[:, 0] * dla_ratio  # (rows,): one per position, as the final norm's sigma
     chunks = [slice(0, 1000), slice(1000, 2000), slice(2000, vocab)]
-    views = _baseline_sweep(z_aug, logit_scale, dla_scale, False, extended_factors(factors, None, torch.float32,
-                                                                                    chunks), torch.float32)
+    scaled = {"logit": (z_aug * logit_scale[..., None]).transpose(0, 1),
+              "dla": (z_aug * dla_scale[:, None, None]).transpose(0, 1)}
+    views = _baseline_sweep(scaled, 1 / logit_scale, 1 / dla_scale, False,
+                            extended_factors(factors, None, torch.float32, chunks), torch.float32)
     for index in range(len(chunks)):
         views.add(index)
     raw = torch.einsum("rhd,hvd->hrv", z_aug.double(), factors.double())  # (head, rows, vocab)
