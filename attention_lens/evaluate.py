@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -105,8 +106,9 @@ def evaluate(
                             config.seed)
     baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)  # its F_h serves dla too
     planned, seen = math.ceil(config.tokens / data.seq_len) * data.seq_len, 0
+    scorer = _layer_scorer(model, config)
     for batch in stream:
-        _score_batch(lens, baseline, batch, log_constant, totals, _layer_scorer(model, config))
+        _score_batch(lens, baseline, batch, log_constant, totals, scorer)
         seen += batch.tokens
         if on_progress is not None:
             on_progress(seen, planned)
@@ -132,11 +134,11 @@ def _check(config: EvalConfig, data: DataConfig) -> None:
 
 def _layer_scorer(model: Model, config: EvalConfig) -> Callable:
     """fp32 whole-row scoring when asked for, or where a soft-cap makes the logits non-linear in the factors;
-    bf16 tiles with fp32 sums otherwise."""
+    bf16 tiles with fp32 sums otherwise, every layer of every batch in one workspace of scratch tiles."""
     if config.exact or model.unembed.softcap is not None:
         return lambda lens, baseline, layer, z, targets: score_layer(lens, baseline, layer, z, targets,
                                                                      config.block_rows)
-    return score_layer_tiled
+    return functools.partial(score_layer_tiled, workspace={})
 
 
 def _score_batch(lens: Lens, baseline: Lens, batch: HeadBatch, log_constant: Tensor, totals: FidelityTotals,

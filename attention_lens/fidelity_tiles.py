@@ -12,7 +12,8 @@ from torch import Tensor
 from .fidelity import Targets
 from .lens import Lens
 from .objective import DEFAULT_BLOCK_ROWS, VOCAB_CHUNK, _autocast, _chunks
-from .sweep import GROUP, LOG2E, ScaledViews, Sweep, extended_factors
+from .fused import table_logits
+from .sweep import GROUP, LOG2E, ScaledViews, Sweep, extended_factors, scratch
 
 SCORE_TILE_ROWS = DEFAULT_BLOCK_ROWS
 """Head-token rows per tile when scoring (e.g. 256 tokens x 9 heads): the bf16 products need a few hundred rows per
@@ -20,7 +21,8 @@ head to run near the GEMM rate (64 rows ran at a quarter of it on 2 cores), and 
 
 
 def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets: Targets,
-                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+                      block_rows: int = SCORE_TILE_ROWS, dtype: torch.dtype = torch.bfloat16,
+                      workspace: dict[tuple, Tensor] | None = None) -> dict[str, Tensor]:
     """`score_layer`'s scores from cache-sized (head, rows, vocabulary chunk) tiles, summed in fp32.
 
     The lens, the logit lens and DLA are three factored views of the same z (the last two share the baseline's
@@ -37,7 +39,11 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     keeps its entropy and the maxima of strided token groups; its top-k is rescored on the tokens of the groups
     with the largest maxima. Not for soft-capped readouts (the cap is not linear in the factors): `score_layer`
     serves them.
+
+    workspace: scratch tables and tiles kept for the next call (the next layer, the next batch): a fresh multi-MB
+    block costs a page fault per 4 kB, which on this class of machine cost as much as the work done in it.
     """
+    workspace = {} if workspace is None else workspace
     heads = lens.config.heads
     z_aug = lens.augmented(z)  # (tokens, head, d_head + 1)
     with _autocast(z.device, torch.float32):  # exact: the candidates' logits, the correction's reference
@@ -47,7 +53,7 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
     groups = _Groups(lens.model.vocab, z.device)
     own = extended_factors(own_factors, own_constant, dtype, groups.chunks)
     base = extended_factors(base_factors, base_constant, dtype, groups.chunks)
-    own_rows = _ExactRows(own_factors, own_constant, dtype)
+    own_rows = _ExactRows(own_factors, own_constant, dtype, groups, workspace)
     rows_per_tile = max(1, block_rows // len(heads))
     parts: dict[str, list[Tensor]] = defaultdict(list)
     for start in range(0, z.shape[0], rows_per_tile):
@@ -60,8 +66,9 @@ def score_layer_tiled(lens: Lens, baseline: Lens, layer: int, z: Tensor, targets
             "dla": _scaled(z_aug[rows], final_scale[:, None].expand(-1, len(heads))),
         }
         p = [block[rows] for block in targets.p_chunks(dtype, groups.chunks)]
-        own_sweep = Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p)
-        base_sweep = _baseline_sweep(scaled, logit_divisor, final_scale, base_constant is not None, base, dtype)
+        own_sweep = Sweep(scaled["own"], own_constant is not None, own, dtype, groups, p=p, buffers=workspace)
+        base_sweep = _baseline_sweep(scaled, logit_divisor, final_scale, base_constant is not None, base, dtype,
+                                     workspace)
         for index in range(len(groups.chunks)):
             own_sweep.add(index)
             base_sweep.add(index)
@@ -104,20 +111,21 @@ class _ConcatenatedViews:
 
 
 def _baseline_sweep(scaled: dict[str, Tensor], logit_divisor: Tensor, final_scale: Tensor, has_constant: bool,
-                    factors: list[Tensor], dtype: torch.dtype) -> ScaledViews | _ConcatenatedViews:
+                    factors: list[Tensor], dtype: torch.dtype,
+                    buffers: dict[tuple, Tensor] | None = None) -> ScaledViews | _ConcatenatedViews:
     """The logit lens's and DLA's online logsumexps over the baseline's factors, from their `scaled` rows (divisors
     logit_divisor (rows, head) and final_scale (rows,)): one product at the larger of their scales where they differ
     by scale alone, their rows stacked otherwise."""
     if has_constant:
         rows = scaled["logit"].shape[1]
         return _ConcatenatedViews(Sweep(torch.cat([scaled["logit"], scaled["dla"]], dim=1), True, factors, dtype,
-                                        constant_rows=rows), rows)
+                                        constant_rows=rows, buffers=buffers), rows)
     logit_scale = 1 / logit_divisor.T  # (head, rows)
     dla_scale = (1 / final_scale)[None].expand_as(logit_scale)
     larger = torch.maximum(logit_scale, dla_scale)
     ratios = torch.stack([logit_scale / larger, dla_scale / larger])  # (view, head, rows), the larger view's 1
     larger_rows = torch.where((logit_scale >= dla_scale)[..., None], scaled["logit"], scaled["dla"])
-    return ScaledViews(larger_rows, ratios, factors, dtype)
+    return ScaledViews(larger_rows, ratios, factors, dtype, buffers)
 
 
 def _baseline_cross_terms(baseline: Lens, layer: int, scaled: dict[str, Tensor], targets: Targets,
@@ -142,14 +150,27 @@ class _Groups:
     def __init__(self, vocab: int, device: torch.device):
         self.vocab = vocab
         self.chunks = _chunks(vocab, device, SCORE_VOCAB_CHUNK)
-        starts, strides, sizes = [], [], []
+        starts, strides, sizes, self.offsets = [], [], [], []
         for chunk in self.chunks:
+            self.offsets.append(len(starts))
             length = chunk.stop - chunk.start
             n = length // GROUP
             starts += [chunk.start + j for j in range(n)] + list(range(chunk.start + n * GROUP, chunk.stop))
             strides += [n] * n + [1] * (length - n * GROUP)
             sizes += [GROUP] * n + [1] * (length - n * GROUP)
+        self.count = len(starts)
         self.start, self.stride, self.size = (torch.tensor(v, device=device) for v in (starts, strides, sizes))
+        self.valid = torch.arange(GROUP, device=device) < self.size[:, None]  # (groups, GROUP)
+        # Each token's place in the group-major order (group g, member m at g * GROUP + m), `_ExactRows`'s.
+        order, valid = self.member_order(), self.valid.flatten()
+        self.position = torch.empty(vocab, dtype=torch.long, device=device)
+        self.position[order[valid]] = torch.arange(order.numel(), device=device)[valid]
+
+    def member_order(self) -> Tensor:
+        """Token ids (groups * GROUP,) group by group, each group's members side by side (a leftover group of one
+        repeats its token: not a member, `valid` says so): the order of `_ExactRows`'s tables."""
+        members = self.start[:, None] + self.stride[:, None] * torch.arange(GROUP, device=self.start.device)
+        return torch.where(self.valid, members, self.start[:, None]).flatten()
 
     def candidates(self, maxima: Tensor, scaled: Tensor, rows: _ExactRows, k: int) -> _Candidates:
         """The tokens of the k + 2 groups with the largest `maxima` (head, rows, groups) and their logits: the top-k
@@ -158,9 +179,9 @@ class _Groups:
         chosen = maxima.topk(min(k + 2, maxima.shape[-1]), dim=-1).indices  # (head, rows, k + 2)
         offsets = torch.arange(GROUP, device=chosen.device)
         ids = (self.start[chosen][..., None] + self.stride[chosen][..., None] * offsets).flatten(-2)
-        valid = (offsets < self.size[chosen][..., None]).flatten(-2)
+        valid = self.valid[chosen].flatten(-2)
         ids = ids.masked_fill(~valid, 0)
-        return _Candidates(ids, valid, rows.logits(ids, scaled))
+        return _Candidates(ids, valid, rows.group_logits(chosen, ids, scaled))
 
 
 SCORE_VOCAB_CHUNK = VOCAB_CHUNK
@@ -180,31 +201,68 @@ class TokenLogits(NamedTuple):
 
 
 class _ExactRows:
-    """The lens's factors as (head * vocab, d_head + 1) fp32 rows, for the logits of a few tokens per head-row."""
+    """The lens's factors per head and token, exact (fp32) and as the sweep's `dtype` products round them, in two
+    tables laid out group by group (`_Groups.member_order`): the candidates of a head-row are whole groups, so their
+    logits, exact and rounded, come from gathers of contiguous rows and one fused pass."""
 
-    def __init__(self, factors: Tensor, constant: Tensor | None, dtype: torch.dtype):
-        self.vocab = factors.shape[1]
-        self.rows = factors.detach().flatten(0, 1).contiguous()
+    def __init__(self, factors: Tensor, constant: Tensor | None, dtype: torch.dtype, groups: _Groups,
+                 workspace: dict[tuple, Tensor]):
+        """factors (head, vocab, d_head + 1) fp32; workspace: where the tables and gather buffers are kept for the
+        next layer (`score_layer_tiled`'s)."""
+        heads, vocab, width = factors.shape
+        rows = scratch(workspace, "factor rows", (heads * vocab, width), torch.float32, factors.device)
+        rows.view(heads, vocab, width).copy_(factors.detach())  # one transposing copy, then whole rows move
+        order = (groups.member_order() + torch.arange(heads, device=factors.device)[:, None] * vocab).flatten()
+        exact = scratch(workspace, "exact table", (order.numel(), width), torch.float32, factors.device)
+        # (head, groups * GROUP, width), and its copy as the sweep's extended factors round it
+        self.exact = torch.index_select(rows, 0, order, out=exact).view(heads, -1, width)
+        self.rounded = scratch(workspace, "rounded table", self.exact.shape, dtype, factors.device).copy_(self.exact)
+        self.groups = groups
         self.constant = None if constant is None else constant.detach().float()
         self.dtype = dtype
+        self.buffers = workspace
 
     def logits(self, ids: Tensor, scaled: Tensor) -> TokenLogits:
-        """ids (head, rows, n); scaled (head, rows, d_head + 1) = [z_h, 1] / divisor in fp32."""
-        # Row of (head h, token v): h * vocab + v.
-        flat_ids = ids + torch.arange(ids.shape[0], device=ids.device)[:, None, None] * self.vocab
-        coefficients = (scaled * LOG2E).to(self.dtype).float()  # base 2, rounded as the sweep's coefficients
-        exact, rounded = torch.empty(ids.shape, device=ids.device), torch.empty(ids.shape, device=ids.device)
-        for start in range(0, ids.shape[1], CANDIDATE_ROWS):  # (head, rows, n, d_head + 1) a block at a time
+        """Of tokens ids (head, rows, n); scaled (head, rows, d_head + 1) = [z_h, 1] / divisor in fp32."""
+        flat = self.groups.position[ids] + self._head_offsets(ids, self.groups.count * GROUP)
+        return self._logits(flat, 1, scaled, ids)
+
+    def group_logits(self, chosen: Tensor, ids: Tensor, scaled: Tensor) -> TokenLogits:
+        """Of every member of groups chosen (head, rows, n), whose ids (head, rows, n * GROUP) `_Groups.candidates`
+        lists (0 where not a member)."""
+        return self._logits(chosen + self._head_offsets(chosen, self.groups.count), GROUP, scaled, ids)
+
+    @staticmethod
+    def _head_offsets(ids: Tensor, per_head: int) -> Tensor:
+        return torch.arange(ids.shape[0], device=ids.device)[:, None, None] * per_head
+
+    def _logits(self, flat: Tensor, members: int, scaled: Tensor, ids: Tensor) -> TokenLogits:
+        """Table rows `flat` (head, rows, n), each `members` tokens: the exact and rounded logits of their
+        n * members tokens, a block of rows at a time (bounds the gathered block's memory), gathered into reused
+        buffers (a fresh multi-MB block per gather cost more than the gather) and summed in one fused pass."""
+        heads, rows, n = flat.shape
+        exact = torch.empty(heads, rows, n * members, device=flat.device)
+        rounded = torch.empty_like(exact)
+        # The rounded logits' coefficients in base 2, rounded as the sweep's are.
+        coefficients = scaled[:, :, None], (scaled * LOG2E).to(self.dtype).float()[:, :, None]
+        for start in range(0, rows, CANDIDATE_ROWS):
             block = slice(start, start + CANDIDATE_ROWS)
-            block_ids = flat_ids[:, block]
-            columns = self.rows.index_select(0, block_ids.flatten()).view(*block_ids.shape, -1)
-            exact[:, block] = (columns @ scaled[:, block, :, None]).squeeze(-1)
-            rounded[:, block] = (columns.to(self.dtype).float() @ coefficients[:, block, :, None]).squeeze(-1)
+            indices = flat[:, block].flatten()
+            gathered = [self._gather(table, indices, members) for table in (self.exact, self.rounded)]
+            exact[:, block], rounded[:, block] = table_logits(
+                *(rows.view(heads, -1, n * members, self.exact.shape[-1]) for rows in gathered),
+                coefficients[0][:, block], coefficients[1][:, block])
         if self.constant is not None:
             constant = self.constant[ids]
             exact += constant
             rounded += (constant * LOG2E).to(self.dtype).float()
         return TokenLogits(exact, rounded / LOG2E)
+
+    def _gather(self, table: Tensor, indices: Tensor, members: int) -> Tensor:
+        """Rows `indices` of `table` (head, groups * GROUP, width) seen as runs of `members` tokens."""
+        runs = table.view(-1, members * table.shape[-1])
+        out = scratch(self.buffers, "gathered", (indices.numel(), runs.shape[-1]), runs.dtype, runs.device)
+        return torch.index_select(runs, 0, indices, out=out)
 
 
 class _Candidates(NamedTuple):

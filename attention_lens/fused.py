@@ -138,3 +138,16 @@ def _view_sums(shifted: Tensor, ratios: Tensor) -> Tensor:
 def view_sums(shifted: Tensor, ratios: Tensor) -> Tensor:
     """`_view_sums` of a (head, rows, chunk) tile, fused into one compiled kernel for large tiles."""
     return _fused(_view_sums, shifted, ratios)
+
+
+def _table_logits(exact_rows: Tensor, rounded_rows: Tensor, exact: Tensor, rounded: Tensor) -> tuple[Tensor, Tensor]:
+    """exact_rows (head, rows, n, width) fp32 and rounded_rows (same, any dtype): per token, its factors and their
+    rounded copy; exact and rounded (head, rows, 1, width) fp32 coefficients -> each (head, rows, n): the two dot
+    products, in fp32."""
+    return (exact_rows * exact).sum(-1), (rounded_rows.float() * rounded).sum(-1)
+
+
+def table_logits(exact_rows: Tensor, rounded_rows: Tensor, exact: Tensor, rounded: Tensor) -> tuple[Tensor, Tensor]:
+    """`_table_logits`, fused into one compiled pass for large blocks: eagerly each product is a block-sized
+    temporary (`fidelity_tiles._ExactRows`)."""
+    return _fused(_table_logits, exact_rows, rounded_rows, exact, rounded)

@@ -55,11 +55,12 @@ class Sweep:
     """
 
     def __init__(self, scaled: Tensor, has_constant: bool, factors: list[Tensor], dtype: torch.dtype,
-                 groups: Any = None, constant_rows: int | None = None, p: list[Tensor] | None = None):
+                 groups: Any = None, constant_rows: int | None = None, p: list[Tensor] | None = None,
+                 buffers: dict[tuple, Tensor] | None = None):
         """scaled: (head, rows, d_head + 1) [z_h, 1] / divisor in fp32; factors: per chunk (head, d_head + 3, chunk)
         in `dtype`; groups: a `fidelity_tiles._Groups` to keep group maxima and the entropy's sum (typed loosely:
         fidelity_tiles imports this module); p: per chunk, the rows' (rows, chunk) model probabilities, for the
-        cross term."""
+        cross term; buffers: scratch tiles to reuse (`_reused_tile`), shareable with later sweeps and other views."""
         heads, rows, _ = scaled.shape
         constant_weight = torch.zeros(heads, rows, 1, device=scaled.device)
         if has_constant:
@@ -74,9 +75,9 @@ class Sweep:
         self.sum_exp = torch.zeros(heads, rows, device=scaled.device)
         self.weighted = torch.zeros(heads, rows, device=scaled.device)
         self.groups = groups
-        self.group_maxima: list[Tensor] = []
+        self.group_maxima: Tensor | None = None  # (head, rows, groups), filled chunk by chunk
         self.started = False
-        self.buffers: dict[tuple, Tensor] = {}
+        self.buffers = {} if buffers is None else buffers
 
     def buffer(self, name: str, like: Tensor, chunk: int) -> Tensor:
         """A (head, rows, chunk) tile shaped as `like`, reused for every chunk of that width (`_reused_tile`)."""
@@ -98,7 +99,7 @@ class Sweep:
             self._move_shift(torch.where(overflow, shifted.amax(-1).float(), 0.0), shifted)
             statistics = chunk_statistics(shifted, p, group)
         if self.groups is not None:
-            self.group_maxima.append(statistics.maxima.float() + self.shift[..., None])
+            self._keep_maxima(chunk, statistics.maxima)
             self.weighted += statistics.weighted
         if p is not None:
             self.cross += statistics.cross
@@ -118,8 +119,17 @@ class Sweep:
         self.cross = self.cross - step * self.p_seen
         self.shift = new_shift
 
+    def _keep_maxima(self, chunk: int, maxima: Tensor) -> None:
+        """The chunk's group maxima (head, rows, its groups), against the shift they were taken at, written in place
+        into the sweep's (head, rows, groups) maxima: a list concatenated at the end cost a pass and a fresh
+        tile-sized block per tile."""
+        if self.group_maxima is None:
+            self.group_maxima = _reused_tile(self.buffers, "maxima", self.shift, self.groups.count)
+        start = self.groups.offsets[chunk]
+        torch.add(maxima, self.shift[..., None], out=self.group_maxima[..., start:start + maxima.shape[-1]])
+
     def maxima(self) -> Tensor:
-        return torch.cat(self.group_maxima, dim=-1)  # (head, rows, groups)
+        return self.group_maxima  # (head, rows, groups)
 
     def log_sum_exp(self) -> Tensor:
         """Natural logsumexp of the view's logits, (head, rows)."""
@@ -148,9 +158,10 @@ class ScaledViews:
     log2(S_j) / ratio_j: every view's largest term then stays within [2^-log2(vocab), 1] of its sum. No constant.
     """
 
-    def __init__(self, scaled: Tensor, ratios: Tensor, factors: list[Tensor], dtype: torch.dtype):
+    def __init__(self, scaled: Tensor, ratios: Tensor, factors: list[Tensor], dtype: torch.dtype,
+                 buffers: dict[tuple, Tensor] | None = None):
         """scaled: (head, rows, d_head + 1) [z_h, 1] times the larger scale, fp32; ratios: (views, head, rows);
-        factors: `extended_factors` of a view without a constant, per chunk."""
+        factors: `extended_factors` of a view without a constant, per chunk; buffers: as `Sweep`'s."""
         heads, rows, _ = scaled.shape
         no_constant = torch.zeros(heads, rows, 1, device=scaled.device)
         self.coefficients = torch.cat([scaled * LOG2E, no_constant, no_constant], dim=-1).to(dtype)
@@ -159,7 +170,7 @@ class ScaledViews:
         self.shift = torch.zeros(heads, rows, device=scaled.device)  # the product's, in log2 units
         self.sum_exp = torch.zeros_like(ratios)
         self.started = False
-        self.buffers: dict[tuple, Tensor] = {}
+        self.buffers = {} if buffers is None else buffers
 
     def add(self, chunk: int) -> None:
         """Take in vocabulary chunk number `chunk`."""
@@ -190,12 +201,19 @@ class ScaledViews:
 
 
 def _reused_tile(buffers: dict[tuple, Tensor], name: str, like: Tensor, width: int) -> Tensor:
-    """A (head, rows, width) tile shaped and typed as `like`, kept in `buffers` for the next chunk of that width:
-    allocating a fresh multi-MB tile per chunk cost as much as the product that fills it (fresh pages, cold cache)."""
-    key = (name, width)
-    if key not in buffers:
-        buffers[key] = torch.empty(*like.shape[:2], width, dtype=like.dtype, device=like.device)
-    return buffers[key]
+    """A (head, rows, width) tile shaped and typed as `like`, kept in `buffers` for the next chunk, tile or view of
+    that shape: allocating a fresh multi-MB tile per chunk cost as much as the product that fills it (fresh pages,
+    cold cache). A tile is scratch: whoever takes it is done with it before the next asks for it."""
+    return scratch(buffers, name, (*like.shape[:2], width), like.dtype, like.device)
+
+
+def scratch(workspace: dict[tuple, Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+    """An uninitialised tensor kept in `workspace` under its name, shape and dtype, for the next call that asks."""
+    key = (name, *shape, dtype)
+    if key not in workspace:
+        workspace[key] = torch.empty(shape, dtype=dtype, device=device)
+    return workspace[key]
 
 
 def _move_product_shift(coefficients: Tensor, shift: Tensor, step: Tensor,

@@ -311,6 +311,34 @@ def test_the_fp32_scorer_sums_over_the_vocabulary_without_bias(vocab):
     torch.testing.assert_close(fidelity._kl(logits, targets, rows).double(), kl64.T, atol=1e-4, rtol=0)
 
 
+def test_tiles_share_one_workspace_across_layers_and_batches(monkeypatch):
+    """eval scores every layer of every batch through one workspace of scratch tables and tiles: the scores through
+    it equal those from fresh buffers, whatever it held before (a stale table, tile or maxima would leak in). Two
+    batch sizes, so the tiles' shapes change and come back; a vocabulary whose chunks leave groups of one."""
+    from attention_lens import fidelity, fidelity_tiles
+
+    lens = perturbed_lens(make_tiny_model("gpt2"), "affine")
+    model = lens.model
+    monkeypatch.setattr(fidelity_tiles, "SCORE_VOCAB_CHUNK", 33)  # 96 tokens: chunks of 33, 33, 30
+    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
+    scored = []
+    for windows in [(2, 40), (1, 7)]:
+        input_ids = torch.randint(0, model.vocab, windows, generator=torch.Generator().manual_seed(len(scored)))
+        with torch.no_grad():
+            logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
+        targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
+        scored += [(layer, capture.heads[layer].z.flatten(0, 1), targets) for layer in (1, 0)]
+    workspace: dict = {}
+    with torch.no_grad():
+        for layer, z, targets in scored + scored[:1]:
+            shared = fidelity_tiles.score_layer_tiled(lens, baseline, layer, z, targets, block_rows=32,
+                                                      workspace=workspace)
+            fresh = fidelity_tiles.score_layer_tiled(lens, baseline, layer, z, targets, block_rows=32)
+            for name, value in fresh.items():
+                torch.testing.assert_close(shared[name], value, atol=0, rtol=0, msg=name)
+    assert workspace, "the scorer kept nothing for the next call"
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
 def test_bf16_tiles_take_the_rounding_of_the_lens_back(model_type, monkeypatch):
     """The lens's bf16 view with its first-order rounding correction lands closer to the fp32 scores than the same
