@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import attention_lens as al
+from attention_lens.allocator import reuse_large_blocks
 from attention_lens.data import DataConfig, batches, load_documents, split_by_document, token_windows
 from attention_lens.evaluate import EvalConfig, _layer_scorer, _score_batch
 from attention_lens.fidelity import FidelityTotals
@@ -285,7 +286,9 @@ def eval_speed(model, batch, layers: list[int] | None = None) -> dict:
 
 def eval_part(model, four_batches, quick: bool, log) -> dict:
     """`eval_speed` on 2,048 tokens (eval's default batch of 16 windows, over which each layer's factor products are
-    spread): every 5th layer when quick, else all."""
+    spread): every 5th layer when quick, else all. Freed blocks are kept for reuse, as `attention-lens eval` keeps
+    them (allocator.py; process-wide from here on, so this part runs last)."""
+    reuse_large_blocks()
     log("eval: the tiled path vs the fp32 path, 2,048 tokens, " + ("every 5th layer" if quick else "all layers"))
     return eval_speed(model, torch.cat(four_batches), list(range(0, model.n_layers, 5)) if quick else None)
 

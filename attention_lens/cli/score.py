@@ -63,11 +63,11 @@ def eval_(
     if out is not None:
         check_output(out, overwrite)
     effect_config = None
+    reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults (allocator.py)
     if effects:
         effect_config = EffectEvalConfig(EffectsConfig(tokens=tokens, batch_size=batch_size, mode=effect_mode,
                                                        mean_tokens=mean_tokens, seed=seed, bootstrap=bootstrap))
         check_config(effect_config.effects)
-        reuse_large_blocks()  # vocabulary-wide tiles, freed and allocated again: no page faults (allocator.py)
     elif compare:
         raise AttentionLensError("--compare scores lenses against measured effects; add --effects")
     lens_obj, loaded = lens_and_model(lens, model, device, revision, device_map)
