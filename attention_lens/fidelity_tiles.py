@@ -160,27 +160,23 @@ class _Groups:
             sizes += [GROUP] * n + [1] * (length - n * GROUP)
         self.count = len(starts)
         self.start, self.stride, self.size = (torch.tensor(v, device=device) for v in (starts, strides, sizes))
-        self.valid = torch.arange(GROUP, device=device) < self.size[:, None]  # (groups, GROUP)
+        offsets = torch.arange(GROUP, device=device)
+        self.valid = offsets < self.size[:, None]  # (groups, GROUP)
+        # Each group's token ids, (groups, GROUP); a leftover group of one repeats its token (not a member: `valid`).
+        self.members = torch.where(self.valid, self.start[:, None] + self.stride[:, None] * offsets,
+                                   self.start[:, None])
         # Each token's place in the group-major order (group g, member m at g * GROUP + m), `_ExactRows`'s.
-        order, valid = self.member_order(), self.valid.flatten()
+        order, valid = self.members.flatten(), self.valid.flatten()
         self.position = torch.empty(vocab, dtype=torch.long, device=device)
         self.position[order[valid]] = torch.arange(order.numel(), device=device)[valid]
-
-    def member_order(self) -> Tensor:
-        """Token ids (groups * GROUP,) group by group, each group's members side by side (a leftover group of one
-        repeats its token: not a member, `valid` says so): the order of `_ExactRows`'s tables."""
-        members = self.start[:, None] + self.stride[:, None] * torch.arange(GROUP, device=self.start.device)
-        return torch.where(self.valid, members, self.start[:, None]).flatten()
 
     def candidates(self, maxima: Tensor, scaled: Tensor, rows: _ExactRows, k: int) -> _Candidates:
         """The tokens of the k + 2 groups with the largest `maxima` (head, rows, groups) and their logits: the top-k
         lies among them (two spare groups: a group whose maximum rounds just below the k-th group's is still
         rescored)."""
         chosen = maxima.topk(min(k + 2, maxima.shape[-1]), dim=-1).indices  # (head, rows, k + 2)
-        offsets = torch.arange(GROUP, device=chosen.device)
-        ids = (self.start[chosen][..., None] + self.stride[chosen][..., None] * offsets).flatten(-2)
         valid = self.valid[chosen].flatten(-2)
-        ids = ids.masked_fill(~valid, 0)
+        ids = self.members[chosen].flatten(-2).masked_fill(~valid, 0)
         return _Candidates(ids, valid, rows.group_logits(chosen, ids, scaled))
 
 
@@ -202,7 +198,7 @@ class TokenLogits(NamedTuple):
 
 class _ExactRows:
     """The lens's factors per head and token, exact (fp32) and as the sweep's `dtype` products round them, in two
-    tables laid out group by group (`_Groups.member_order`): the candidates of a head-row are whole groups, so their
+    tables laid out group by group (`_Groups.members`): the candidates of a head-row are whole groups, so their
     logits, exact and rounded, come from gathers of contiguous rows and one fused pass."""
 
     def __init__(self, factors: Tensor, constant: Tensor | None, dtype: torch.dtype, groups: _Groups,
@@ -212,7 +208,7 @@ class _ExactRows:
         heads, vocab, width = factors.shape
         rows = scratch(workspace, "factor rows", (heads * vocab, width), torch.float32, factors.device)
         rows.view(heads, vocab, width).copy_(factors.detach())  # one transposing copy, then whole rows move
-        order = (groups.member_order() + torch.arange(heads, device=factors.device)[:, None] * vocab).flatten()
+        order = (groups.members.flatten() + torch.arange(heads, device=factors.device)[:, None] * vocab).flatten()
         exact = scratch(workspace, "exact table", (order.numel(), width), torch.float32, factors.device)
         # (head, groups * GROUP, width), and its copy as the sweep's extended factors round it
         self.exact = torch.index_select(rows, 0, order, out=exact).view(heads, -1, width)
