@@ -246,7 +246,7 @@ class _ExactRows:
             indices = flat[:, block].flatten()
             gathered = [self._gather(table, indices, members) for table in (self.exact, self.rounded)]
             exact[:, block], rounded[:, block] = table_logits(
-                *(rows.view(heads, -1, n * members, self.exact.shape[-1]) for rows in gathered),
+                *(block_rows.view(heads, -1, n * members, self.exact.shape[-1]) for block_rows in gathered),
                 coefficients[0][:, block], coefficients[1][:, block])
         if self.constant is not None:
             constant = self.constant[ids]

@@ -118,17 +118,22 @@ def test_every_score_matches_a_direct_computation(corpus, model_type, kind, exac
     assert result.setup["constant"]["tokens"] == math.ceil(CONSTANT_TOKENS / SEQ_LEN) * SEQ_LEN
 
 
-def layer_one(lens: Lens, windows: tuple[int, int]):
-    """What a scorer of layer 1 takes for random windows (batch, pos): the logit baseline, z and the targets."""
+def scored_windows(lens: Lens, windows: tuple[int, int], seed: int = 0):
+    """Random windows (batch, pos) run through the model: the lens layers' captured heads and the targets."""
     from attention_lens import fidelity
 
     model = lens.model
-    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
-    input_ids = torch.randint(0, model.vocab, windows, generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(0, model.vocab, windows, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
-    targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
-    return baseline, capture.heads[1].z.flatten(0, 1), targets
+    return capture.heads, fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
+
+
+def layer_one(lens: Lens, windows: tuple[int, int]):
+    """What a scorer of layer 1 takes for random windows (batch, pos): the logit baseline, z and the targets."""
+    baseline = Lens.from_model(lens.model, "logit", lens.config.layers, lens.config.heads)
+    heads, targets = scored_windows(lens, windows)
+    return baseline, heads[1].z.flatten(0, 1), targets
 
 
 def tiled_and_whole(lens: Lens) -> tuple[dict, dict]:
@@ -315,19 +320,15 @@ def test_tiles_share_one_workspace_across_layers_and_batches(monkeypatch):
     """eval scores every layer of every batch through one workspace of scratch tables and tiles: the scores through
     it equal those from fresh buffers, whatever it held before (a stale table, tile or maxima would leak in). Two
     batch sizes, so the tiles' shapes change and come back; a vocabulary whose chunks leave groups of one."""
-    from attention_lens import fidelity, fidelity_tiles
+    from attention_lens import fidelity_tiles
 
     lens = perturbed_lens(make_tiny_model("gpt2"), "affine")
-    model = lens.model
     monkeypatch.setattr(fidelity_tiles, "SCORE_VOCAB_CHUNK", 33)  # 96 tokens: chunks of 33, 33, 30
-    baseline = Lens.from_model(model, "logit", lens.config.layers, lens.config.heads)
+    baseline = Lens.from_model(lens.model, "logit", lens.config.layers, lens.config.heads)
     scored = []
-    for windows in [(2, 40), (1, 7)]:
-        input_ids = torch.randint(0, model.vocab, windows, generator=torch.Generator().manual_seed(len(scored)))
-        with torch.no_grad():
-            logits, capture = run_with_heads(model, input_ids, lens.config.layers, final_residual=True)
-        targets = fidelity.Targets.build(model, input_ids, logits, capture.final_residual)
-        scored += [(layer, capture.heads[layer].z.flatten(0, 1), targets) for layer in (1, 0)]
+    for seed, windows in enumerate([(2, 40), (1, 7)]):
+        heads, targets = scored_windows(lens, windows, seed)
+        scored += [(layer, heads[layer].z.flatten(0, 1), targets) for layer in (1, 0)]
     workspace: dict = {}
     with torch.no_grad():
         for layer, z, targets in scored + scored[:1]:
