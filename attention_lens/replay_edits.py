@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .intervene import Head, HeadMeans, Intervention, Metrics
+from .intervene import Head, HeadMeans, Intervention, Metrics, target_sums
 from .models import Model
 from .replay import clean_residuals, replay
 
@@ -38,8 +38,10 @@ class Edit:
 @torch.no_grad()
 def measure_edits(model: Model, windows: Tensor, concept_ids: Sequence[int], edits: Sequence[Edit],
                   batch_size: int = 4, max_tokens: int = MAX_TOKENS,
-                  on_windows: Callable[[int], None] | None = None) -> tuple[Metrics, list[Metrics]]:
-    """The unmodified model's metrics on `windows` (window, pos) and each edit's, in the order of `edits`.
+                  on_windows: Callable[[int], None] | None = None,
+                  other_weights: Tensor | None = None) -> tuple[Metrics, list[Metrics]]:
+    """The unmodified model's metrics on `windows` (window, pos) and each edit's, in the order of `edits`; with
+    `other_weights` (intervene.frequency_matched_weights), their frequency-matched log p too.
 
     An edit that needs the heads' means (Mean) gets them from the unmodified model on the same `windows`, as
     `intervene.effect` is given them; one that draws on other windows (Resample) is prepared once for the heads
@@ -55,7 +57,7 @@ def measure_edits(model: Model, windows: Tensor, concept_ids: Sequence[int], edi
         batch = windows[begin:begin + batch_size].to(model.device)  # (batch, pos)
         rows = slice(begin, begin + batch.shape[0])
         final, residual = clean_residuals(model, batch, starts)
-        per_window, mass = _scores(model, final[None], batch, ids)
+        per_window, mass = _scores(model, final[None], batch, ids, other_weights)
         clean_sums.append(per_window[0])
         clean_mass += float(mass[0])
         per_replay = max(1, max_tokens // batch.numel())
@@ -65,7 +67,7 @@ def measure_edits(model: Model, windows: Tensor, concept_ids: Sequence[int], edi
                 chunk = group[at:at + per_replay]
                 layers = _layer_edits(model, [prepared[i] for i in chunk], batch.shape[0], rows)
                 final = replay(model, start, residual[start], batch, len(chunk), layers)
-                per_window, mass = _scores(model, final, batch, ids)  # (copy, batch, 4), (copy,)
+                per_window, mass = _scores(model, final, batch, ids, other_weights)  # (copy, batch, 4|6), (copy,)
                 for copy, i in enumerate(chunk):
                     sums[i].append(per_window[copy])
                     masses[i] += float(mass[copy])
@@ -110,7 +112,8 @@ def _layer_edits(model: Model, edits: Sequence[Edit], windows: int, rows: slice)
     return {layer: rewrite(layer) for layer in by_layer}
 
 
-def _scores(model: Model, final: Tensor, input_ids: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+def _scores(model: Model, final: Tensor, input_ids: Tensor, ids: Tensor,
+            other_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per copy and window, the sums `Metrics.per_window` holds, and per copy the concept's summed probability
     mass: final (copy, batch, pos, d_model) final-normed, input_ids (batch, pos).
 
@@ -131,10 +134,7 @@ def _scores(model: Model, final: Tensor, input_ids: Tensor, ids: Tensor) -> tupl
         target_log_p.append(logits.gather(-1, targets[start:start + READOUT_ROWS, None])[:, 0] - norm)
         mass.append((torch.logsumexp(logits[:, ids], dim=-1) - norm).exp())
     target_log_p = torch.cat(target_log_p).double().view(copies, windows, length - 1)
-    is_concept = torch.isin(input_ids[:, 1:], ids)  # (batch, pos - 1)
-    per_window = torch.stack([(target_log_p * is_concept).sum(-1), is_concept.sum(-1).double().expand(copies, -1),
-                              (target_log_p * ~is_concept).sum(-1),
-                              (~is_concept).sum(-1).double().expand(copies, -1)], -1)  # (copy, batch, 4)
+    per_window = target_sums(target_log_p, input_ids[:, 1:], ids, other_weights)  # (copy, batch, 4 or 6)
     return per_window.cpu(), torch.cat(mass).view(copies, -1).sum(-1).cpu()
 
 

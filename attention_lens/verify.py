@@ -13,9 +13,10 @@ from torch import Tensor
 
 from .data import DataConfig
 from .errors import AttentionLensError
-from .intervene import Effect, Head, Intervention, Metrics, Scale, compare, effect
+from .intervene import Effect, Head, Intervention, Metrics, Scale, compare, effect, frequency_matched_weights
 from .models import Model
 from .replay_edits import MAX_TOKENS, Edit, cost as edit_cost, measure_edits
+from .scoring import token_counts
 from .stream import HeadStream
 
 MIN_TARGETS = 400
@@ -37,6 +38,9 @@ class HeldWindows:
     """Windows read from the held-out stream (kept or not) to find them."""
     targets: int
     """Concept target positions in `windows`."""
+    other_weights: Tensor | None = None
+    """(vocab,) weights that match the other targets' token frequencies to the concept targets'
+    (intervene.frequency_matched_weights); None: no frequency-matched control."""
 
 
 def held_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], min_targets: int = MIN_TARGETS,
@@ -59,7 +63,9 @@ def held_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], min
             kept.append(window)
             targets += found
         if targets >= min_targets and len(kept) * data.seq_len >= tokens:
-            return HeldWindows(windows=torch.stack(kept), drawn=drawn, targets=targets)
+            windows = torch.stack(kept)
+            weights = frequency_matched_weights(concept_ids, token_counts(model, data, seed=seed), windows)
+            return HeldWindows(windows=windows, drawn=drawn, targets=targets, other_weights=weights)
     where = "held-out text" if data.holdout > 0 else "text"
     if targets >= min_targets:
         raise AttentionLensError(f"the {where} has only {len(kept)} windows of {data.seq_len} tokens holding a "
@@ -112,6 +118,8 @@ class AblationResult:
     layer_matched: bool = True
     interval: tuple[float, float] | None = None
     """95% bootstrap interval (over windows) of the found heads' specific drop."""
+    matched_interval: tuple[float, float] | None = None
+    """The same for the frequency-matched specific drop (None without the frequency-matched control)."""
     held: HeldWindows | None = field(default=None, repr=False)
     steer: dict | None = None
     """The same heads amplified (a sweep with alpha): the concept's mass change and the loss change."""
@@ -140,12 +148,32 @@ class AblationResult:
             "concept_targets": self.clean.concept_targets, "other_targets": self.clean.other_targets,
             "clean_loss": self.clean.loss,
         }
+        if self.found.matched_drop is not None:
+            record.update(self._matched_record())
         if self.steer is not None:
             record["steer"] = self.steer
         if self.held is not None:
             record["windows"] = int(self.held.windows.shape[0])
             record["windows_drawn"] = self.held.drawn
         return record
+
+
+    def _matched_record(self) -> dict:
+        """The specificity keys again, with the other targets weighted to the concept targets' frequencies."""
+        specific = [e.matched_specific_drop for e in self.random if e.matched_specific_drop is not None]
+        mean, std = _mean_std(specific)
+        weights = self.held.other_weights if self.held is not None else None
+        return {"matched_specificity": self.found.matched_specific_drop, "matched_other_drop": self.found.matched_drop,
+                "random_matched_specificity_mean": mean, "random_matched_specificity_std": std,
+                "matched_specificity_z_score": _z(self.found.matched_specific_drop, mean, std),
+                "matched_specificity_percentile": _percentile(self.found.matched_specific_drop, specific),
+                "matched_specificity_interval": None if self.matched_interval is None else list(self.matched_interval),
+                "matched_other_targets": None if weights is None else self._weighted_targets(weights)}
+
+    def _weighted_targets(self, weights: Tensor) -> int:
+        """Other targets that carry weight in the frequency-matched control."""
+        targets = self.held.windows[:, 1:].flatten().long()
+        return int((weights[targets] > 0).sum())
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -173,15 +201,20 @@ def _percentile(value: float, draws: Sequence[float]) -> float | None:
 
 
 def bootstrap_specific_drop(clean: Metrics, edited: Metrics, replicates: int = 1000, seed: int = 0,
-                            level: float = 0.95) -> tuple[float, float] | None:
-    """A percentile interval of the specific drop (concept drop minus other drop), resampling whole windows:
-    positions within a window are not independent, windows are."""
+                            level: float = 0.95, matched: bool = False) -> tuple[float, float] | None:
+    """A percentile interval of the specific drop (concept drop minus other drop; `matched`: minus the
+    frequency-matched other drop), resampling whole windows: positions within a window are not independent,
+    windows are."""
     if clean.per_window is None or edited.per_window is None or clean.per_window.shape[0] < 2 or replicates < 1:
         return None
+    if matched and (clean.per_window.shape[1] < 6 or edited.per_window.shape[1] < 6):
+        return None
+    other = slice(4, 6) if matched else slice(2, 4)
+    clean_sums, edited_sums = (torch.cat([m.per_window[:, :2], m.per_window[:, other]], 1) for m in (clean, edited))
     generator = torch.Generator().manual_seed(seed)
-    n = clean.per_window.shape[0]
+    n = clean_sums.shape[0]
     picks = torch.randint(0, n, (replicates, n), generator=generator)  # (replicate, window)
-    a, b = clean.per_window[picks].sum(1), edited.per_window[picks].sum(1)  # (replicate, 4)
+    a, b = clean_sums[picks].sum(1), edited_sums[picks].sum(1)  # (replicate, 4)
     keep = (a[:, 1] > 0) & (a[:, 3] > 0)
     a, b = a[keep], b[keep]
     if not len(a):
@@ -252,14 +285,16 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
     tokens = held.windows if held is not None else windows
     plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha)
     clean, measured = measure_edits(model, tokens, concept_ids, plan.edits, max_tokens=max_tokens,
-                                    on_windows=on_windows)
+                                    on_windows=on_windows, other_weights=held.other_weights if held else None)
     results, at = [], 0
     for found, drawn in zip(plan.found, plan.drawn):
         effects = [compare(heads, metrics, clean) for heads, metrics in zip([found, *drawn], measured[at:])]
         at += len(effects)
         interval = bootstrap_specific_drop(clean, effects[0].metrics, bootstrap, seed)
+        matched = bootstrap_specific_drop(clean, effects[0].metrics, bootstrap, seed, matched=True)
         results.append(AblationResult(edit=edit, clean=clean, found=effects[0], random=effects[1:],
-                                      layer_matched=layer_matched, interval=interval, held=held))
+                                      layer_matched=layer_matched, interval=interval, matched_interval=matched,
+                                      held=held))
     if alpha is None:
         return results, None
     for result, heads, metrics in zip(results, plan.found, measured[at:]):

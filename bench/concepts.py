@@ -268,16 +268,26 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _line(row: dict) -> str:
-    def number(value, digits=2):
-        return "-" if value is None else f"{value:.{digits}f}"
+def _number(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
+
+def _line(row: dict) -> str:
     low, high = row["specificity_interval"] or (None, None)
-    return (f"| {row['method']} | {row['concept']} | {row['k']} | {number(row['z_score'], 1)} | "
-            f"{number(row['percentile'], 0)} | {number(row['specificity'], 3)} [{number(low, 3)}, {number(high, 3)}] | "
-            f"{number(row['specificity_z_score'], 1)} | {number(row['specificity_percentile'], 0)} | "
-            f"{number(row['collateral_loss_change'], 3)} | {row['concept_targets']} ({row['windows']} windows) | "
-            f"{number(row['steer_mass_change'])} / {number(row['steer_loss_change'], 3)} |")
+    return (f"| {row['method']} | {row['concept']} | {row['k']} | {_number(row['z_score'], 1)} | "
+            f"{_number(row['percentile'], 0)} | {_number(row['specificity'], 3)} [{_number(low, 3)}, {_number(high, 3)}] | "
+            f"{_number(row['specificity_z_score'], 1)} | {_number(row['specificity_percentile'], 0)} | "
+            f"{_number(row['collateral_loss_change'], 3)} | {row['concept_targets']} ({row['windows']} windows) | "
+            f"{_number(row['steer_mass_change'])} / {_number(row['steer_loss_change'], 3)} |{_matched_cells(row)}")
+
+
+def _matched_cells(row: dict) -> str:
+    """Frequency-matched specificity (rows measured since it exists): drop [95%], z, percentile."""
+    if row.get("matched_specificity") is None:
+        return ""
+    low, high = row["matched_specificity_interval"] or (None, None)
+    return (f" {_number(row['matched_specificity'], 3)} [{_number(low, 3)}, {_number(high, 3)}] | "
+            f"{_number(row['matched_specificity_z_score'], 1)} | {_number(row['matched_specificity_percentile'], 0)} |")
 
 
 if __name__ == "__main__":

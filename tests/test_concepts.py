@@ -137,6 +137,8 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
     assert verify["layer_matched"] is True and 0 <= verify["percentile"] <= 100 and verify["windows_drawn"] >= 1
     low, high = verify["specificity_interval"]
     assert low <= high
+    assert {"matched_specificity", "matched_specificity_z_score", "matched_specificity_percentile",
+            "matched_specificity_interval", "matched_other_targets"} <= set(verify)
     assert [record["k"] for record in document["k_sweep"]] == [1, 2] and document["k_sweep"][-1] == verify
     steer = document["steer"]
     assert steer["alpha"] == 5 and steer["heads"] == verify["heads"] and steer["concept_mass"] > 0

@@ -61,16 +61,18 @@ def _verify(model, corpus, heads):
     return held, records[0], steer
 
 
-def _verifies(record) -> bool:
-    return ((record["specificity_z_score"] or 0) >= 3 and record["specificity_percentile"] >= 99
-            and record["specificity_interval"][0] > 0)
+def _verifies(record, prefix: str = "") -> bool:
+    """prefix "matched_": against other targets as frequent as the concept's."""
+    return ((record[f"{prefix}specificity_z_score"] or 0) >= 3 and record[f"{prefix}specificity_percentile"] >= 99
+            and record[f"{prefix}specificity_interval"][0] > 0)
 
 
 def test_verification_finds_the_carrier_and_not_once_it_is_gone(corpus):
     model = make_only_path(varying=True, strength=1.0)
     held, record, steer = _verify(model, corpus, [WRITER, (0, 0)])
     assert held.targets >= 60 and record["concept_targets"] == held.targets and record["layer_matched"]
-    assert record["found_drop"] > 1 and _verifies(record), record
+    assert record["found_drop"] > 1 and _verifies(record) and _verifies(record, "matched_"), record
+    assert record["matched_other_targets"] > 0
     assert steer["heads"] == ["1.2"] and steer["concept_mass"] >= steer["clean_concept_mass"] - 1e-6
     weak = make_only_path(varying=True, strength=0.01)  # a faint carrier: its mass is far from saturated
     _, _, steer = _verify(weak, corpus, [WRITER])
@@ -80,7 +82,7 @@ def test_verification_finds_the_carrier_and_not_once_it_is_gone(corpus):
         ranked = score_heads(METHODS[method], Lens.from_model(plain, "logit"), Concept(["m"], [TOKEN]),
                              _data(corpus), tokens=256, sets=8).ranked()
         _, record, _ = _verify(plain, corpus, ranked)
-        assert not _verifies(record), (method, record)
+        assert not _verifies(record) and not _verifies(record, "matched_"), (method, record)
 
 
 def test_random_token_sets_match_the_concepts_frequencies():

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from attention_lens.intervene import HeadMeans, Mean, Resample, Scale, Zero, effect, measure
+from attention_lens.intervene import (HeadIntervention, HeadMeans, Mean, Metrics, Resample, Scale, Zero, compare,
+                                      effect, frequency_matched_weights, measure, target_sums)
 from attention_lens.replay_edits import Edit, cost, measure_edits
 from attention_lens.verify import plan_sweep, random_heads, sweep, verify_ranking, HeldWindows
 from conftest import TINY_ARCHITECTURES, make_tiny_model
@@ -103,3 +104,79 @@ def test_cost_counts_replayed_blocks():
     early = plan_sweep(model, ranked, [3], Zero(), repeats=5)
     assert early.cost(model) == pytest.approx(1 + 6)  # from block 0: one full pass each, plus the clean one
     assert cost(model, [Edit(((0, 0),), Mean())]) == pytest.approx(3)  # the means need a pass of their own
+
+
+def test_frequency_matched_weights_give_other_targets_the_concept_targets_frequencies():
+    counts = torch.zeros(12, dtype=torch.long)
+    counts[[1, 2, 3]] = 10  # bin 3: the concept token 1 and the other tokens 2, 3
+    counts[[4, 5]] = 100  # bin 6: other tokens only
+    counts[6] = 1000  # bin 9: the concept token 6, and no other token as frequent
+    windows = torch.tensor([[0, 1, 2, 4, 4, 6], [0, 3, 5, 1, 2, 4]])  # targets: 1 2 4 4 6 | 3 5 1 2 4
+    weights = frequency_matched_weights([1, 6], counts, windows)
+    # bin 3: 2 concept targets, 3 other (2, 3, 2) -> 2/3 each; bin 6 has no concept target; bin 9 no other target.
+    assert weights[2].item() == weights[3].item() == pytest.approx(2 / 3)
+    assert weights[4].item() == weights[5].item() == 0.0
+    assert weights[1].item() == weights[6].item() == 0.0  # concept tokens are never other targets
+    targets = windows[:, 1:].flatten()
+    assert weights[targets].sum().item() == pytest.approx(2.0)  # as many as the concept targets in matched bins
+
+
+def test_matched_specificity_ignores_damage_shared_by_tokens_as_rare_as_the_concept():
+    """A head that lowers every rare token alike is not specific to a rare concept: the plain specific drop
+    (against all other targets, mostly common) says it is, the frequency-matched one says 0."""
+    counts = torch.tensor([5000, 8, 8, 8, 5000, 5000])  # tokens 1-3 rare, 0, 4, 5 common
+    targets = torch.tensor([[1, 2, 0, 4, 3, 5, 0, 2], [3, 0, 4, 1, 5, 0, 2, 4]])
+    windows = torch.cat([torch.zeros(2, 1, dtype=torch.long), targets], 1)
+    concept = torch.tensor([1])
+    weights = frequency_matched_weights([1], counts, windows)
+    clean_log_p = torch.full(targets.shape, -2.0, dtype=torch.float64)
+    damaged_log_p = torch.where(counts[targets] < 100, clean_log_p - 1.0, clean_log_p)  # every rare token -1 nat
+    clean, damaged = (Metrics.from_sums(target_sums(log_p, targets, concept, weights), 0.0)
+                      for log_p in (clean_log_p, damaged_log_p))
+    result = compare([(0, 0)], damaged, clean)
+    assert result.concept_drop == pytest.approx(1.0)
+    assert result.specific_drop > 0.5
+    assert result.matched_drop == pytest.approx(1.0) and result.matched_specific_drop == pytest.approx(0.0)
+
+
+def test_replayed_frequency_matched_sums_equal_the_full_forward():
+    model = make_tiny_model("gemma3_text")
+    windows = _windows(6)
+    weights = frequency_matched_weights(CONCEPT, torch.arange(model.vocab) % 40, windows)
+    assert weights.sum() > 0
+    edits = [Edit(((1, 2),), Zero()), Edit(((0, 1), (1, 0)), Scale(-1.0))]
+    clean, measured = measure_edits(model, windows, CONCEPT, edits, batch_size=4, other_weights=weights)
+    reference_clean = measure(model, windows, CONCEPT, other_weights=weights)
+    assert clean.per_window.shape == (6, 6) and clean.matched_logprob is not None
+    _assert_same(clean, reference_clean)
+    log_p = torch.log_softmax(model.hf(input_ids=windows).logits[:, :-1].double(), -1)
+    target_log_p = log_p.gather(-1, windows[:, 1:, None])[..., 0]
+    weight = weights[windows[:, 1:]] * ~torch.isin(windows[:, 1:], torch.tensor(CONCEPT))
+    assert clean.matched_logprob == pytest.approx(float((target_log_p * weight).sum() / weight.sum()), abs=2e-5)
+    for edit, ours in zip(edits, measured):
+        with HeadIntervention(model, list(edit.heads), edit.intervention.prepared(model, list(edit.heads), windows, None)):
+            reference = measure(model, windows, CONCEPT, other_weights=weights)
+        _assert_same(ours, reference)
+        assert ours.matched_logprob == pytest.approx(reference.matched_logprob, abs=2e-5)
+
+
+def test_sweep_reports_the_frequency_matched_specificity():
+    model = make_tiny_model("llama")
+    windows = _windows(6)
+    weights = frequency_matched_weights(CONCEPT, torch.arange(model.vocab) % 40, windows)
+    held = HeldWindows(windows=windows, drawn=6, targets=6, other_weights=weights)
+    ranked = [(1, 2), (0, 1), (1, 0)]
+    (record,), _ = verify_ranking(model, ranked, [2], CONCEPT, held, Zero(), repeats=3, seed=1, bootstrap=40,
+                                  alpha=None)
+    clean = measure(model, windows, CONCEPT, other_weights=weights)
+    with HeadIntervention(model, ranked[:2], Zero().prepared(model, ranked[:2], windows, None)):
+        found = compare(ranked[:2], measure(model, windows, CONCEPT, other_weights=weights), clean)
+    assert record["matched_specificity"] == pytest.approx(found.matched_specific_drop, abs=1e-5)
+    assert record["matched_other_drop"] == pytest.approx(found.matched_drop, abs=1e-5)
+    low, high = record["matched_specificity_interval"]
+    assert low <= high and record["matched_specificity_percentile"] is not None
+    assert record["matched_other_targets"] == int((weights[windows[:, 1:]] > 0).sum())
+    unweighted = HeldWindows(windows=windows, drawn=6, targets=6)
+    (plain,), _ = verify_ranking(model, ranked, [2], CONCEPT, unweighted, Zero(), repeats=3, seed=1, bootstrap=40,
+                                 alpha=None)
+    assert "matched_specificity" not in plain and plain["specificity"] == pytest.approx(record["specificity"])

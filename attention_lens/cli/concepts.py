@@ -279,23 +279,33 @@ def _print_record(title: str, record: dict) -> None:
 def _print_sweep(records: list[dict]) -> None:
     table = Table(title="verify: the top k heads against random heads on held-out text")
     steered = any(record.get("steer") for record in records)
-    for column in ("k", "concept drop", "random (mean ± std)", "z", "percentile", "specific drop [95%]",
-                   "loss change", "targets") + (("steered: mass / loss change",) if steered else ()):
+    matched = any(record.get("matched_specificity") is not None for record in records)
+    for column in ("k", "concept drop", "random (mean ± std)", "z", "percentile", "specific drop [95%], z",
+                   *(("frequency-matched: specific drop [95%], z",) if matched else ()), "loss change", "targets",
+                   *(("steered: mass / loss change",) if steered else ())):
         table.add_column(column, justify="right")
-
-    def number(value, digits=3):
-        return "-" if value is None else f"{value:.{digits}f}"
-
     for record in records:
-        interval = record["specificity_interval"]
-        specific = number(record["specificity"]) + ("" if interval is None else
-                                                    f" [{interval[0]:.3f}, {interval[1]:.3f}]")
-        table.add_row(str(record["k"]), number(record["found_drop"]),
-                      f"{number(record['random_drop_mean'])} ± {number(record['random_drop_std'])}",
-                      number(record["z_score"], 1), number(record["percentile"], 0), specific,
-                      number(record["collateral_loss_change"]), str(record["concept_targets"]),
+        table.add_row(str(record["k"]), _number(record["found_drop"]),
+                      f"{_number(record['random_drop_mean'])} ± {_number(record['random_drop_std'])}",
+                      _number(record["z_score"], 1), _number(record["percentile"], 0), _specific_cell(record, ""),
+                      *([_specific_cell(record, "matched_")] if matched else []),
+                      _number(record["collateral_loss_change"]), str(record["concept_targets"]),
                       *([_steer_cell(record.get("steer"))] if steered else []))
     Console().print(table)
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _specific_cell(record: dict, prefix: str) -> str:
+    """A specific drop with its interval and z: prefix "" (against all other targets) or "matched_" (against
+    other targets as frequent as the concept's)."""
+    interval = record.get(f"{prefix}specificity_interval")
+    shown = _number(record.get(f"{prefix}specificity"))
+    if interval is not None:
+        shown += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return f"{shown}, z {_number(record.get(f'{prefix}specificity_z_score'), 1)}"
 
 
 def _steer_cell(steer: dict | None) -> str:
