@@ -157,7 +157,6 @@ class AblationResult:
             record["windows_drawn"] = self.held.drawn
         return record
 
-
     def _matched_record(self) -> dict:
         """The specificity keys again, with the other targets weighted to the concept targets' frequencies."""
         specific = [e.matched_specific_drop for e in self.random if e.matched_specific_drop is not None]

@@ -25,14 +25,14 @@ def test_token_bar_logs_plain_lines_when_not_a_terminal(monkeypatch):
 def test_a_later_stage_replaces_the_bar_with_its_own_label_and_clock(monkeypatch):
     stream = io.StringIO()
     console = Console(file=stream, force_terminal=False, width=200)
-    clock = iter([0.0, 10.0, 20.0, 25.0])
+    clock = iter([0.0, 10.0, 26.0])
     monkeypatch.setattr("attention_lens.cli.render.time.perf_counter", lambda: next(clock))
     with TokenBar(console, "measured") as bar:
-        bar.update(64, 64)  # 10 s
+        bar.update(64, 64)  # 10 s: the first stage's last report
         scored = bar.stage("scored")
-        scored(32, 64)  # the stage starts at 20 s; reported at 25 s
+        scored(32, 64)  # 26 s: the stage's work began where the first stage's ended, 16 s ago
     assert stream.getvalue().splitlines() == ["measured: 64/64 tokens, 6 tok/s, 10 s",
-                                             "scored: 32/64 tokens, 6 tok/s, 5 s"]
+                                             "scored: 32/64 tokens, 2 tok/s, 16 s"]
 
 
 def test_stages_on_a_terminal_show_one_live_bar_at_a_time():

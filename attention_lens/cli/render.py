@@ -30,13 +30,18 @@ class TokenBar:
         self.console = console
         self.label = label
         self.started = time.perf_counter()
+        self.reported = self.started  # when the last report came: a later stage's clock starts there
         self.bar: Progress | None = None
         self.logged: float | None = None
 
     def update(self, done: int, total: int) -> None:
+        self._report(done, total, time.perf_counter())
+
+    def _report(self, done: int, total: int, now: float) -> None:
+        self.reported = now
         total = max(total, done)  # work done in whole batches may pass the budget; never show "248/64 tokens"
         if not self.console.is_terminal:
-            self._log(done, total)
+            self._log(done, total, now)
             return
         if self.bar is None:
             self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(),
@@ -45,24 +50,25 @@ class TokenBar:
                                 TimeRemainingColumn(), console=self.console)
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=total, rate=0.0)
-        rate = done / max(1e-9, time.perf_counter() - self.started)
+        rate = done / max(1e-9, now - self.started)
         self.bar.update(self.task, completed=done, total=total, rate=rate)
 
     def stage(self, label: str) -> Callable[[int, int], None]:
         """An `update` for a later stage of the same work: at its first report this bar ends and one labelled
-        `label`, with its own clock, takes its place (one live display at a time)."""
+        `label`, with its own clock, takes its place (one live display at a time). The stage's clock starts at the
+        earlier stage's last report: its own first report comes after some of its work."""
         def update(done: int, total: int) -> None:
+            now = time.perf_counter()
             if self.label != label:
                 if self.bar is not None:
                     self.bar.stop()
                     self.bar = None
-                self.label, self.started, self.logged = label, time.perf_counter(), None
-            self.update(done, total)
+                self.label, self.started, self.logged = label, self.reported, None
+            self._report(done, total, now)
 
         return update
 
-    def _log(self, done: int, total: int) -> None:
-        now = time.perf_counter()
+    def _log(self, done: int, total: int, now: float) -> None:
         if done < total and self.logged is not None and now - self.logged < self.LOG_EVERY:
             return
         self.logged = now
