@@ -162,7 +162,7 @@ def test_cli_ablate(paths, capsys):
     assert [record["heads"] for record in document["k_sweep"]] == [["1.0"], ["1.0", "0.3"]]
     assert document["found"]["heads"] == ["1.0", "0.3"] and document["k_sweep"][0]["repeats"] == 3
     code, stdout, _ = run_cli(base + ["--baseline", "random", "--repeats", "3", "--k", "1,2"], capsys)
-    assert code == 0 and "top k heads" in stdout
+    assert code == 0 and "top k heads" in stdout and "frequency-matched" in stdout
     code, stdout, err = run_cli(base + ["--k", "3"], capsys)
     assert code == 2 and stdout == "" and "more heads than the 2 given with --heads" in err
     code, stdout, err = run_cli(base + ["--tokens", "1000000"], capsys)  # targets enough, tokens not

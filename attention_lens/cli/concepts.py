@@ -18,6 +18,7 @@ from ..notebook import visible
 from ..scoring import CONTROL_SETS, METHODS, score_heads
 from ..verify import MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, held_windows, plan_sweep, sweep
 from .common import emit_json, err, lens_and_model
+from .render import print_whole
 from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SCALE, MAX_SEED, MAX_TOKENS, within
 from .options import (AsJson, Concept, Data, Device, DeviceMap, HeadList, LensModel, LensSpec, ModelName, Revision,
                       Scale as ScaleOption, SeqLen)
@@ -281,7 +282,7 @@ def _print_sweep(records: list[dict]) -> None:
     steered = any(record.get("steer") for record in records)
     matched = any(record.get("matched_specificity") is not None for record in records)
     for column in ("k", "concept drop", "random (mean ± std)", "z", "percentile", "specific drop [95%], z",
-                   *(("frequency-matched: specific drop [95%], z",) if matched else ()), "loss change", "targets",
+                   *(("frequency-matched specific drop [95%], z",) if matched else ()), "loss change", "targets",
                    *(("steered: mass / loss change",) if steered else ())):
         table.add_column(column, justify="right")
     for record in records:
@@ -291,7 +292,7 @@ def _print_sweep(records: list[dict]) -> None:
                       *([_specific_cell(record, "matched_")] if matched else []),
                       _number(record["collateral_loss_change"]), str(record["concept_targets"]),
                       *([_steer_cell(record.get("steer"))] if steered else []))
-    Console().print(table)
+    print_whole(table)
 
 
 def _number(value: float | None, digits: int = 3) -> str:

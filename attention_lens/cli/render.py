@@ -84,6 +84,17 @@ class TokenBar:
             self.bar.stop()
 
 
+def print_whole(table: Table) -> None:
+    """A terminal gets the table fitted to its width; a file or pipe gets it whole, as wide as its cells need (a
+    table cut at 80 columns would hide intervals behind "…")."""
+    terminal = Console()
+    if terminal.is_terminal:
+        terminal.print(table)
+        return
+    needed = Console(width=10_000).measure(table).maximum
+    Console(width=max(needed, 80)).print(table)
+
+
 def eval_tables(result: Evaluation) -> list[Table]:
     """The summary (lens vs each baseline), then the best and worst heads by KL."""
     s = result.summary
