@@ -333,8 +333,8 @@ def frequency_matched_weights(concept_ids: Sequence[int], counts: Tensor, window
     """(vocab,) float64 weights that make the other (non-concept) targets of `windows` as frequent as its concept
     targets: tokens fall in power-of-two bins of their `counts` (training side, as the concept control's random
     sets); an other target in bin b weighs (concept targets in b) / (other targets in b), 0 where no concept target
-    falls. Generic damage is larger on rare tokens than on common ones, so a concept of rare words would otherwise
-    look specific wherever a head damages rare tokens."""
+    falls. Removing heads can hurt rare and common tokens unequally (SmolLM2's eight countries heads: 0.35 vs 0.27
+    nats), so a concept of rare words would otherwise look specific wherever heads hurt rare tokens more."""
     bins = torch.floor(torch.log2(counts.double() + 1)).long()  # (vocab,)
     targets = windows[:, 1:].flatten().long()
     is_concept = torch.isin(targets, torch.tensor(list(concept_ids), dtype=torch.long))
@@ -395,10 +395,10 @@ class Effect:
 
     def to_json(self) -> dict:
         record = {"heads": [f"{layer}.{head}" for layer, head in self.heads], "concept_drop": self.concept_drop,
-                "other_drop": self.other_drop, "specific_drop": self.specific_drop,
-                "mass_change": self.mass_change, "loss_change": self.loss_change,
-                "concept_logprob": self.metrics.concept_logprob, "concept_mass": self.metrics.concept_mass,
-                "loss": self.metrics.loss}
+                  "other_drop": self.other_drop, "specific_drop": self.specific_drop,
+                  "mass_change": self.mass_change, "loss_change": self.loss_change,
+                  "concept_logprob": self.metrics.concept_logprob, "concept_mass": self.metrics.concept_mass,
+                  "loss": self.metrics.loss}
         if self.matched_drop is not None:
             record["matched_drop"] = self.matched_drop
             record["matched_specific_drop"] = self.matched_specific_drop
