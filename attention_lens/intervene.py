@@ -290,7 +290,7 @@ class Metrics:
     other targets' weighted log p and their summed weight added."""
     matched_logprob: float | None = None
     """Mean log p(target) over the other targets weighted to the concept targets' token frequencies
-    (`frequency_matched_weights`); None when measured without weights."""
+    (verify.frequency_matched_weights); None when measured without weights."""
 
     @staticmethod
     def from_sums(per_window: Tensor, mass: float) -> "Metrics":
@@ -320,38 +320,20 @@ def target_sums(target_log_p: Tensor, targets: Tensor, ids: Tensor, other_weight
     (window, pos): concept targets are those in `ids`; with `other_weights` (vocab,), the weighted sums of the
     other targets too."""
     is_concept = torch.isin(targets, ids)
-    counts = is_concept.sum(-1).double()
-    columns = [(target_log_p * is_concept).sum(-1), counts.expand(target_log_p.shape[:-1]),
-               (target_log_p * ~is_concept).sum(-1), (~is_concept).sum(-1).double().expand(target_log_p.shape[:-1])]
+    weights = [is_concept.double(), (~is_concept).double()]  # (window, pos) each
     if other_weights is not None:
-        weight = other_weights.to(target_log_p.device, torch.float64)[targets] * ~is_concept  # (window, pos)
+        weights.append(other_weights.to(target_log_p.device, torch.float64)[targets] * ~is_concept)
+    columns = []
+    for weight in weights:  # each kind of target: its weighted log p, its weight
         columns += [(target_log_p * weight).sum(-1), weight.sum(-1).expand(target_log_p.shape[:-1])]
     return torch.stack(columns, -1)
-
-
-def frequency_matched_weights(concept_ids: Sequence[int], counts: Tensor, windows: Tensor) -> Tensor:
-    """(vocab,) float64 weights that make the other (non-concept) targets of `windows` as frequent as its concept
-    targets: tokens fall in power-of-two bins of their `counts` (training side, as the concept control's random
-    sets); an other target in bin b weighs (concept targets in b) / (other targets in b), 0 where no concept target
-    falls. Removing heads can hurt rare and common tokens unequally (SmolLM2's eight countries heads: 0.35 vs 0.27
-    nats), so a concept of rare words would otherwise look specific wherever heads hurt rare tokens more."""
-    bins = torch.floor(torch.log2(counts.double() + 1)).long()  # (vocab,)
-    targets = windows[:, 1:].flatten().long()
-    is_concept = torch.isin(targets, torch.tensor(list(concept_ids), dtype=torch.long))
-    size = int(bins.max()) + 1
-    n_concept = torch.bincount(bins[targets[is_concept]], minlength=size).double()
-    n_other = torch.bincount(bins[targets[~is_concept]], minlength=size).double()
-    per_bin = torch.where(n_other > 0, n_concept / n_other.clamp(min=1), torch.zeros_like(n_concept))
-    weights = per_bin[bins]
-    weights[list(concept_ids)] = 0.0
-    return weights
 
 
 @torch.no_grad()
 def measure(model: Model, windows: Tensor, concept_ids: Sequence[int], batch_size: int = 4,
             other_weights: Tensor | None = None) -> Metrics:
     """Metrics of whatever forward pass the model currently runs (hooks included) on `windows`; with
-    `other_weights` (frequency_matched_weights), the frequency-matched log p too."""
+    `other_weights` (verify.frequency_matched_weights), the frequency-matched log p too."""
     ids = torch.tensor(list(concept_ids), device=model.device)
     per_window, mass = [], 0.0
     for start in range(0, windows.shape[0], batch_size):

@@ -41,7 +41,7 @@ def measure_edits(model: Model, windows: Tensor, concept_ids: Sequence[int], edi
                   on_windows: Callable[[int], None] | None = None,
                   other_weights: Tensor | None = None) -> tuple[Metrics, list[Metrics]]:
     """The unmodified model's metrics on `windows` (window, pos) and each edit's, in the order of `edits`; with
-    `other_weights` (intervene.frequency_matched_weights), their frequency-matched log p too.
+    `other_weights` (verify.frequency_matched_weights), their frequency-matched log p too.
 
     An edit that needs the heads' means (Mean) gets them from the unmodified model on the same `windows`, as
     `intervene.effect` is given them; one that draws on other windows (Resample) is prepared once for the heads

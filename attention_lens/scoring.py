@@ -102,10 +102,15 @@ def token_counts(model: Model, data: DataConfig, tokens: int = COUNT_TOKENS, see
     return counts
 
 
+def frequency_bins(counts: Tensor) -> Tensor:
+    """(vocab,) each token's power-of-two count bin: tokens in one bin are 'as frequent' as each other."""
+    return torch.floor(torch.log2(counts.double() + 1)).long()
+
+
 def control_sets(concept_ids: Sequence[int], counts: Tensor, sets: int = CONTROL_SETS, seed: int = 0) -> list[list[int]]:
     """`sets` random token sets as large as the concept, each token as frequent as the concept token it stands
     for (the same power-of-two count bin, widened to neighbouring bins where a bin runs out); no concept token."""
-    bins = torch.floor(torch.log2(counts.double() + 1)).long()
+    bins = frequency_bins(counts)
     concept = set(concept_ids)
     by_bin: dict[int, list[int]] = {}
     for token, b in enumerate(bins.tolist()):

@@ -13,10 +13,10 @@ from torch import Tensor
 
 from .data import DataConfig
 from .errors import AttentionLensError
-from .intervene import Effect, Head, Intervention, Metrics, Scale, compare, effect, frequency_matched_weights
+from .intervene import Effect, Head, Intervention, Metrics, Scale, compare, effect
 from .models import Model
 from .replay_edits import MAX_TOKENS, Edit, cost as edit_cost, measure_edits
-from .scoring import token_counts
+from .scoring import frequency_bins, token_counts
 from .stream import HeadStream
 
 MIN_TARGETS = 400
@@ -40,7 +40,7 @@ class HeldWindows:
     """Concept target positions in `windows`."""
     other_weights: Tensor | None = None
     """(vocab,) weights that match the other targets' token frequencies to the concept targets'
-    (intervene.frequency_matched_weights); None: no frequency-matched control."""
+    (frequency_matched_weights); None: no frequency-matched control."""
 
 
 def held_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], min_targets: int = MIN_TARGETS,
@@ -74,6 +74,24 @@ def held_windows(model: Model, data: DataConfig, concept_ids: Sequence[int], min
     raise AttentionLensError(f"the {where} holds only {targets} concept target positions (in {drawn} windows of "
                              f"{data.seq_len} tokens); --min-targets asks for {min_targets}: use more data, a "
                              "larger --holdout, more common words, or a lower --min-targets")
+
+
+def frequency_matched_weights(concept_ids: Sequence[int], counts: Tensor, windows: Tensor) -> Tensor:
+    """(vocab,) float64 weights that make the other (non-concept) targets of `windows` as frequent as its concept
+    targets: tokens fall in the power-of-two bins of their `counts` (training side) that the concept control's
+    random sets use (scoring.frequency_bins); an other target in bin b weighs (concept targets in b) / (other
+    targets in b), 0 where no concept target falls. Removing heads can hurt rare and common tokens unequally (SmolLM2's eight countries heads: 0.35 vs 0.27
+    nats), so a concept of rare words would otherwise look specific wherever heads hurt rare tokens more."""
+    bins = frequency_bins(counts)  # (vocab,)
+    targets = windows[:, 1:].flatten().long()
+    is_concept = torch.isin(targets, torch.tensor(list(concept_ids), dtype=torch.long))
+    size = int(bins.max()) + 1
+    n_concept = torch.bincount(bins[targets[is_concept]], minlength=size).double()
+    n_other = torch.bincount(bins[targets[~is_concept]], minlength=size).double()
+    per_bin = torch.where(n_other > 0, n_concept / n_other.clamp(min=1), torch.zeros_like(n_concept))
+    weights = per_bin[bins]
+    weights[list(concept_ids)] = 0.0
+    return weights
 
 
 def random_heads(model: Model, heads: Sequence[Head], rng: random.Random, layer_matched: bool = True) -> list[Head]:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from attention_lens.intervene import (HeadIntervention, HeadMeans, Mean, Metrics, Resample, Scale, Zero, compare,
-                                      effect, frequency_matched_weights, measure, target_sums)
+                                      effect, measure, target_sums)
 from attention_lens.replay_edits import Edit, cost, measure_edits
-from attention_lens.verify import plan_sweep, random_heads, sweep, verify_ranking, HeldWindows
+from attention_lens.verify import (HeldWindows, frequency_matched_weights, plan_sweep, random_heads, sweep,
+                                   verify_ranking)
 from conftest import TINY_ARCHITECTURES, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
