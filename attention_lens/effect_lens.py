@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .data import DataConfig
-from .effect_fit import fit_effect_lens_kl
+from .effect_fit import fit_effect_lens_kl, kl_problem, residual_energy
 from .effects import DTYPES, EffectsConfig, measured_batches
 from .errors import AttentionLensError
 from .lens import Lens
@@ -256,6 +256,44 @@ def check_train_config(config: EffectTrainConfig) -> None:
         raise AttentionLensError(f"the fit's top tokens must be at least 1; got {config.top}")
 
 
+TRAIN_HELD_BACK = 5
+"""A trained effect lens is fitted and trained on all measured windows but every 5th, and checked on those (every
+4th window of the rest picks the fit's strengths, `effect_fit.held_back_windows`)."""
+
+
+def split_windows(measured: list[EffectBatch], every: int) -> tuple[list[EffectBatch], list[EffectBatch]]:
+    """The batches with every `every`-th window (numbered across batches) unscored, and the same batches with only
+    those scored, each list without batches left with nothing scored; (measured, []) where that would leave either
+    side with no scored position."""
+    training, check, first = [], [], 0
+    for batch in measured:
+        seq_len = batch.input_ids.shape[1]
+        window = first + torch.arange(batch.scored.shape[0], device=batch.scored.device) // seq_len
+        held = window % every == every - 1
+        training.append(dataclasses.replace(batch, scored=batch.scored & ~held))
+        check.append(dataclasses.replace(batch, scored=batch.scored & held))
+        first += batch.windows
+    training, check = [b for b in training if b.scored.any()], [b for b in check if b.scored.any()]
+    return (training, check) if training and check else (measured, [])
+
+
+def held_back_check(lens: Lens, check: list[EffectBatch], top: int) -> dict:
+    """How much of each head's measured effect the lens predicts on the `check` batches (held out of its fit and
+    training): 1 - residual / measured energy in the KL's metric (to second order, the share of the effect's KL
+    explained), per "layer.head", as the fit reports it for its own held-back windows."""
+    if not check:
+        return {"every": TRAIN_HELD_BACK, "windows": 0, "positions": 0, "recovered_median": None,
+                "recovered_by_head": {}}
+    problem = kl_problem(lens, check, top)
+    layers, heads = lens.config.layers, lens.config.heads
+    maps = torch.cat([lens.kind_spec.affine_map(lens, layer)[0] for layer in layers]).detach().float().cpu()
+    recovered = 1 - residual_energy(problem, maps) / residual_energy(problem, torch.zeros_like(maps)).clamp_min(1e-30)
+    names = [f"{layer}.{head}" for layer in layers for head in heads]
+    return {"every": TRAIN_HELD_BACK, "windows": int(problem.windows.unique().numel()), "positions": problem.positions,
+            "recovered_median": float(recovered.median()),
+            "recovered_by_head": {name: round(float(value), 4) for name, value in zip(names, recovered)}}
+
+
 def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
                  on_progress: Callable[[int, int], None] | None = None,
                  on_step: Callable[[int, int, float], None] | None = None,
@@ -269,12 +307,16 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
     note = on_note or (lambda text: None)
     measured = list(measured_batches(lens.model, data, lens.config.layers, config.effects, on_progress, split="train"))
     dtype = DTYPES[config.effects.dtype]
-    def loss() -> float:
-        return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in measured]).mean().item()
-
     # The KL-metric fit guards itself: each head keeps dla unless its fit reads held-back windows better. Only the
     # least-squares fit, and training, need the KL of the whole measurement (minutes of scoring per pass).
     scored = not (config.fit and config.fit_metric == "kl" and config.epochs == 0)
+    # Trained, the lens keeps every TRAIN_HELD_BACK-th window out of the fit and of Adam, and is checked on them
+    # afterwards (the fit's own held-back check describes the fit, not what Adam makes of it).
+    training, check = split_windows(measured, TRAIN_HELD_BACK) if config.epochs > 0 else (measured, [])
+
+    def loss() -> float:
+        return torch.stack([effect_kl_step(lens, b, config.effects.block_rows, dtype) for b in training]).mean().item()
+
     start_loss, start, fitted, fit_loss, chosen = None, "initial", 0, None, {}
     if scored:
         note("scoring the lens as it starts (KL per scored head-token, all measured batches)")
@@ -284,10 +326,10 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
         initial = {name: t.clone() for name, t in lens.state_dict().items()}
         if config.fit_metric == "kl":
             note(f"fitting in the KL's metric (top {config.top} tokens), a ridge strength per head on held-back windows")
-            kl_fit = fit_effect_lens_kl(lens, measured, config.top, on_note=note)
+            kl_fit = fit_effect_lens_kl(lens, training, config.top, on_note=note)
             fitted, chosen = kl_fit.positions, kl_fit.summary()
         else:
-            fitted = fit_effect_lens(lens, measured, config.ridge)
+            fitted = fit_effect_lens(lens, training, config.ridge)
         start = "fit"
         note(f"fitted on {fitted} positions")
         if scored:
@@ -302,15 +344,22 @@ def train_effect(lens: Lens, data: DataConfig, config: EffectTrainConfig,
         # The held-back shares describe the fitted maps; a lens restored to its start or trained on no longer has
         # them, and decode must not mark (or clear) its heads by them.
         chosen.pop("held_back_recovered_by_head", None)
+    held_back = None
     if config.epochs > 0:
-        train_effect_lens(lens, measured, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
+        train_effect_lens(lens, training, config.epochs, config.lr, config.effects.block_rows, dtype, on_step)
         note("scoring the trained lens")
         final_loss = loss()
-    tokens = sum(int(b.scored.sum()) for b in measured)
+        held_back = held_back_check(lens, check, config.top)
+        if held_back["positions"]:
+            note(f"on the {held_back['windows']} held-back windows the trained lens predicted a median "
+                 f"{held_back['recovered_median']:.2f} of its heads' effects")
+    tokens = sum(int(b.scored.sum()) for b in training)
     record = {"objective": "effect", "data": dataclasses.asdict(data), "effects": dataclasses.asdict(config.effects),
               "epochs": config.epochs, "lr": config.lr, "fit": config.fit, "fit_metric": config.fit_metric,
               "top": config.top, "ridge": config.ridge, "fit_choice": chosen,
               "start": start, "tokens_seen": tokens, "fit_tokens": fitted, "start_loss": start_loss,
               "fit_loss": fit_loss, "final_loss": final_loss}
+    if held_back is not None:
+        record["held_back"] = held_back
     lens.config.training = record
     return record

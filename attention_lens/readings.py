@@ -75,9 +75,13 @@ def choose_reading(model: Model, lens: Lens, name: str | None = None, data: str 
 
 def held_back_shares(lens: Lens) -> dict[tuple[int, int], float]:
     """(layer, head) -> the share of the head's measured effect (its KL, to second order) that an effect lens
-    fitted in the KL's metric predicted on the training windows held back from its fit; empty for lenses fitted
-    or trained otherwise, which have no such check."""
-    by_head = (lens.config.training.get("fit_choice") or {}).get("held_back_recovered_by_head") or {}
+    predicted on training windows held back from it: a trained lens's check (`held_back`, effect_lens.train_effect),
+    else the KL-metric fit's own; empty for lenses fitted otherwise, which have no such check."""
+    training = lens.config.training
+    if "held_back" in training:
+        by_head = training["held_back"].get("recovered_by_head") or {}
+    else:
+        by_head = (training.get("fit_choice") or {}).get("held_back_recovered_by_head") or {}
     return {tuple(int(part) for part in key.split(".")): float(value) for key, value in by_head.items()}
 
 

@@ -187,7 +187,7 @@ def test_cli_train_effect_objective(tmp_path, corpus, capsys):
     model_dir = make_model_dir(tmp_path / "model")
     out = tmp_path / "effect-lens"
     code, stdout, stderr = run_cli(["train", "--objective", "effect", "--model", model_dir, "--data", corpus,
-                                    "--tokens", 32, "--seq-len", 16, "--batch-size", 2, "--epochs", 2, "--lr", 1e-2,
+                                    "--tokens", 96, "--seq-len", 16, "--batch-size", 2, "--epochs", 2, "--lr", 1e-3,
                                     "--out", out, "--json"], capsys)
     assert code == 0, stderr
     result = json.loads(stdout)
@@ -197,6 +197,12 @@ def test_cli_train_effect_objective(tmp_path, corpus, capsys):
     assert lens.kind == "effect" and training["objective"] == "effect" and training["fit_metric"] == "kl"
     assert training["fit_choice"]["positions"] == training["fit_tokens"] > 0
     assert "held_back_recovered_by_head" not in training["fit_choice"]  # it described the fit, not the trained lens
+    held_back = training["held_back"]  # the trained lens's own check, on windows kept out of its fit and training
+    assert held_back["every"] == 5 and held_back["windows"] >= 1 and held_back["positions"] > 0
+    assert result["held_back"]["positions"] == held_back["positions"]  # said in the command's output too
+    assert len(held_back["recovered_by_head"]) == len(result["layers"]) * len(result["heads"])
+    from attention_lens.readings import held_back_shares
+    assert len(held_back_shares(lens)) == len(held_back["recovered_by_head"])  # decode marks heads by it
     assert float(lens.delta.detach().abs().max()) > 0  # fitted and trained, no longer dla
     code, _, stderr = run_cli(["train", "--objective", "effect", "--kind", "affine", "--model", model_dir, "--data",
                                corpus, "--out", tmp_path / "other"], capsys)

@@ -172,3 +172,34 @@ def test_cli_fit_alone_skips_the_kl_passes_and_says_what_it_chose(tmp_path, corp
     assert "KL" not in err.replace("KL's", "") and "held-back" in err
     assert Lens.load(tmp_path / "lens").config.training["fit_choice"] == choice
     assert len(choice["held_back_recovered_by_head"]) == len(result["layers"]) * len(result["heads"])  # decode's "?"
+
+
+def test_a_trained_effect_lens_is_checked_on_windows_kept_out_of_its_fit_and_training(corpus):
+    """With epochs > 0, every 5th window (numbered across batches) is out of the fit and of Adam, and the trained
+    lens's held-back share is measured there: the relay head's effect, the same on every window, carries over."""
+    from attention_lens.effect_lens import EffectTrainConfig, split_windows, train_effect
+    model = make_relay()
+    effects = EffectsConfig(tokens=120, batch_size=2, mode="zero", dtype="float32")
+    measured = _measured(model, corpus, tokens=120)
+    training, check = split_windows(measured, 5)
+    assert len(training) == len(measured) and 1 <= len(check) < len(measured)
+    scored = torch.cat([b.scored for b in measured])
+    windows = torch.arange(scored.shape[0]) // 12
+    for batch, kept in zip(measured, training):
+        assert not (kept.scored & ~batch.scored).any()
+    kept_out = torch.cat([b.scored for b in training]) != scored
+    assert (windows[kept_out] % 5 == 4).all() and kept_out.any()
+    assert sum(int(b.scored.sum()) for b in check) == int(kept_out.sum())
+
+    lens = Lens.from_model(model, "effect", list(range(model.n_layers)))
+    data = DataConfig(data=str(corpus), seq_len=12, holdout=0.25)
+    record = train_effect(lens, data, EffectTrainConfig(effects=effects, epochs=2, lr=1e-3, top=model.vocab))
+    held_back = record["held_back"]
+    assert held_back["positions"] == int(kept_out.sum()) and held_back["windows"] == len(set(windows[kept_out].tolist()))
+    assert record["fit_choice"]["positions"] == record["tokens_seen"] == int(scored.sum()) - held_back["positions"]
+    assert held_back["recovered_by_head"][f"{RELAY[0]}.{RELAY[1]}"] > 0.5
+    maps = _lens_maps(lens).detach()
+    problem = kl_problem(lens, check, top=model.vocab)
+    direct = 1 - residual_energy(problem, maps) / residual_energy(problem, torch.zeros_like(maps))
+    relay = RELAY[0] * model.n_heads + RELAY[1]
+    assert held_back["recovered_by_head"][f"{RELAY[0]}.{RELAY[1]}"] == pytest.approx(float(direct[relay]), abs=1e-4)

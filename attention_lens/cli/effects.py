@@ -132,6 +132,9 @@ def train_effect_lens(out: Path, model: str, kind: str | None, layers: str | Non
               "tokens": record["tokens_seen"], "epochs": epochs, "seconds": round(time.perf_counter() - started, 2),
               "start": record["start"], "start_loss": record["start_loss"], "final_loss": record["final_loss"],
               "fit_choice": record["fit_choice"]}
+    if "held_back" in record:  # a trained lens's check on the windows kept out of its fit and training
+        held = record["held_back"]
+        result["held_back"] = {key: held[key] for key in ("every", "windows", "positions", "recovered_median")}
     if as_json:
         emit_json(result)
         return
