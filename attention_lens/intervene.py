@@ -156,14 +156,7 @@ class Scale(Intervention):
 
     @classmethod
     def from_value(cls, value):
-        try:
-            factor = float(value)
-        except ValueError:
-            raise AttentionLensError(f"`mode` scale={value}: give a number, e.g. scale=-1 or scale=5") from None
-        if not (math.isfinite(factor) and abs(factor) <= MAX_SCALE):
-            raise AttentionLensError(f"scale={value}: the factor must be a finite number from "
-                                     f"-{MAX_SCALE:g} to {MAX_SCALE:g}")
-        return cls(factor=factor)
+        return cls(factor=_factor(cls.name, value))
 
     def new_z(self, z, layer, head, rows):
         return z * self.factor
@@ -172,7 +165,53 @@ class Scale(Intervention):
         return f"scale={self.factor:g}"
 
 
-INTERVENTIONS: dict[str, type[Intervention]] = {cls.name: cls for cls in (Zero, Mean, Resample, Scale)}
+@dataclass(frozen=True)
+class Amplify(Intervention):
+    """The head's output moved `factor` times as far from its mean: z̄ + factor (z - z̄). Where `scale` multiplies
+    all of z_h, this multiplies only what the head writes on this input beyond what it writes on every input: 0 is
+    mean ablation, 1 leaves the head alone, > 1 steers toward what it carries here, and the constant part of its
+    output, which later layers are tuned to, stays as it is."""
+
+    name: ClassVar[str] = "amplify"
+    usage: ClassVar[str] = "amplify=X"
+    needs_corpus: ClassVar[bool] = True
+    needs_means: ClassVar[bool] = True
+    factor: float = 1.0
+    means: Tensor | None = field(default=None, compare=False, repr=False)
+    """(layer, head, d_head): raw projection inputs, from `HeadMeans`."""
+
+    @classmethod
+    def from_value(cls, value):
+        return cls(factor=_factor(cls.name, value))
+
+    def prepared(self, model, heads, windows, means, batch_size=4):
+        if means is None:
+            raise AttentionLensError("amplify needs the heads' mean outputs over a corpus (HeadMeans)")
+        return replace(self, means=means)
+
+    def new_z(self, z, layer, head, rows):
+        if self.means is None:
+            raise AttentionLensError("amplify needs the heads' mean outputs over a corpus (HeadMeans)")
+        mean = self.means[layer, head].to(z.dtype)
+        return mean + self.factor * (z - mean)
+
+    def __str__(self) -> str:
+        return f"amplify={self.factor:g}"
+
+
+def _factor(name: str, value: str) -> float:
+    """The number after `name`=, checked: finite and at most MAX_SCALE in size."""
+    try:
+        factor = float(value)
+    except ValueError:
+        raise AttentionLensError(f"`mode` {name}={value}: give a number, e.g. {name}=-1 or {name}=5") from None
+    if not (math.isfinite(factor) and abs(factor) <= MAX_SCALE):
+        raise AttentionLensError(f"{name}={value}: the factor must be a finite number from "
+                                 f"-{MAX_SCALE:g} to {MAX_SCALE:g}")
+    return factor
+
+
+INTERVENTIONS: dict[str, type[Intervention]] = {cls.name: cls for cls in (Zero, Mean, Resample, Scale, Amplify)}
 """Every kind of intervention by the name `--mode` takes."""
 
 

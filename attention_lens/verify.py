@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .data import DataConfig
 from .errors import AttentionLensError
-from .intervene import Effect, Head, Intervention, Metrics, Scale, compare, effect
+from .intervene import Amplify, Effect, Head, Intervention, Metrics, Scale, compare, effect
 from .models import Model
 from .replay_edits import MAX_TOKENS, Edit, cost as edit_cost, measure_edits
 from .scoring import frequency_bins, token_counts
@@ -26,6 +26,16 @@ MIN_REPEATS = 20
 """Fewest random draws a verification may use: the 95th percentile needs at least 20."""
 STEER_ALPHA = 5.0
 """How much verification amplifies the found heads to steer toward the concept (Head Pursuit's alpha)."""
+STEER_MODES = ("scale", "amplify")
+"""How the found heads are amplified: scale (all of z_h times alpha, as Head Pursuit does) or amplify (only z_h's
+departure from its mean: z̄ + alpha (z - z̄), leaving the constant part later layers are tuned to; intervene.Amplify)."""
+
+
+def steering(mode: str, alpha: float) -> Intervention:
+    """The intervention that steers by `alpha` in `mode` (STEER_MODES)."""
+    if mode not in STEER_MODES:
+        raise AttentionLensError(f"unknown steering mode {mode!r}; use {' or '.join(STEER_MODES)}")
+    return Scale(factor=alpha) if mode == "scale" else Amplify(factor=alpha)
 
 
 @dataclass
@@ -261,6 +271,7 @@ class SweepPlan:
     drawn: list[list[list[Head]]]
     edits: list[Edit]
     steer_alpha: float | None
+    steer_mode: str = "scale"
 
     def cost(self, model: Model) -> float:
         """Forward-equivalents the sweep runs over its windows (one full forward pass over them: 1)."""
@@ -268,7 +279,8 @@ class SweepPlan:
 
 
 def plan_sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], edit: Intervention, repeats: int = 0,
-               seed: int = 0, layer_matched: bool = True, alpha: float | None = None) -> SweepPlan:
+               seed: int = 0, layer_matched: bool = True, alpha: float | None = None,
+               steer_mode: str = "scale") -> SweepPlan:
     """What `sweep` will measure (its random draws included), without measuring it."""
     found, drawn, edits = [], [], []
     for k in ks:
@@ -279,8 +291,8 @@ def plan_sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], edit: In
         drawn.append(random_draws(model, heads, repeats, seed, layer_matched))
         edits.extend(Edit(tuple(chosen), edit) for chosen in [heads, *drawn[-1]])
     if alpha is not None:  # every k: one head can steer cleanly where eight break the model
-        edits.extend(Edit(tuple(heads), Scale(factor=alpha)) for heads in found)
-    return SweepPlan(ks=list(ks), found=found, drawn=drawn, edits=edits, steer_alpha=alpha)
+        edits.extend(Edit(tuple(heads), steering(steer_mode, alpha)) for heads in found)
+    return SweepPlan(ks=list(ks), found=found, drawn=drawn, edits=edits, steer_alpha=alpha, steer_mode=steer_mode)
 
 
 @torch.no_grad()
@@ -288,11 +300,11 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
           windows: Tensor | HeldWindows, edit: Intervention, repeats: int = 0, seed: int = 0,
           layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = None,
           on_windows: Callable[[int], None] | None = None,
-          max_tokens: int = MAX_TOKENS) -> tuple[list[AblationResult], dict | None]:
+          max_tokens: int = MAX_TOKENS, steer_mode: str = "scale") -> tuple[list[AblationResult], dict | None]:
     """For every k in `ks`: apply `edit` to the top k of `ranked`, then to `repeats` draws of as many random other
     heads (layer-matched: the same count in each layer); bootstrap the found heads' specific drop over windows.
-    With `alpha`, also amplify each k's heads by alpha (steering, in each result's `steer`). Returns one result per
-    k and the largest k's steering record (None without alpha).
+    With `alpha`, also amplify each k's heads by alpha (steering, in each result's `steer`; `steer_mode`: see
+    STEER_MODES). Returns one result per k and the largest k's steering record (None without alpha).
 
     Random heads are drawn from the heads not chosen, so the baseline says what editing *other* heads does.
     Means for mode 'mean' come from the unmodified model on the same windows. Everything is measured at once
@@ -300,7 +312,7 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
     """
     held = windows if isinstance(windows, HeldWindows) else None
     tokens = held.windows if held is not None else windows
-    plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha)
+    plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha, steer_mode)
     clean, measured = measure_edits(model, tokens, concept_ids, plan.edits, max_tokens=max_tokens,
                                     on_windows=on_windows, other_weights=held.other_weights if held else None)
     results, at = [], 0
@@ -315,7 +327,7 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
     if alpha is None:
         return results, None
     for result, heads, metrics in zip(results, plan.found, measured[at:]):
-        result.steer = _steer_record(alpha, compare(heads, metrics, clean), clean)
+        result.steer = _steer_record(steering(steer_mode, alpha), compare(heads, metrics, clean), clean)
     return results, results[list(plan.ks).index(max(plan.ks))].steer
 
 
@@ -332,8 +344,8 @@ def ablate(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], wind
     return results[0]
 
 
-def _steer_record(alpha: float, steered: Effect, clean: Metrics) -> dict:
-    return {"alpha": alpha, "heads": [f"{layer}.{head}" for layer, head in steered.heads],
+def _steer_record(edit: Amplify | Scale, steered: Effect, clean: Metrics) -> dict:
+    return {"alpha": edit.factor, "edit": str(edit), "heads": [f"{layer}.{head}" for layer, head in steered.heads],
             "clean_concept_mass": clean.concept_mass, "concept_mass": steered.metrics.concept_mass,
             "mass_change": steered.mass_change, "concept_logprob_change": -steered.concept_drop,
             "loss_change": steered.loss_change}
@@ -341,21 +353,24 @@ def _steer_record(alpha: float, steered: Effect, clean: Metrics) -> dict:
 
 @torch.no_grad()
 def steer(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], windows: Tensor, clean: Metrics,
-          alpha: float = STEER_ALPHA) -> dict:
-    """Amplify `heads` by `alpha`: how much the concept's probability mass rises, at what overall loss change."""
-    return _steer_record(alpha, effect(model, heads, Scale(factor=alpha), windows, concept_ids, clean), clean)
+          alpha: float = STEER_ALPHA, mode: str = "scale", means: Tensor | None = None) -> dict:
+    """Amplify `heads` by `alpha` (`mode`: STEER_MODES; amplify needs the heads' `means`, HeadMeans): how much the
+    concept's probability mass rises, at what overall loss change."""
+    edit = steering(mode, alpha)
+    return _steer_record(edit, effect(model, heads, edit, windows, concept_ids, clean, means), clean)
 
 
 @torch.no_grad()
 def verify_ranking(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: Sequence[int],
                    held: HeldWindows, edit: Intervention, repeats: int = MIN_REPEATS, seed: int = 0,
                    layer_matched: bool = True, bootstrap: int = 1000, alpha: float | None = STEER_ALPHA,
-                   on_windows: Callable[[int], None] | None = None) -> tuple[list[dict], dict | None]:
+                   on_windows: Callable[[int], None] | None = None,
+                   steer_mode: str = "scale") -> tuple[list[dict], dict | None]:
     """Verify the top k of `ranked` for every k in `ks` (`sweep`); steer with each k's heads.
 
     Returns one verify record per k (in the order of `ks`, each with its `steer`) and the largest k's steering
     record (None when alpha is None).
     """
     results, steered = sweep(model, ranked, ks, concept_ids, held, edit, repeats, seed, layer_matched, bootstrap,
-                             alpha, on_windows)
+                             alpha, on_windows, steer_mode=steer_mode)
     return [result.verify_record() for result in results], steered

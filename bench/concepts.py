@@ -126,7 +126,7 @@ def run(args) -> int:
         missing = [k for k in ks if k not in done]
         where = f"[{number}/{len(jobs)}] {method} x {name}"
         if not missing or None in done:  # None: a refusal, measured once (settings and words are the same)
-            _say(f"{where}: already measured in {out}, skipped")
+            say(f"{where}: already measured in {out}, skipped")
             continue
         if name not in held_by_name:
             try:
@@ -148,12 +148,12 @@ def run(args) -> int:
             if twin is None:
                 continue
             missing.remove(k)
-            _say(f"{where}: k {k}: the heads {twin} found; its row is this one's")
+            say(f"{where}: k {k}: the heads {twin} found; its row is this one's")
             if not args.estimate:
                 document["rows"].append(_copy(document["rows"], twin, method, words, k, ranked[:k]))
-                _save(out, document)
+                save(out, document)
         if not missing:
-            _say(f"{where}: nothing left to measure")
+            say(f"{where}: nothing left to measure")
             continue
         try:
             plan = plan_sweep(model, ranked, missing, Zero(), args.repeats, SEED, True, STEER_ALPHA)
@@ -164,7 +164,7 @@ def run(args) -> int:
             planned[words, k, frozenset(ranked[:k])] = method
         before, after = (1 + len(plan.edits)) * windows, plan.cost(model) * windows
         totals["after"] += after
-        _say(f"{where}: k {','.join(map(str, plan.ks))}: {held.targets} targets in {windows} windows, "
+        say(f"{where}: k {','.join(map(str, plan.ks))}: {held.targets} targets in {windows} windows, "
              f"{len(plan.edits)} interventions: {after:,.0f} forward-equivalents (one full pass each: {before:,.0f})")
         if args.estimate:
             continue
@@ -174,7 +174,7 @@ def run(args) -> int:
         def progress(n: int) -> None:
             tenth = max(1, windows // 10)
             if (seen[0] + n) // tenth > seen[0] // tenth or seen[0] + n == windows:
-                _say(f"{where}: {seen[0] + n}/{windows} windows")
+                say(f"{where}: {seen[0] + n}/{windows} windows")
             seen[0] += n
 
         results, _ = sweep(model, ranked, plan.ks, concept.ids, held, Zero(), args.repeats, SEED, True,
@@ -186,10 +186,10 @@ def run(args) -> int:
                                      "steer_loss_change": record["steer"]["loss_change"],
                                      "sweep_ks": plan.ks, "sweep_forward_equivalents": after,
                                      "sweep_seconds": time.perf_counter() - start})
-            _say(_line(document["rows"][-1]))
-        _save(out, document)
+            say(_line(document["rows"][-1]))
+        save(out, document)
     if args.estimate:
-        _say(f"total: {totals['after']:,.0f} forward-equivalents for what is left to measure "
+        say(f"total: {totals['after']:,.0f} forward-equivalents for what is left to measure "
              f"(one full forward pass per intervention: {totals['before']:,.0f})")
     if args.json:
         print(json.dumps(document, indent=1))
@@ -222,10 +222,10 @@ def _copy(rows: list[dict], twin: str, method: str, words: str, k: int, heads: l
 def _refuse(document: dict, out: Path, where: str, method: str, name: str, words: str, error: Exception,
             estimate: bool) -> None:
     """Say why a method x concept cannot be measured and, measuring, keep that as its row; the table goes on."""
-    _say(f"{where}: not measured: {error}")
+    say(f"{where}: not measured: {error}")
     if not estimate:
         document["rows"].append({"method": method, "concept": name, "words": words, "k": None, "error": str(error)})
-        _save(out, document)
+        save(out, document)
 
 
 def _ranking(document: dict, model, method: str, name: str, concept, data, tokens: int, where: str,
@@ -233,10 +233,10 @@ def _ranking(document: dict, model, method: str, name: str, concept, data, token
     """The method's ranking of heads for the concept (named with its words), scored once and kept in the file."""
     key = f"{method}/{name}"
     if key not in document["rankings"]:
-        _say(f"{where}: scoring heads on {tokens} training tokens")
+        say(f"{where}: scoring heads on {tokens} training tokens")
         scored = score_heads(METHODS[method], al.Lens.from_model(model, "logit"), concept, data, tokens, SEED)
         document["rankings"][key] = [f"{layer}.{head}" for layer, head in scored.ranked()]
-        _save(out, document)
+        save(out, document)
     return [tuple(int(part) for part in head.split(".")) for head in document["rankings"][key]]
 
 
@@ -256,7 +256,7 @@ def _load(out: Path, settings: dict) -> dict:
     return document
 
 
-def _save(out: Path, document: dict) -> None:
+def save(out: Path, document: dict) -> None:
     """Write the whole document to a temporary file, then move it over `out`: never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -264,7 +264,7 @@ def _save(out: Path, document: dict) -> None:
     os.replace(partial, out)
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 

@@ -142,6 +142,11 @@ def test_cli_search_with_verify(tmp_path, corpus, capsys):
     assert [record["k"] for record in document["k_sweep"]] == [1, 2] and document["k_sweep"][-1] == verify
     steer = document["steer"]
     assert steer["alpha"] == 5 and steer["heads"] == verify["heads"] and steer["concept_mass"] > 0
+    assert steer["edit"] == "scale=5"
+    code, stdout, _ = run_cli(argv + ["--steer-mode", "amplify", "--steer", "3"], capsys)
+    assert code == 0 and json.loads(stdout)["steer"]["edit"] == "amplify=3"
+    code, _, err = run_cli(argv + ["--steer-mode", "push"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--steer-mode 'push'" in err
 
     assert document["method"] == "lens" and document["lens"] == "dla"
     assert {"concept_score", "control_mean", "control_std", "control_z"} <= set(document["heads"][0])

@@ -8,8 +8,8 @@ import torch
 
 from attention_lens import AttentionLensError
 from attention_lens.heads import HeadCapture
-from attention_lens.intervene import (INTERVENTIONS, HeadIntervention, HeadMeans, Intervention, Mean, Resample,
-                                      Scale, Zero, generate, measure, parse_heads)
+from attention_lens.intervene import (INTERVENTIONS, Amplify, HeadIntervention, HeadMeans, Intervention, Mean,
+                                      Resample, Scale, Zero, effect, generate, measure, parse_heads)
 from attention_lens.verify import ablate
 from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 from test_concepts import TOKEN, WRITER, make_only_path
@@ -116,6 +116,30 @@ def test_steering_with_scale_above_one_raises_the_tokens_mass():
     assert masses[0] + 0.05 < masses[1] < masses[2] - 0.05, masses
 
 
+def test_amplify_moves_the_head_away_from_its_mean():
+    """amplify=0 is mean ablation, amplify=1 the unmodified model, amplify=a writes mean + a (z - mean): the head's
+    captured z_h under amplify=3 is exactly that."""
+    model = make_tiny_model("llama")
+    windows = torch.randint(2, 90, (3, 10), generator=torch.Generator().manual_seed(1))
+    heads = [(0, 1), (1, 2)]
+    with HeadMeans(model) as recorder:
+        clean = measure(model, windows, [5, 6])
+    means = recorder.means
+    as_mean = effect(model, heads, Mean(), windows, [5, 6], clean, means).metrics
+    at_zero = effect(model, heads, Amplify(0.0), windows, [5, 6], clean, means).metrics
+    at_one = effect(model, heads, Amplify(1.0), windows, [5, 6], clean, means).metrics
+    torch.testing.assert_close(at_zero.per_window, as_mean.per_window)
+    torch.testing.assert_close(at_one.per_window, clean.per_window, atol=1e-5, rtol=1e-5)
+    assert (as_mean.per_window - clean.per_window).abs().max() > 1e-4  # the heads matter
+    with HeadCapture(model, [0]) as plain, torch.no_grad():
+        model.hf(input_ids=windows)
+    amplified = Amplify(3.0).prepared(model, heads, windows, means)
+    with HeadIntervention(model, heads, amplified), HeadCapture(model, [0]) as captured, torch.no_grad():
+        model.hf(input_ids=windows)
+    expected = means[0, 1] + 3.0 * (plain.heads[0].z[:, :, 1] - means[0, 1])
+    torch.testing.assert_close(captured.heads[0].z[:, :, 1], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_generation_with_and_without_the_head():
     model = make_only_path()
     plain, edited = generate(model, "abc", [WRITER], Zero(), max_new_tokens=4)
@@ -131,9 +155,10 @@ def test_bad_heads_are_refused(text, message):
 def test_modes_parse():
     assert Intervention.parse("scale=-1") == Scale(-1.0) and str(Intervention.parse("zero")) == "zero"
     assert str(Intervention.parse(" scale = 5 ")) == "scale=5" and isinstance(Intervention.parse("resample"), Resample)
-    assert set(INTERVENTIONS) == {"zero", "mean", "resample", "scale"}
+    assert set(INTERVENTIONS) == {"zero", "mean", "resample", "scale", "amplify"}
+    assert Intervention.parse("amplify=5") == Amplify(5.0) and str(Intervention.parse("amplify = 2")) == "amplify=2"
     for text, message in [("scale=big", "scale=-1"), ("zero=1", "no value"), ("flip", "resample"),
-                          ("scale=inf", "finite")]:
+                          ("scale=inf", "finite"), ("amplify=x", "amplify=5"), ("amplify=1e9", "finite")]:
         with pytest.raises(AttentionLensError, match=message):
             Intervention.parse(text)
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from attention_lens.intervene import (HeadIntervention, HeadMeans, Mean, Metrics, Resample, Scale, Zero, compare,
+from attention_lens.intervene import (Amplify, HeadIntervention, HeadMeans, Mean, Metrics, Resample, Scale, Zero, compare,
                                       effect, measure, target_sums)
 from attention_lens.replay_edits import Edit, cost, measure_edits
 from attention_lens.verify import (HeldWindows, frequency_matched_weights, plan_sweep, random_heads, sweep,
@@ -45,7 +45,8 @@ def test_replayed_interventions_equal_one_full_forward_each(model_type):
     windows = _windows()
     last = model.n_layers - 1
     edits = [Edit(((last, 1),), Zero()), Edit(((0, 2), (last, 0)), Zero()), Edit(((last, 3), (last, 0)), Scale(-1.0)),
-             Edit(((0, 1),), Scale(5.0)), Edit(((last, 2), (0, 3)), Mean()), Edit(((last, 1),), Resample())]
+             Edit(((0, 1),), Scale(5.0)), Edit(((last, 2), (0, 3)), Mean()), Edit(((last, 1),), Resample()),
+             Edit(((0, 2), (last, 3)), Amplify(4.0))]
     # A tiny replay budget: each replay holds one or two interventions, batches of two windows.
     clean, measured = measure_edits(model, windows, CONCEPT, edits, batch_size=2, max_tokens=2 * 2 * 10)
     _assert_same(clean, measure(model, windows, CONCEPT))
@@ -67,14 +68,15 @@ def test_replay_budget_does_not_change_the_numbers():
         torch.testing.assert_close(a.per_window, b.per_window, atol=1e-9, rtol=1e-7)
 
 
-@pytest.mark.parametrize("mode", [Zero(), Mean()])
-def test_sweep_equals_the_full_forward_verification(mode):
+@pytest.mark.parametrize("mode, steer_mode", [(Zero(), "scale"), (Mean(), "amplify")])
+def test_sweep_equals_the_full_forward_verification(mode, steer_mode):
     """The records `verify_ranking` reports are those of one full forward pass per draw, k and steering."""
     model = make_tiny_model("qwen2")
     windows = _windows(6)
     held = HeldWindows(windows=windows, drawn=9, targets=6)
     ranked = [(1, 2), (0, 1), (1, 0), (0, 3)]
-    records, steered = verify_ranking(model, ranked, [1, 3], CONCEPT, held, mode, repeats=4, seed=3, bootstrap=50)
+    records, steered = verify_ranking(model, ranked, [1, 3], CONCEPT, held, mode, repeats=4, seed=3, bootstrap=50,
+                                      steer_mode=steer_mode)
     with HeadMeans(model) as recorder:
         clean = measure(model, windows, CONCEPT)
     for k, record in zip([1, 3], records):
@@ -88,8 +90,9 @@ def test_sweep_equals_the_full_forward_verification(mode):
         assert record["collateral_loss_change"] == pytest.approx(found.loss_change, abs=1e-5)
         assert record["random_drop_mean"] == pytest.approx(sum(drops) / 4, abs=1e-5)
         assert record["clean_loss"] == pytest.approx(clean.loss, abs=1e-6)
-        amplified = effect(model, ranked[:k], Scale(5.0), windows, CONCEPT, clean)
-        assert record["steer"]["heads"] == record["heads"]
+        steering = Scale(5.0) if steer_mode == "scale" else Amplify(5.0)
+        amplified = effect(model, ranked[:k], steering, windows, CONCEPT, clean, recorder.means)
+        assert record["steer"]["heads"] == record["heads"] and record["steer"]["edit"] == f"{steer_mode}=5"
         assert record["steer"]["mass_change"] == pytest.approx(amplified.mass_change, abs=1e-5)
         assert record["steer"]["loss_change"] == pytest.approx(amplified.loss_change, abs=1e-5)
     assert steered == records[-1]["steer"] and steered["heads"] == ["1.2", "0.1", "1.0"]

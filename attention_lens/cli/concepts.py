@@ -16,7 +16,7 @@ from ..intervene import Intervention, Scale, generate as generate_text, parse_he
 from ..models import DEFAULT_MODEL, Model, load_model
 from ..notebook import visible
 from ..scoring import CONTROL_SETS, METHODS, score_heads
-from ..verify import MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, held_windows, plan_sweep, sweep
+from ..verify import MIN_REPEATS, MIN_TARGETS, STEER_ALPHA, STEER_MODES, held_windows, plan_sweep, sweep
 from .common import emit_json, err, lens_and_model
 from .render import print_whole
 from .numbers import MAX_K, MAX_NEW_TOKENS, MAX_REPEATS, MAX_SCALE, MAX_SEED, MAX_TOKENS, within
@@ -44,16 +44,17 @@ def _window_bar(what: str) -> Progress:
 
 
 def _measured_sweep(what: str, model: Model, ranked: list, ks: list[int], concept_ids: list[int], held, edit,
-                    repeats: int, seed: int, layer_matched: bool, bootstrap: int, alpha: float | None):
+                    repeats: int, seed: int, layer_matched: bool, bootstrap: int, alpha: float | None,
+                    steer_mode: str = "scale"):
     """`sweep` with a progress bar over the held-out windows, after saying how much it will run."""
-    plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha)
+    plan = plan_sweep(model, ranked, ks, edit, repeats, seed, layer_matched, alpha, steer_mode)
     err.print(f"{what}: {held.targets} concept targets in {held.windows.shape[0]} held-out windows "
               f"({held.drawn} drawn); {len(plan.edits)} interventions, {plan.cost(model):.1f} full forward passes' "
               f"worth over these windows (one pass each would be {1 + len(plan.edits)})")
     with _window_bar(what) as bar:
         task = bar.add_task(what, total=int(held.windows.shape[0]))
         return sweep(model, ranked, ks, concept_ids, held, edit, repeats, seed, layer_matched, bootstrap, alpha,
-                     on_windows=lambda n: bar.update(task, advance=n))
+                     on_windows=lambda n: bar.update(task, advance=n), steer_mode=steer_mode)
 
 
 def _check_counts(**counts: int) -> None:
@@ -109,6 +110,9 @@ def search(
     steer: float = typer.Option(STEER_ALPHA, help="--verify amplifies each k's heads by this factor and reports "
                                                   "the concept's mass change and the loss change (0: skip).",
                                 callback=within(-MAX_SCALE, MAX_SCALE)),
+    steer_mode: str = typer.Option("scale", help="How --steer amplifies: scale (all of z_h times the factor, as Head "
+                                                 "Pursuit) or amplify (only z_h's departure from its mean: the "
+                                                 "constant part, which later layers are tuned to, stays)."),
     seed: int = typer.Option(0, help="Seed of the data order and the random heads.", callback=within(0, MAX_SEED)),
     device: Device = "cpu",
     revision: Revision = None,
@@ -121,6 +125,8 @@ def search(
     --json: {concept, heads, verify, k_sweep, steer}."""
     _check_counts(tokens=(tokens, 1), top=(top, 1), repeats=(repeats, 2), seq_len=(seq_len, 2))
     edit = Intervention.parse(mode)
+    if steer_mode not in STEER_MODES:
+        raise AttentionLensError(f"--steer-mode {steer_mode!r}: use {' or '.join(STEER_MODES)}")
     scorer = METHODS.get(method)
     if scorer is None:
         raise AttentionLensError(f"--method {method!r}: use one of {', '.join(METHODS)}")
@@ -140,7 +146,7 @@ def search(
     if verify:
         held = held_windows(loaded, data_config, found.ids, min_targets, seed)
         results, steered = _measured_sweep("verify", loaded, result.ranked(), ks, found.ids, held, edit, repeats,
-                                           seed, layer_matched, bootstrap, steer or None)
+                                           seed, layer_matched, bootstrap, steer or None, steer_mode)
         records = [measured.verify_record() for measured in results]
         document["verify"] = records[-1]
         document["k_sweep"] = records
@@ -162,7 +168,7 @@ def search(
     if verify:
         _print_sweep(document["k_sweep"])
         if document["steer"] is not None:
-            _print_record(f"steer: scale={document['steer']['alpha']:g} on the top {max(ks)} heads",
+            _print_record(f"steer: {document['steer']['edit']} on the top {max(ks)} heads",
                           document["steer"])
 
 
@@ -312,4 +318,4 @@ def _specific_cell(record: dict, prefix: str) -> str:
 def _steer_cell(steer: dict | None) -> str:
     if not steer:
         return "-"
-    return f"×{steer['alpha']:g}: {steer['mass_change']:+.1%} / {steer['loss_change']:+.3f}"
+    return f"{steer['edit']}: {steer['mass_change']:+.1%} / {steer['loss_change']:+.3f}"
