@@ -1,7 +1,7 @@
 """Many interventions measured at once, as verification needs them (found heads, random draws, a k sweep,
 steering): one clean pass per batch of windows keeps the residual entering each intervention's earliest edited
 block; each intervention then replays only the blocks from there (replay.py), several side by side along the
-batch. The numbers are those of one full forward pass per intervention (`intervene.effect`), up to float rounding.
+batch. The numbers are those of one full forward pass per intervention (`concept_metrics.effect`), up to float rounding.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .intervene import Head, HeadMeans, Intervention, Metrics, target_sums
+from .concept_metrics import Metrics, target_sums
+from .intervene import Head, HeadMeans, Intervention
 from .models import Model
 from .replay import clean_residuals, replay
 
@@ -44,7 +45,7 @@ def measure_edits(model: Model, windows: Tensor, concept_ids: Sequence[int], edi
     `other_weights` (verify.frequency_matched_weights), their frequency-matched log p too.
 
     An edit that needs the heads' means (Mean) gets them from the unmodified model on the same `windows`, as
-    `intervene.effect` is given them; one that draws on other windows (Resample) is prepared once for the heads
+    `concept_metrics.effect` is given them; one that draws on other windows (Resample) is prepared once for the heads
     of every edit that uses it. `on_windows(n)` is called after each batch of n windows.
     """
     prepared = _prepare(model, windows, edits, batch_size)

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .data import DataConfig
 from .errors import AttentionLensError
-from .intervene import Amplify, Effect, Head, Intervention, Metrics, Scale, compare, effect
+from .concept_metrics import Effect, Metrics, compare, effect
+from .intervene import Amplify, Head, Intervention, Scale
 from .models import Model
 from .replay_edits import MAX_TOKENS, Edit, cost as edit_cost, measure_edits
 from .scoring import frequency_bins, token_counts

@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import attention_lens as al
+from attention_lens.concept_metrics import compare
 from attention_lens.concepts import make_concept
 from attention_lens.data import DataConfig
 from attention_lens.errors import AttentionLensError
-from attention_lens.intervene import Amplify, Scale, compare
+from attention_lens.intervene import Amplify, Scale
 from attention_lens.replay_edits import Edit, measure_edits
 from attention_lens.verify import held_windows, random_heads
 

@@ -6,7 +6,8 @@ import torch
 
 from attention_lens import DataConfig
 from attention_lens.attribution import attributed_drops
-from attention_lens.intervene import HeadIntervention, Scale, measure
+from attention_lens.concept_metrics import measure
+from attention_lens.intervene import HeadIntervention, Scale
 from attention_lens.stream import HeadStream
 from conftest import TINY_ARCHITECTURES, make_corpus, make_tiny_model
 

@@ -8,8 +8,9 @@ import torch
 
 from attention_lens import AttentionLensError
 from attention_lens.heads import HeadCapture
+from attention_lens.concept_metrics import effect, measure
 from attention_lens.intervene import (INTERVENTIONS, Amplify, HeadIntervention, HeadMeans, Intervention, Mean,
-                                      Resample, Scale, Zero, effect, generate, measure, parse_heads)
+                                      Resample, Scale, Zero, generate, parse_heads)
 from attention_lens.verify import ablate
 from conftest import make_corpus, make_model_dir, make_tiny_model, run_cli
 from test_concepts import TOKEN, WRITER, make_only_path

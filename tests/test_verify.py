@@ -1,16 +1,15 @@
-"""Verification measured by replay (replay_edits) equals one full forward pass per intervention (intervene.effect):
-for every architecture and intervention, for found heads, random draws, k sweeps and steering; its cost counts."""
+"""Verification measured by replay (replay_edits) equals one full forward pass per intervention
+(concept_metrics.effect): for every architecture and intervention, for found heads, random draws, k sweeps and steering; its cost counts."""
 
 import random
 
 import pytest
 import torch
 
-from attention_lens.intervene import (Amplify, HeadIntervention, HeadMeans, Mean, Metrics, Resample, Scale, Zero, compare,
-                                      effect, measure, target_sums)
+from attention_lens.concept_metrics import Metrics, compare, effect, measure, target_sums
+from attention_lens.intervene import Amplify, HeadIntervention, HeadMeans, Mean, Resample, Scale, Zero
 from attention_lens.replay_edits import Edit, cost, measure_edits
-from attention_lens.verify import (HeldWindows, frequency_matched_weights, plan_sweep, random_heads, sweep,
-                                   verify_ranking)
+from attention_lens.verify import HeldWindows, frequency_matched_weights, plan_sweep, random_heads, verify_ranking
 from conftest import TINY_ARCHITECTURES, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
