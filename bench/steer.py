@@ -1,13 +1,13 @@
 """Steering concept heads: amplify=α (only z_h's departure from its mean) against scale=α (all of z_h, Head Pursuit's).
 
 python bench/steer.py [--concepts pronouns,numbers,war,countries] [--method attribution] [--k 1,3,8]
-                      [--alphas 2,3,5] [--draws 4] [--rankings bench/results/concepts-smollm2-135m.json]
+                      [--alphas 2,3,5] [--draws 4] [--draw-edits amplify] [--rankings bench/results/concepts-smollm2-135m.json]
                       [--out bench/results/steer-smollm2-135m.json] [--json]
 
 The heads are a method's ranking kept by bench/concepts.py (--rankings), the windows the same held-out windows its
 rows were verified on (same data, split, seed and --min-targets). For each concept and k, the top k heads are
-amplified by every α and scaled by 5, and --draws layer-matched random draws of as many other heads are amplified
-by 5 (the control: does amplifying any heads of those layers raise the concept?). Each measurement: the concept's
+amplified by every α and scaled by 5, and --draws layer-matched random draws of as many other heads get each of --draw-edits (amplify, scale) at
+5 (the control: does amplifying any heads of those layers raise the concept?). Each measurement: the concept's
 probability mass change (relative) and the loss change (nats) over the windows' scored positions. Issue 14's
 steering goal: +25% mass at a loss change of at most 0.1 nats. One full row per concept is appended to --out as it
 is measured; a rerun skips concepts already there. Progress on stderr; --json prints the document at the end.
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", default="1,3,8")
     parser.add_argument("--alphas", default="2,3,5")
     parser.add_argument("--draws", type=int, default=4)
+    parser.add_argument("--draw-edits", default="amplify", help="amplify, scale or both (comma-separated)")
     here = Path(__file__).parent / "results"
     parser.add_argument("--rankings", type=Path, default=here / "concepts-smollm2-135m.json")
     parser.add_argument("--out", type=Path, default=here / "steer-smollm2-135m.json")
@@ -63,6 +64,9 @@ def run(args) -> int:
         alphas = [float(a) for a in args.alphas.split(",")]
     except ValueError:
         raise AttentionLensError("--k and --alphas take comma-separated numbers, e.g. --k 1,3,8 --alphas 2,3,5") from None
+    draw_edits = [e.strip() for e in args.draw_edits.split(",") if e.strip()]
+    if not set(draw_edits) <= {"amplify", "scale"}:
+        raise AttentionLensError(f"--draw-edits {args.draw_edits!r}: use amplify, scale or amplify,scale")
     if not args.rankings.exists():
         raise AttentionLensError(f"{args.rankings} does not exist; run bench/concepts.py first or give --rankings")
     source = json.loads(args.rankings.read_text())
@@ -89,7 +93,8 @@ def run(args) -> int:
         for k in ks:
             heads = ranked[:k]
             plan += [(k, "amplify", alpha, heads) for alpha in alphas] + [(k, "scale", CONTROL_ALPHA, heads)]
-            plan += [(k, "random amplify", CONTROL_ALPHA, random_heads(model, heads, rng)) for _ in range(args.draws)]
+            for what in draw_edits:  # each edit its own draws, from one seeded generator
+                plan += [(k, f"random {what}", CONTROL_ALPHA, random_heads(model, heads, rng)) for _ in range(args.draws)]
         edits = [Edit(tuple(heads), (Amplify if "amplify" in what else Scale)(factor=alpha))
                  for _, what, alpha, heads in plan]
         say(f"{args.method} x {name}: {held.targets} targets in {held.windows.shape[0]} windows, {len(edits)} edits")
