@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .concept_metrics import Effect, Metrics, compare, effect
 from .data import DataConfig
 from .errors import AttentionLensError
-from .concept_metrics import Effect, Metrics, compare, effect
 from .intervene import Amplify, Head, Intervention, Scale
 from .models import Model
 from .replay_edits import MAX_TOKENS, Edit, cost as edit_cost, measure_edits
