@@ -93,14 +93,10 @@ class Mean(Intervention):
     """(layer, head, d_head): raw projection inputs, from `HeadMeans`."""
 
     def prepared(self, model, heads, windows, means, batch_size=4):
-        if means is None:
-            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
-        return replace(self, means=means)
+        return replace(self, means=_required_means(self, means))
 
     def new_z(self, z, layer, head, rows):
-        if self.means is None:
-            raise AttentionLensError("mean ablation needs the heads' mean outputs over a corpus (HeadMeans)")
-        return self.means[layer, head].to(z.dtype).expand_as(z)
+        return _required_means(self, self.means)[layer, head].to(z.dtype).expand_as(z)
 
 
 @dataclass(frozen=True)
@@ -186,18 +182,21 @@ class Amplify(Intervention):
         return cls(factor=_factor(cls.name, value))
 
     def prepared(self, model, heads, windows, means, batch_size=4):
-        if means is None:
-            raise AttentionLensError("amplify needs the heads' mean outputs over a corpus (HeadMeans)")
-        return replace(self, means=means)
+        return replace(self, means=_required_means(self, means))
 
     def new_z(self, z, layer, head, rows):
-        if self.means is None:
-            raise AttentionLensError("amplify needs the heads' mean outputs over a corpus (HeadMeans)")
-        mean = self.means[layer, head].to(z.dtype)
+        mean = _required_means(self, self.means)[layer, head].to(z.dtype)
         return mean + self.factor * (z - mean)
 
     def __str__(self) -> str:
         return f"amplify={self.factor:g}"
+
+
+def _required_means(intervention: Intervention, means: Tensor | None) -> Tensor:
+    """`means`, or one clear error where an intervention that replaces heads by their means was given none."""
+    if means is None:
+        raise AttentionLensError(f"{intervention.name} needs the heads' mean outputs over a corpus (HeadMeans)")
+    return means
 
 
 def _factor(name: str, value: str) -> float:
