@@ -64,8 +64,9 @@ class HeadTop:
     top: list[TokenScore]
     """Best first."""
     held_back_recovered: float | None = None
-    """Effect reading of a lens fitted in the KL's metric: the share of the head's measured effect it predicted
-    on held-back training windows (readings.held_back_shares); None otherwise, and then not in the JSON."""
+    """Effect reading of an effect lens with a held-back check (fitted in the KL's metric, or trained): the share of
+    the head's measured effect it predicted on held-back training windows (readings.held_back_shares); None
+    otherwise, and then not in the JSON."""
 
     @property
     def unread(self) -> bool:

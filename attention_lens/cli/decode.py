@@ -87,7 +87,7 @@ def _decode_table(result: DecodeResult, position: int, cells: dict, heads: list[
     for layer in sorted({r.layer for r in result.heads}):
         table.add_row(str(layer), *(cells.get((position, layer, head), "") for head in heads))
     if result.unread_heads():
-        table.caption = (f"(?) on training text held back from its fit, this reading predicted under "
+        table.caption = (f"(?) on training text held back from the lens, this reading predicted under "
                          f"{UNREAD_SHARE:.0%} of the head's measured effect; what removing the head does is "
                          "measured by `attention-lens effects`")
     return table
