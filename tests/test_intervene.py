@@ -181,6 +181,8 @@ def test_cli_ablate(paths, capsys):
     assert document["found"]["heads"] == ["1.0", "0.3"] and len(document["random"]) == 3
     assert document["verify"]["repeats"] == 3 and document["mode"] == "mean"
     assert document["k_sweep"] == [document["verify"]]
+    code, stdout, _ = run_cli(base + ["--mode", "amplify=3", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["mode"] == "amplify=3"
     code, stdout, _ = run_cli(base + ["--baseline", "random", "--repeats", "3", "--k", "2,1", "--json"], capsys)
     assert code == 0
     document = json.loads(stdout)
