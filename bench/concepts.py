@@ -8,7 +8,8 @@ For each method and concept: heads scored on the training side (against frequenc
 then the top k zero-ablated on held-out windows holding at least --min-targets concept targets, against
 --repeats layer-matched random draws: z and percentile of the concept drop, the specific drop (concept drop
 minus drop on other targets) with its 95% bootstrap interval, its z and percentile, the collateral loss change,
-and steering (each k's heads scaled x5, scale=5; bench/steer.py compares amplify=5): the concept's mass change and the loss change. One row per k.
+and steering (each k's heads scaled x5, scale=5; bench/steer.py compares amplify=5): the concept's mass change
+and the loss change. One row per k.
 Goal (issue 14): z >= 3 and the 99th percentile for the specific drop with k <= 8, for 4 of 6 concepts.
 
 Rows are appended to --out as each method x concept is measured (the file is rewritten whole each time, never
