@@ -91,8 +91,9 @@ def frequency_matched_weights(concept_ids: Sequence[int], counts: Tensor, window
     """(vocab,) float64 weights that make the other (non-concept) targets of `windows` as frequent as its concept
     targets: tokens fall in the power-of-two bins of their `counts` (training side) that the concept control's
     random sets use (scoring.frequency_bins); an other target in bin b weighs (concept targets in b) / (other
-    targets in b), 0 where no concept target falls. Removing heads can hurt rare and common tokens unequally (SmolLM2's eight countries heads: 0.35 vs 0.27
-    nats), so a concept of rare words would otherwise look specific wherever heads hurt rare tokens more."""
+    targets in b), 0 where no concept target falls. Removing heads can hurt rare and common tokens unequally
+    (SmolLM2's eight countries heads: 0.35 vs 0.27 nats), so a concept of rare words would otherwise look specific
+    wherever heads hurt rare tokens more."""
     bins = frequency_bins(counts)  # (vocab,)
     targets = windows[:, 1:].flatten().long()
     is_concept = torch.isin(targets, torch.tensor(list(concept_ids), dtype=torch.long))
@@ -272,7 +273,6 @@ class SweepPlan:
     drawn: list[list[list[Head]]]
     edits: list[Edit]
     steer_alpha: float | None
-    steer_mode: str = "scale"
 
     def cost(self, model: Model) -> float:
         """Forward-equivalents the sweep runs over its windows (one full forward pass over them: 1)."""
@@ -293,7 +293,7 @@ def plan_sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], edit: In
         edits.extend(Edit(tuple(chosen), edit) for chosen in [heads, *drawn[-1]])
     if alpha is not None:  # every k: one head can steer cleanly where eight break the model
         edits.extend(Edit(tuple(heads), steering(steer_mode, alpha)) for heads in found)
-    return SweepPlan(ks=list(ks), found=found, drawn=drawn, edits=edits, steer_alpha=alpha, steer_mode=steer_mode)
+    return SweepPlan(ks=list(ks), found=found, drawn=drawn, edits=edits, steer_alpha=alpha)
 
 
 @torch.no_grad()
@@ -327,8 +327,8 @@ def sweep(model: Model, ranked: Sequence[Head], ks: Sequence[int], concept_ids: 
                                       held=held))
     if alpha is None:
         return results, None
-    for result, heads, metrics in zip(results, plan.found, measured[at:]):
-        result.steer = _steer_record(steering(steer_mode, alpha), compare(heads, metrics, clean), clean)
+    for result, steered, metrics in zip(results, plan.edits[at:], measured[at:]):  # the edits measured, as recorded
+        result.steer = _steer_record(steered.intervention, compare(steered.heads, metrics, clean), clean)
     return results, results[list(plan.ks).index(max(plan.ks))].steer
 
 
@@ -345,7 +345,8 @@ def ablate(model: Model, heads: Sequence[Head], concept_ids: Sequence[int], wind
     return results[0]
 
 
-def _steer_record(edit: Amplify | Scale, steered: Effect, clean: Metrics) -> dict:
+def _steer_record(edit: Intervention, steered: Effect, clean: Metrics) -> dict:
+    """edit: the Scale or Amplify that steered."""
     return {"alpha": edit.factor, "edit": str(edit), "heads": [f"{layer}.{head}" for layer, head in steered.heads],
             "clean_concept_mass": clean.concept_mass, "concept_mass": steered.metrics.concept_mass,
             "mass_change": steered.mass_change, "concept_logprob_change": -steered.concept_drop,

@@ -27,9 +27,8 @@ from attention_lens.concept_metrics import compare
 from attention_lens.concepts import make_concept
 from attention_lens.data import DataConfig
 from attention_lens.errors import AttentionLensError
-from attention_lens.intervene import Amplify, Scale
 from attention_lens.replay_edits import Edit, measure_edits
-from attention_lens.verify import held_windows, random_heads
+from attention_lens.verify import held_windows, random_heads, steering
 
 from concepts import CONCEPTS, SEED, save, say
 
@@ -95,8 +94,7 @@ def run(args) -> int:
             plan += [(k, "amplify", alpha, heads) for alpha in alphas] + [(k, "scale", CONTROL_ALPHA, heads)]
             for what in draw_edits:  # each edit its own draws, from one seeded generator
                 plan += [(k, f"random {what}", CONTROL_ALPHA, random_heads(model, heads, rng)) for _ in range(args.draws)]
-        edits = [Edit(tuple(heads), (Amplify if "amplify" in what else Scale)(factor=alpha))
-                 for _, what, alpha, heads in plan]
+        edits = [Edit(tuple(heads), steering(what.removeprefix("random "), alpha)) for _, what, alpha, heads in plan]
         say(f"{args.method} x {name}: {held.targets} targets in {held.windows.shape[0]} windows, {len(edits)} edits")
         started = time.perf_counter()
         clean, measured = measure_edits(model, held.windows, concept.ids, edits)
